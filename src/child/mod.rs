@@ -1,0 +1,144 @@
+//! What runs in a worker: the backends, and the child-side API
+//! ([`event`]). Depends on the wire module, never on the parent engine.
+
+pub(crate) mod sync;
+
+use crate::sys::{self, exit_now};
+use crate::wire::frame::{put_id_header, EVENT_ID, MAX_PAYLOAD};
+use crate::wire::FATAL_TAG;
+use crate::{octets, Octets};
+use std::cell::RefCell;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+/// Exit code of a worker whose handler (or init function) panicked.
+pub const PANIC_EXIT_CODE: i32 = 101;
+/// Exit code of a worker that received a malformed request.
+pub const PROTOCOL_EXIT_CODE: i32 = 3;
+
+/// The worker's output buffer, reachable from [`event`] inside a handler.
+pub(crate) struct Out {
+    pub fd: RawFd,
+    pub buf: Vec<u8>,
+    /// Write events at once (no further request is waiting to be batched
+    /// with them), so progress reports of a long call are not held back.
+    pub immediate: bool,
+}
+
+thread_local! {
+    pub(crate) static OUT: RefCell<Option<Out>> = const { RefCell::new(None) };
+    static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+impl Out {
+    pub(crate) fn put_frame(&mut self, id: u32, payload: &Octets) -> bool {
+        let len = payload.encoded_len();
+        if len > MAX_PAYLOAD {
+            return false;
+        }
+        self.buf.reserve(8 + len as usize);
+        put_id_header(&mut self.buf, id, len as u32);
+        payload.encode(&mut self.buf);
+        true
+    }
+
+    /// Writes everything buffered; exits if the parent is gone.
+    pub(crate) fn flush(&mut self) {
+        if self.buf.is_empty() {
+            return;
+        }
+        if sys::send_all(self.fd, &self.buf).is_err() {
+            exit_now(0); // the parent went away: nobody wants the results
+        }
+        self.buf.clear();
+    }
+}
+
+/// Sends an event to the parent's `on_event`: progress, logs, anything.
+/// Events and replies reach the parent in exactly the order they were made.
+///
+/// Returns false (and sends nothing) outside a worker, or if the event is
+/// larger than a frame can carry.
+///
+/// ```
+/// // In the parent process there is no worker connection:
+/// assert!(!forkrpc::event(forkrpc::octets!["progress", "50%"]));
+/// ```
+pub fn event(args: Octets) -> bool {
+    OUT.with_borrow_mut(|o| match o {
+        Some(o) => {
+            let ok = o.put_frame(EVENT_ID, &args);
+            if o.immediate || o.buf.len() >= sync::FLUSH_AT {
+                o.flush();
+            }
+            ok
+        }
+        None => false,
+    })
+}
+
+/// Reports a fatal condition to the parent as a tagged event, then exits.
+pub(crate) fn fatal(fd: RawFd, kind: &str, message: String, code: i32) -> ! {
+    OUT.with_borrow_mut(|o| {
+        let mut out = o.take().unwrap_or(Out {
+            fd,
+            buf: Vec::new(),
+            immediate: true,
+        });
+        out.put_frame(EVENT_ID, &octets![FATAL_TAG, kind.to_owned(), message]);
+        out.flush();
+    });
+    let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Write);
+    exit_now(code)
+}
+
+/// Installs a panic hook that remembers the message (and still prints it).
+pub(crate) fn capture_panics() {
+    let prev = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = if let Some(s) = info.payload().downcast_ref::<&str>() {
+            (*s).to_owned()
+        } else if let Some(s) = info.payload().downcast_ref::<String>() {
+            s.clone()
+        } else {
+            "non-string panic payload".to_owned()
+        };
+        let full = match info.location() {
+            Some(l) => format!("{msg} at {}:{}", l.file(), l.line()),
+            None => msg,
+        };
+        LAST_PANIC.with_borrow_mut(|p| *p = Some(full));
+        prev(info);
+    }));
+}
+
+pub(crate) fn take_panic_message() -> String {
+    LAST_PANIC
+        .with_borrow_mut(|p| p.take())
+        .unwrap_or_else(|| "panic".to_owned())
+}
+
+/// Runs an init function; a panic is reported and ends the worker.
+pub(crate) fn run_init(fd: RawFd, f: impl FnOnce()) {
+    capture_panics();
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
+        fatal(fd, "init-panic", take_panic_message(), PANIC_EXIT_CODE);
+    }
+}
+
+/// The bench baseline's child: echoes bytes back, no framing, one read and
+/// one write per batch.
+pub(crate) fn raw_echo(sock: OwnedFd) -> i32 {
+    let fd = sock.as_raw_fd();
+    let mut buf = bytes::BytesMut::with_capacity(256 * 1024);
+    loop {
+        buf.clear();
+        match sys::read_into(fd, &mut buf, 256 * 1024) {
+            Ok(0) | Err(_) => return 0,
+            Ok(_) => {
+                if sys::send_all(fd, &buf).is_err() {
+                    return 0;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! The sync backend: one call at a time, in order. Blocking reads of large
+//! chunks; every complete request in a chunk is handled in turn; replies and
+//! events are coalesced into one write per chunk. No runtime, no threads.
+
+use super::{capture_panics, fatal, take_panic_message, Out, OUT, PANIC_EXIT_CODE, PROTOCOL_EXIT_CODE};
+use crate::registry::SyncHandler;
+use crate::sys;
+use crate::wire::frame::{has_len_frame, split_len_frame, SYNC_REPLY_ID};
+use crate::wire::Decoded;
+use crate::Octets;
+use bytes::BytesMut;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+/// Output is written once this much is buffered, even mid-chunk.
+pub(crate) const FLUSH_AT: usize = 256 * 1024;
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Serves requests on `sock` until the parent shuts its side; returns the
+/// exit code.
+pub(crate) fn serve(sock: OwnedFd, handler: SyncHandler) -> i32 {
+    capture_panics();
+    let fd = sock.as_raw_fd();
+    OUT.with_borrow_mut(|o| {
+        *o = Some(Out {
+            fd,
+            buf: Vec::with_capacity(READ_CHUNK),
+            immediate: false,
+        })
+    });
+    let mut inbuf = BytesMut::with_capacity(READ_CHUNK);
+    let mut want = READ_CHUNK;
+    loop {
+        match sys::read_into(fd, &mut inbuf, want) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(_) => return 0, // parent gone
+        }
+        loop {
+            let frame = match split_len_frame(&mut inbuf) {
+                Decoded::Frame(f) => f,
+                Decoded::Incomplete { needed } => {
+                    // Grow towards a large frame at most by doubling, so a
+                    // bogus length does not allocate before bytes arrive.
+                    let missing = needed - inbuf.len();
+                    want = missing.clamp(READ_CHUNK, inbuf.capacity().max(READ_CHUNK));
+                    break;
+                }
+            };
+            let args = match Octets::decode(frame.payload) {
+                Ok(a) => a,
+                Err(e) => fatal(
+                    fd,
+                    "protocol",
+                    format!("malformed request: {e}"),
+                    PROTOCOL_EXIT_CODE,
+                ),
+            };
+            let last = !has_len_frame(&inbuf);
+            OUT.with_borrow_mut(|o| o.as_mut().unwrap().immediate = last);
+            let reply = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(args))) {
+                Ok(r) => r,
+                Err(_) => fatal(fd, "panic", take_panic_message(), PANIC_EXIT_CODE),
+            };
+            let sent = OUT.with_borrow_mut(|o| {
+                let o = o.as_mut().unwrap();
+                let ok = o.put_frame(SYNC_REPLY_ID, &reply);
+                if o.buf.len() >= FLUSH_AT {
+                    o.flush();
+                }
+                ok
+            });
+            if !sent {
+                fatal(
+                    fd,
+                    "panic",
+                    format!(
+                        "reply of {} bytes exceeds the 4 GiB - 1 frame limit",
+                        reply.encoded_len()
+                    ),
+                    PANIC_EXIT_CODE,
+                );
+            }
+        }
+        OUT.with_borrow_mut(|o| o.as_mut().unwrap().flush());
+    }
+    OUT.with_borrow_mut(|o| o.as_mut().unwrap().flush());
+    let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Write);
+    0
+}

@@ -1,0 +1,564 @@
+//! The parent engine: one driver thread owns every worker socket and moves
+//! bytes between per-worker buffers and the sockets. It knows frames only to
+//! split them; what a frame means is the [`Protocol`]'s business.
+//!
+//! # Backend contract
+//!
+//! A backend ([`Io`]) runs operations on descriptors and reports their
+//! completions, like io_uring does; [`uring`] is io_uring itself, [`epoll`]
+//! emulates it with readiness. At most one read and one send are in flight
+//! per descriptor. Operations queued between two [`Io::wait`] calls are
+//! submitted together by that `wait` (one `io_uring_enter` for the whole
+//! batch, for all workers). A buffer handed to `read` or `send` stays valid
+//! and untouched until its completion has been returned by `wait`.
+//!
+//! # Wake-ups
+//!
+//! Callers on any thread push [`Command`]s to a queue and write an eventfd
+//! only when the driver is asleep; the driver drains the queue once per
+//! loop. Code running on the driver thread (callbacks) never wakes it.
+
+pub(crate) mod epoll;
+pub(crate) mod uring;
+
+use crate::error::{Error, ExitStatus};
+use crate::rpc::Call;
+use crate::wire::frame::{split_id_frame, Frame};
+use crate::wire::Decoded;
+use bytes::BytesMut;
+use std::cell::Cell;
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Which I/O backend drives the worker sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EngineKind {
+    /// io_uring (Linux 5.11+; see [`uring`] for the features used).
+    Uring,
+    /// epoll, where io_uring is missing or forbidden.
+    Epoll,
+}
+
+impl EngineKind {
+    /// The engine named by `FORKRPC_ENGINE` (`uring` or `epoll`), else io_uring
+    /// where the kernel allows it, else epoll.
+    pub fn from_env() -> EngineKind {
+        match std::env::var("FORKRPC_ENGINE").as_deref() {
+            Ok("epoll") => EngineKind::Epoll,
+            Ok("uring") => EngineKind::Uring,
+            _ => {
+                if uring::available() {
+                    EngineKind::Uring
+                } else {
+                    EngineKind::Epoll
+                }
+            }
+        }
+    }
+
+    /// `"uring"` or `"epoll"`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            EngineKind::Uring => "uring",
+            EngineKind::Epoll => "epoll",
+        }
+    }
+}
+
+/// A completed operation.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Completion {
+    pub id: u64,
+    pub op: Op,
+    /// Bytes moved, or a negated errno.
+    pub result: i32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Op {
+    Read,
+    Send,
+}
+
+/// The backend contract (see the module docs).
+pub(crate) trait Io {
+    /// Starts watching `fd` under `id`.
+    fn add(&mut self, fd: RawFd, id: u64) -> io::Result<()>;
+    /// Stops watching `fd`; no operation on it may be in flight.
+    fn remove(&mut self, fd: RawFd, id: u64);
+    /// Queues a read of up to `len` bytes into `ptr`.
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` stays valid and is not otherwise accessed until the
+    /// completion of this read has been returned by [`Io::wait`].
+    unsafe fn read(&mut self, fd: RawFd, id: u64, ptr: *mut u8, len: usize);
+    /// Queues a send (MSG_NOSIGNAL) of `len` bytes from `ptr`.
+    ///
+    /// # Safety
+    /// As for [`Io::read`]: the bytes stay valid until the completion.
+    unsafe fn send(&mut self, fd: RawFd, id: u64, ptr: *const u8, len: usize);
+    /// Submits what is queued and waits for at least one completion, or
+    /// until `timeout` passes (`None` = no limit). Appends to `out`.
+    fn wait(&mut self, out: &mut Vec<Completion>, timeout: Option<Duration>) -> io::Result<()>;
+}
+
+/// The RPC layer's side of one worker connection; runs on the driver thread.
+pub(crate) trait Protocol: Send {
+    /// Appends the request frame for `call` to `out` and remembers `call`.
+    fn encode(&mut self, call: Call, out: &mut BytesMut);
+    /// Handles one reply or event. An error is a protocol violation.
+    fn frame(&mut self, frame: Frame) -> Result<(), String>;
+    /// Calls sent or queued that have no reply yet.
+    fn outstanding(&self) -> usize;
+    /// The connection ended: EOF (or a read error), and `status` if known.
+    fn finish(&mut self, pid: i32, status: Option<ExitStatus>);
+}
+
+pub(crate) enum Command {
+    Add {
+        id: u64,
+        fd: OwnedFd,
+        pid: i32,
+        proto: Box<dyn Protocol>,
+    },
+    Call {
+        id: u64,
+        call: Call,
+    },
+    Close {
+        id: u64,
+    },
+    Exited {
+        pid: i32,
+        status: ExitStatus,
+    },
+}
+
+struct Shared {
+    queue: Mutex<Vec<Command>>,
+    sleeping: AtomicBool,
+    wake: OwnedFd,
+}
+
+/// Handle to a running driver thread.
+pub(crate) struct Engine {
+    shared: Arc<Shared>,
+    kind: EngineKind,
+}
+
+thread_local! {
+    static ON_DRIVER: Cell<bool> = const { Cell::new(false) };
+}
+
+/// True on a driver thread (inside callbacks).
+pub(crate) fn on_driver_thread() -> bool {
+    ON_DRIVER.get()
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+static ENGINES: [OnceLock<Result<Engine, Error>>; 2] = [OnceLock::new(), OnceLock::new()];
+
+/// Read buffers grow at least this much at a time.
+const READ_CHUNK: usize = 64 * 1024;
+/// How long a worker may keep running after closing its connection with
+/// calls outstanding before the calls fail without an exit status.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
+/// Exit reports kept for workers the driver does not know (yet).
+const EARLY_EXITS: usize = 1024;
+/// Token of the wake-up eventfd.
+const WAKE_ID: u64 = 0;
+
+impl Engine {
+    /// The engine of `kind`, started on first use.
+    pub(crate) fn get(kind: EngineKind) -> Result<&'static Engine, Error> {
+        let slot = &ENGINES[kind as usize];
+        slot.get_or_init(|| {
+            crate::process::set_exit_hook(|pid, status| {
+                for e in ENGINES.iter().filter_map(|e| e.get()?.as_ref().ok()) {
+                    e.push(Command::Exited { pid, status });
+                }
+            });
+            Engine::start(kind)
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+    }
+
+    fn start(kind: EngineKind) -> Result<Engine, Error> {
+        // SAFETY: eventfd takes no pointers; a valid result is a new
+        // descriptor that nothing else owns.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if raw < 0 {
+            return Err(Error::io("creating the engine eventfd", io::Error::last_os_error()));
+        }
+        // SAFETY: `raw` is a fresh descriptor owned by nobody else.
+        let wake = unsafe { OwnedFd::from_raw_fd(raw) };
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Vec::new()),
+            sleeping: AtomicBool::new(false),
+            wake,
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sh = shared.clone();
+        std::thread::Builder::new()
+            .name(format!("forkrpc-{}", kind.name()))
+            .spawn(move || {
+                ON_DRIVER.set(true);
+                // The ring is created on the thread that uses it.
+                match kind {
+                    EngineKind::Uring => match uring::Uring::new() {
+                        Ok(io) => {
+                            let _ = tx.send(Ok(()));
+                            Driver::new(io, sh).run()
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(Error::io("setting up io_uring", e)));
+                        }
+                    },
+                    EngineKind::Epoll => match epoll::Epoll::new() {
+                        Ok(io) => {
+                            let _ = tx.send(Ok(()));
+                            Driver::new(io, sh).run()
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(Error::io("setting up epoll", e)));
+                        }
+                    },
+                }
+            })
+            .map_err(|e| Error::io("starting the driver thread", e))?;
+        rx.recv()
+            .map_err(|_| Error::Template("driver thread died at start".into()))??;
+        Ok(Engine { shared, kind })
+    }
+
+    /// Which backend this is.
+    pub(crate) fn kind(&self) -> EngineKind {
+        self.kind
+    }
+
+    /// A new connection id.
+    pub(crate) fn next_id() -> u64 {
+        NEXT_ID.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Queues a command and wakes the driver if it sleeps.
+    pub(crate) fn push(&self, cmd: Command) {
+        self.shared.queue.lock().unwrap().push(cmd);
+        if !on_driver_thread() && self.shared.sleeping.swap(false, Ordering::SeqCst) {
+            let one = 1u64.to_ne_bytes();
+            let _ = nix::unistd::write(&self.shared.wake, &one);
+        }
+    }
+}
+
+struct Conn {
+    fd: OwnedFd,
+    pid: i32,
+    proto: Box<dyn Protocol>,
+    /// Frames not yet handed to the kernel.
+    out: BytesMut,
+    /// The buffer of the send in flight, and how much of it went already.
+    sending: Option<(BytesMut, usize)>,
+    inbuf: BytesMut,
+    want: usize,
+    reading: bool,
+    /// The handle was dropped: shut the write side once `out` is sent.
+    closing: bool,
+    shut: bool,
+    eof: bool,
+    status: Option<ExitStatus>,
+    deadline: Option<Instant>,
+}
+
+struct Driver<I: Io> {
+    io: I,
+    shared: Arc<Shared>,
+    conns: HashMap<u64, Conn>,
+    by_pid: HashMap<i32, u64>,
+    early_exits: VecDeque<(i32, ExitStatus)>,
+    dirty: Vec<u64>,
+    done: Vec<Completion>,
+    wake_buf: Box<[u8; 8]>,
+    wake_armed: bool,
+}
+
+impl<I: Io> Driver<I> {
+    fn new(io: I, shared: Arc<Shared>) -> Self {
+        Driver {
+            io,
+            shared,
+            conns: HashMap::new(),
+            by_pid: HashMap::new(),
+            early_exits: VecDeque::new(),
+            dirty: Vec::new(),
+            done: Vec::with_capacity(256),
+            wake_buf: Box::new([0; 8]),
+            wake_armed: false,
+        }
+    }
+
+    fn run(mut self) {
+        let wake_fd = self.shared.wake.as_raw_fd();
+        if let Err(e) = self.io.add(wake_fd, WAKE_ID) {
+            eprintln!("forkrpc: driver cannot watch its eventfd: {e}");
+            return;
+        }
+        let mut batch = Vec::new();
+        loop {
+            std::mem::swap(&mut batch, &mut *self.shared.queue.lock().unwrap());
+            for cmd in batch.drain(..) {
+                self.command(cmd);
+            }
+            self.flush_dirty();
+            if !self.wake_armed {
+                self.wake_armed = true;
+                let p = self.wake_buf.as_mut_ptr();
+                // SAFETY: `wake_buf` is a heap buffer owned by the driver,
+                // only touched again after this read completes.
+                unsafe { self.io.read(wake_fd, WAKE_ID, p, 8) };
+            }
+            let timeout = self.next_deadline().map(|d| d.saturating_duration_since(Instant::now()));
+            self.shared.sleeping.store(true, Ordering::SeqCst);
+            let timeout = if self.shared.queue.lock().unwrap().is_empty() {
+                timeout
+            } else {
+                Some(Duration::ZERO)
+            };
+            let r = self.io.wait(&mut self.done, timeout);
+            self.shared.sleeping.store(false, Ordering::SeqCst);
+            if let Err(e) = r {
+                if e.raw_os_error() != Some(libc::EINTR) {
+                    eprintln!("forkrpc: driver wait failed: {e}");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            let mut done = std::mem::take(&mut self.done);
+            for c in done.drain(..) {
+                self.completion(c);
+            }
+            self.done = done;
+            self.expire();
+        }
+    }
+
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Add { id, fd, pid, proto } => {
+                if let Err(e) = self.io.add(fd.as_raw_fd(), id) {
+                    let mut proto = proto;
+                    eprintln!("forkrpc: cannot watch worker {pid}: {e}");
+                    proto.finish(pid, None);
+                    return;
+                }
+                let status = self
+                    .early_exits
+                    .iter()
+                    .position(|(p, _)| *p == pid)
+                    .and_then(|i| self.early_exits.remove(i))
+                    .map(|(_, s)| s);
+                self.by_pid.insert(pid, id);
+                self.conns.insert(
+                    id,
+                    Conn {
+                        fd,
+                        pid,
+                        proto,
+                        out: BytesMut::with_capacity(READ_CHUNK),
+                        sending: None,
+                        inbuf: BytesMut::with_capacity(READ_CHUNK),
+                        want: READ_CHUNK,
+                        reading: false,
+                        closing: false,
+                        shut: false,
+                        eof: false,
+                        status,
+                        deadline: None,
+                    },
+                );
+                self.arm_read(id);
+            }
+            Command::Call { id, call } => match self.conns.get_mut(&id) {
+                Some(c) if !c.eof && !c.shut => {
+                    let empty = c.out.is_empty();
+                    c.proto.encode(call, &mut c.out);
+                    if empty {
+                        self.dirty.push(id);
+                    }
+                }
+                _ => call.fail(Error::Closed),
+            },
+            Command::Close { id } => {
+                if let Some(c) = self.conns.get_mut(&id) {
+                    c.closing = true;
+                    self.dirty.push(id);
+                }
+            }
+            Command::Exited { pid, status } => match self.by_pid.get(&pid) {
+                Some(&id) => {
+                    if let Some(c) = self.conns.get_mut(&id) {
+                        c.status = Some(status);
+                    }
+                    self.maybe_finish(id);
+                }
+                None => {
+                    if self.early_exits.len() >= EARLY_EXITS {
+                        self.early_exits.pop_front();
+                    }
+                    self.early_exits.push_back((pid, status));
+                }
+            },
+        }
+    }
+
+    /// Starts sends for connections with output and no send in flight, and
+    /// shuts down the write side of closing ones that have sent everything.
+    fn flush_dirty(&mut self) {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for id in dirty.drain(..) {
+            self.start_send(id);
+        }
+        self.dirty = dirty;
+    }
+
+    fn start_send(&mut self, id: u64) {
+        let Some(c) = self.conns.get_mut(&id) else { return };
+        if c.sending.is_some() || c.shut {
+            return;
+        }
+        if c.out.is_empty() {
+            if c.closing && !c.eof {
+                c.shut = true;
+                let _ = nix::sys::socket::shutdown(c.fd.as_raw_fd(), nix::sys::socket::Shutdown::Write);
+            }
+            return;
+        }
+        let buf = c.out.split();
+        let (ptr, len) = (buf.as_ptr(), buf.len());
+        c.sending = Some((buf, 0));
+        // SAFETY: the bytes live in `c.sending`, which is neither touched nor
+        // dropped until this send completes (see `completion`, `maybe_finish`).
+        unsafe { self.io.send(c.fd.as_raw_fd(), id, ptr, len) };
+    }
+
+    fn arm_read(&mut self, id: u64) {
+        let Some(c) = self.conns.get_mut(&id) else { return };
+        if c.reading || c.eof {
+            return;
+        }
+        if c.inbuf.capacity() - c.inbuf.len() < c.want {
+            c.inbuf.reserve(c.want);
+        }
+        let spare = c.inbuf.spare_capacity_mut();
+        let (ptr, len) = (spare.as_mut_ptr().cast::<u8>(), spare.len());
+        c.reading = true;
+        // SAFETY: the spare capacity of `c.inbuf` is not touched (no push,
+        // no reserve, no drop) until this read completes: `reading` guards it.
+        unsafe { self.io.read(c.fd.as_raw_fd(), id, ptr, len) };
+    }
+
+    fn completion(&mut self, comp: Completion) {
+        if comp.id == WAKE_ID {
+            self.wake_armed = false;
+            return;
+        }
+        let Some(c) = self.conns.get_mut(&comp.id) else { return };
+        match comp.op {
+            Op::Send => {
+                let (buf, mut sent) = c.sending.take().expect("send completion without a send");
+                if comp.result < 0 {
+                    // The worker is gone (EPIPE); EOF on the read side tells
+                    // the rest. Drop what was queued: it can never arrive.
+                    c.out.clear();
+                    c.shut = true;
+                } else {
+                    sent += comp.result as usize;
+                    if sent < buf.len() {
+                        let (ptr, len) = (buf[sent..].as_ptr(), buf.len() - sent);
+                        c.sending = Some((buf, sent));
+                        // SAFETY: as in `start_send`; the rest of the same buffer.
+                        unsafe { self.io.send(c.fd.as_raw_fd(), comp.id, ptr, len) };
+                        return;
+                    }
+                }
+                self.start_send(comp.id);
+                self.maybe_finish(comp.id);
+            }
+            Op::Read => {
+                c.reading = false;
+                if comp.result <= 0 {
+                    c.eof = true;
+                    if c.proto.outstanding() > 0 && c.status.is_none() {
+                        c.deadline = Some(Instant::now() + EXIT_GRACE);
+                    }
+                    self.maybe_finish(comp.id);
+                    return;
+                }
+                // SAFETY: the kernel wrote `result` bytes into the spare
+                // capacity handed to this read.
+                unsafe { c.inbuf.set_len(c.inbuf.len() + comp.result as usize) };
+                c.want = READ_CHUNK;
+                loop {
+                    match split_id_frame(&mut c.inbuf) {
+                        Decoded::Frame(f) => {
+                            if let Err(detail) = c.proto.frame(f) {
+                                eprintln!("forkrpc: worker {}: protocol error: {detail}", c.pid);
+                                crate::process::kill(c.pid);
+                                c.inbuf.clear();
+                                break;
+                            }
+                        }
+                        Decoded::Incomplete { needed } => {
+                            // Grow by at most doubling: a huge announced
+                            // length does not allocate before bytes arrive.
+                            let missing = needed - c.inbuf.len();
+                            c.want = missing.clamp(READ_CHUNK, c.inbuf.capacity().max(READ_CHUNK));
+                            break;
+                        }
+                    }
+                }
+                self.arm_read(comp.id);
+            }
+        }
+    }
+
+    /// Ends a connection once EOF is seen, no send is in flight, and either
+    /// nothing is outstanding, the exit status is known, or the grace ran out.
+    fn maybe_finish(&mut self, id: u64) {
+        let Some(c) = self.conns.get(&id) else { return };
+        let ready = c.eof
+            && c.sending.is_none()
+            && (c.status.is_some()
+                || c.proto.outstanding() == 0
+                || c.deadline.is_some_and(|d| d <= Instant::now()));
+        if !ready {
+            return;
+        }
+        let mut c = self.conns.remove(&id).unwrap();
+        self.by_pid.remove(&c.pid);
+        self.io.remove(c.fd.as_raw_fd(), id);
+        let status = c.status.or(c.deadline.map(|_| ExitStatus::StillRunning));
+        c.proto.finish(c.pid, status);
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.conns.values().filter_map(|c| c.deadline).min()
+    }
+
+    fn expire(&mut self) {
+        let now = Instant::now();
+        let due: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.deadline.is_some_and(|d| d <= now))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in due {
+            self.maybe_finish(id);
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! The one error type. Every variant says what happened in words a user can
+//! act on; it is `Clone` because one failure (a dead worker) resolves many
+//! calls at once.
+
+use std::sync::Arc;
+
+/// How a worker process ended, as its template reported it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// `exit(code)`.
+    Code(i32),
+    /// Killed by this signal.
+    Signal(i32),
+    /// The connection closed but no exit was seen within the grace period.
+    StillRunning,
+}
+
+impl ExitStatus {
+    /// Decodes a raw `waitpid` status.
+    pub fn from_wait_status(raw: i32) -> Self {
+        if libc::WIFSIGNALED(raw) {
+            ExitStatus::Signal(libc::WTERMSIG(raw))
+        } else {
+            ExitStatus::Code(libc::WEXITSTATUS(raw))
+        }
+    }
+
+    /// True for `exit(0)`.
+    pub fn success(&self) -> bool {
+        *self == ExitStatus::Code(0)
+    }
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            ExitStatus::Code(c) => write!(f, "exit code {c}"),
+            ExitStatus::Signal(s) => {
+                let name = nix::sys::signal::Signal::try_from(s)
+                    .map(|s| s.as_str())
+                    .unwrap_or("?");
+                write!(f, "signal {s} ({name})")
+            }
+            ExitStatus::StillRunning => f.write_str("its connection closed but it did not exit"),
+        }
+    }
+}
+
+/// Everything that can go wrong in forkrpc.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The worker ended while calls were outstanding ("unexpected eof").
+    #[error("worker {pid} ended with {status} while {outstanding} call(s) were outstanding (unexpected eof){}",
+        panic.as_ref().map(|m| format!("; a handler panicked: {m}")).unwrap_or_default())]
+    WorkerExited {
+        /// Process id of the worker.
+        pid: i32,
+        /// How it ended.
+        status: ExitStatus,
+        /// Calls that were sent or queued and got no reply.
+        outstanding: usize,
+        /// The panic message, when a handler panicked.
+        panic: Option<String>,
+    },
+    /// The handler of this very call panicked; the worker then exits.
+    #[error("handler panicked in worker {pid}: {message}")]
+    HandlerPanicked {
+        /// Process id of the worker.
+        pid: i32,
+        /// The panic message and location.
+        message: String,
+    },
+    /// No handler or init function of that name is registered.
+    #[error("no {kind} named {name:?} is registered in the template (known: {known})")]
+    UnknownHandler {
+        /// "handler" or "init function".
+        kind: &'static str,
+        /// The name asked for.
+        name: String,
+        /// The names that are registered, comma-separated.
+        known: String,
+    },
+    /// A payload larger than the frame format allows; nothing was sent.
+    #[error("payload of {size} bytes exceeds the 4 GiB - 1 frame limit; nothing was sent")]
+    PayloadTooLarge {
+        /// Encoded size of the payload.
+        size: u64,
+    },
+    /// The peer sent bytes that break the protocol.
+    #[error("protocol error from worker {pid}: {detail}")]
+    Protocol {
+        /// Process id of the worker.
+        pid: i32,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The RPC handle or its worker is closed; the call was not sent.
+    #[error("the worker connection is closed; the call was not sent")]
+    Closed,
+    /// Workers cannot be forked from this (multi-threaded) process yet.
+    #[error("forkrpc::init() was not called and this process already runs threads; call forkrpc::init() (or Template::builder()...start()) first thing in main, before any thread starts")]
+    NotInitialised,
+    /// The template process is gone or refused the request.
+    #[error("template process: {0}")]
+    Template(String),
+    /// A blocking call was made on the driver thread (from a callback), where it would deadlock.
+    #[error("call_blocking from a callback on the driver thread would deadlock; use call_with instead")]
+    WouldDeadlock,
+    /// An operating-system error.
+    #[error("{context}: {source}")]
+    Io {
+        /// What forkrpc was doing.
+        context: &'static str,
+        /// The OS error.
+        source: Arc<std::io::Error>,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(context: &'static str, source: impl Into<std::io::Error>) -> Self {
+        Error::Io {
+            context,
+            source: Arc::new(source.into()),
+        }
+    }
+}
+
+/// `Result` with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,59 @@
+//! forkrpc: offload jobs to forked worker processes — call a named function
+//! in a child process, get its results and events back — on io_uring.
+//! The model is Perl's AnyEvent::Fork::RPC, and the wire format is
+//! byte-compatible with it.
+//!
+//! ```no_run
+//! use forkrpc::{octets, Options, Template};
+//!
+//! fn main() -> Result<(), forkrpc::Error> {
+//!     // First thing in main: register handlers, fork the template.
+//!     let template = Template::builder()
+//!         .sync("MyWorker::run", |args| {
+//!             forkrpc::event(octets!["working"]);
+//!             args
+//!         })
+//!         .start()?;
+//!     let rpc = template.fork().run("MyWorker::run", Options::default())?;
+//!     let reply = rpc.call_blocking(octets!["rmdir", "/tmp/x"])?;
+//!     assert_eq!(reply, octets!["rmdir", "/tmp/x"]);
+//!     rpc.close_blocking()
+//! }
+//! ```
+//!
+//! # Layout
+//!
+//! - [`wire`]: the byte layout (BER varints, octets, frames). No I/O.
+//! - `process`: fork, exec, descriptor passing and reaping; the template
+//!   process and its client. The only place that forks.
+//! - `engine`: the parent's driver thread and its backends (io_uring,
+//!   epoll) behind one contract.
+//! - `child`: what runs in a worker (the sync backend, [`event`]).
+//! - `rpc`: the RPC handle ([`Rpc`]) and the protocol of a connection.
+//! - `template`: [`Template`], [`Builder`], [`Fork`], [`init`].
+//! - `registry`: handlers and init functions by name.
+//! - `sys`: the few raw syscalls outside the backends.
+
+#![warn(missing_docs)]
+
+mod child;
+pub mod engine;
+mod error;
+mod latch;
+mod process;
+mod registry;
+mod rpc;
+mod sys;
+mod template;
+pub mod wire;
+
+pub use child::{event, PANIC_EXIT_CODE, PROTOCOL_EXIT_CODE};
+pub use engine::EngineKind;
+pub use error::{Error, ExitStatus, Result};
+pub use process::{template_mode, TemplateMode, MARKER};
+pub use registry::{InitFn, SyncHandler, WorkerArgs, ECHO};
+pub use rpc::{CallFuture, Closing, Options, Rpc};
+pub use template::{init, Builder, Fork, Template};
+pub use wire::Octets;
+#[doc(hidden)]
+pub use wire::octets::__to_bytes;

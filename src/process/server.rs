@@ -1,0 +1,216 @@
+//! The template process: a single-threaded loop that forks workers (and
+//! derived templates) on request and reports how each child ended.
+//! Everything here runs in the template or in a child it just forked.
+
+use super::fdpass::{recv_msg, send_msg};
+use crate::error::ExitStatus;
+use crate::registry::{self, Handler, WorkerArgs};
+use crate::sys::exit_now;
+use crate::{octets, Octets};
+use bytes::Bytes;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{fork, ForkResult, Pid};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+
+/// Largest control message (a spawn request with its init arguments).
+pub(crate) const MAX_CONTROL_MSG: usize = 200 * 1024;
+
+/// Runs the template loop on `ctl` until the parent closes it. Never returns.
+pub(crate) fn serve(ctl: OwnedFd) -> ! {
+    let mut chld = SigSet::empty();
+    chld.add(Signal::SIGCHLD);
+    let old_mask = chld
+        .thread_swap_mask(SigmaskHow::SIG_BLOCK)
+        .unwrap_or_else(|_| SigSet::empty());
+    let sfd = match SignalFd::with_flags(&chld, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("forkrpc template: signalfd: {e}");
+            exit_now(70)
+        }
+    };
+    let mut t = Server {
+        ctl,
+        sfd,
+        old_mask,
+        buf: vec![0u8; MAX_CONTROL_MSG],
+    };
+    loop {
+        let (ctl_ready, sig_ready) = {
+            let mut fds = [
+                PollFd::new(t.ctl.as_fd(), PollFlags::POLLIN),
+                PollFd::new(t.sfd.as_fd(), PollFlags::POLLIN),
+            ];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    eprintln!("forkrpc template: poll: {e}");
+                    exit_now(70)
+                }
+            }
+            let r = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+            (r(&fds[0]), r(&fds[1]))
+        };
+        if sig_ready {
+            t.reap();
+        }
+        if ctl_ready {
+            t.handle_request();
+        }
+    }
+}
+
+struct Server {
+    ctl: OwnedFd,
+    sfd: SignalFd,
+    old_mask: SigSet,
+    buf: Vec<u8>,
+}
+
+impl Server {
+    fn reply(&self, msg: Octets) {
+        if send_msg(self.ctl.as_raw_fd(), &msg.to_bytes(), &[]).is_err() {
+            // The parent is gone: our children die with us (PDEATHSIG).
+            exit_now(0);
+        }
+    }
+
+    fn reap(&mut self) {
+        while let Ok(Some(_)) = self.sfd.read_signal() {}
+        loop {
+            let (pid, status) = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => (pid, ExitStatus::Code(code)),
+                Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, ExitStatus::Signal(sig as i32)),
+                Ok(WaitStatus::StillAlive) | Err(_) => return,
+                Ok(_) => continue,
+            };
+            let (kind, n) = match status {
+                ExitStatus::Code(c) => ("code", c),
+                ExitStatus::Signal(s) => ("signal", s),
+                ExitStatus::StillRunning => continue,
+            };
+            self.reply(octets![
+                "exit",
+                pid.as_raw().to_string(),
+                kind,
+                n.to_string()
+            ]);
+        }
+    }
+
+    fn handle_request(&mut self) {
+        let (n, fds) = match recv_msg(self.ctl.as_raw_fd(), &mut self.buf) {
+            Ok((0, _)) | Err(_) => exit_now(0), // parent closed: we are done
+            Ok(x) => x,
+        };
+        let msg = match Octets::decode(Bytes::copy_from_slice(&self.buf[..n])) {
+            Ok(m) if m.len() >= 3 => m,
+            _ => return, // not ours; the client never sends this
+        };
+        let req = msg[1].clone();
+        let result = match &msg[0][..] {
+            b"spawn" => self.spawn(&msg, fds),
+            b"derive" => self.derive(&msg, fds),
+            _ => Err(octets!["other", "unknown template request"]),
+        };
+        match result {
+            Ok(pid) => self.reply(octets!["ok", req, pid.to_string()]),
+            Err(mut e) => {
+                e.0.insert(0, req);
+                e.0.insert(0, Bytes::from_static(b"err"));
+                self.reply(e)
+            }
+        }
+    }
+
+    /// `["spawn", req, handler, init, args...]`, fds `[socket, send_fh...]`.
+    fn spawn(&mut self, msg: &Octets, mut fds: Vec<OwnedFd>) -> Result<i32, Octets> {
+        let name = msg.str(2).unwrap_or("");
+        let handler = registry::handler(name).map_err(unknown)?;
+        let init = match msg.get(3).filter(|s| !s.is_empty()) {
+            Some(n) => Some(registry::init(&String::from_utf8_lossy(n)).map_err(unknown)?),
+            None => None,
+        };
+        if fds.is_empty() {
+            return Err(octets!["other", "spawn request without a socket"]);
+        }
+        let sock = fds.remove(0);
+        let args = WorkerArgs {
+            args: msg[4..].to_vec(),
+            fds,
+        };
+        self.fork_child(|| {
+            if let Some(init) = init {
+                crate::child::run_init(sock.as_raw_fd(), || init(args));
+            }
+            let code = match handler {
+                Handler::Sync(h) => crate::child::sync::serve(sock, h),
+                Handler::RawEcho => crate::child::raw_echo(sock),
+            };
+            exit_now(code)
+        })
+    }
+
+    /// `["derive", req, init, args...]`, fds `[new control socket, send_fh...]`.
+    fn derive(&mut self, msg: &Octets, mut fds: Vec<OwnedFd>) -> Result<i32, Octets> {
+        let init = registry::init(msg.str(2).unwrap_or("")).map_err(unknown)?;
+        if fds.is_empty() {
+            return Err(octets!["other", "derive request without a socket"]);
+        }
+        let ctl = fds.remove(0);
+        let args = WorkerArgs {
+            args: msg[3..].to_vec(),
+            fds,
+        };
+        self.fork_child(|| {
+            init(args);
+            serve(ctl)
+        })
+    }
+
+    /// Forks; the child drops the template's own descriptors, restores the
+    /// signal mask, dies with the template, and runs `child`.
+    fn fork_child(&mut self, child: impl FnOnce()) -> Result<i32, Octets> {
+        let me = nix::unistd::getpid();
+        // SAFETY: the template is single-threaded (it was forked from a
+        // single-threaded process or exec'd, and starts no threads), so the
+        // child inherits no lock held by another thread.
+        match unsafe { fork() } {
+            Ok(ForkResult::Parent { child }) => Ok(child.as_raw()),
+            Ok(ForkResult::Child) => {
+                close_raw(self.ctl.as_raw_fd());
+                close_raw(self.sfd.as_raw_fd());
+                let _ = self.old_mask.thread_set_mask();
+                die_with_parent(me);
+                child();
+                exit_now(0)
+            }
+            Err(e) => Err(octets!["other", format!("fork failed: {e}")]),
+        }
+    }
+}
+
+fn unknown(e: crate::Error) -> Octets {
+    match e {
+        crate::Error::UnknownHandler { kind, name, known } => {
+            octets!["unknown", kind, name, known]
+        }
+        other => octets!["other", other.to_string()],
+    }
+}
+
+fn close_raw(fd: RawFd) {
+    let _ = nix::unistd::close(fd);
+}
+
+/// Asks for SIGKILL when the parent dies, and exits if it already has.
+pub(crate) fn die_with_parent(parent: Pid) {
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    if nix::unistd::getppid() != parent {
+        exit_now(0);
+    }
+}

@@ -1,0 +1,57 @@
+//! The few raw syscalls forkrpc makes outside the backends, each behind a
+//! safe function. Everything else goes through `nix`.
+
+use bytes::BytesMut;
+use std::io;
+use std::os::fd::RawFd;
+
+/// Reads once into the spare capacity of `buf` (at least `min_spare` bytes
+/// of it, growing the buffer if needed) and extends `buf` by what was read.
+pub(crate) fn read_into(fd: RawFd, buf: &mut BytesMut, min_spare: usize) -> io::Result<usize> {
+    if buf.capacity() - buf.len() < min_spare {
+        buf.reserve(min_spare);
+    }
+    let spare = buf.spare_capacity_mut();
+    loop {
+        // SAFETY: `spare` is writable memory owned by `buf` of exactly
+        // `spare.len()` bytes; read(2) writes at most that many bytes into it.
+        let n = unsafe { libc::read(fd, spare.as_mut_ptr().cast(), spare.len()) };
+        if n >= 0 {
+            let n = n as usize;
+            // SAFETY: the kernel initialised the first `n` bytes of the spare
+            // capacity, and `n <= spare.len()`.
+            unsafe { buf.set_len(buf.len() + n) };
+            return Ok(n);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Sends all of `data` on a blocking stream socket, without SIGPIPE.
+pub(crate) fn send_all(fd: RawFd, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        match nix::sys::socket::send(fd, data, nix::sys::socket::MsgFlags::MSG_NOSIGNAL) {
+            Ok(n) => data = &data[n..],
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Number of threads of this process (from /proc/self/task).
+pub(crate) fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| d.count())
+        .unwrap_or(usize::MAX)
+}
+
+/// Exits at once, without running atexit handlers or flushing stdio buffers
+/// inherited from the parent (which would print the parent's output twice).
+pub(crate) fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit has no preconditions; it never returns.
+    unsafe { libc::_exit(code) }
+}

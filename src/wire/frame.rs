@@ -1,0 +1,136 @@
+//! Frame headers and splitting a byte stream into frames. `Incomplete` is
+//! ordinary control flow: it says how many bytes the next frame needs.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+/// Largest payload a frame can carry (the length is a `u32`).
+pub const MAX_PAYLOAD: u64 = u32::MAX as u64;
+/// Size of a `NN` header (id, length).
+pub const ID_HEADER: usize = 8;
+/// Size of an `N` header (length).
+pub const LEN_HEADER: usize = 4;
+/// Id of an event frame (child → parent).
+pub const EVENT_ID: u32 = 0;
+/// Id of every reply of the sync backend.
+pub const SYNC_REPLY_ID: u32 = 1;
+
+/// One frame: its id (1 for sync requests, which carry none) and payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// Request id, reply id, or 0 for an event.
+    pub id: u32,
+    /// The serialiser's bytes, sharing the receive buffer.
+    pub payload: Bytes,
+}
+
+/// Result of trying to take a frame off the front of a buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    /// A whole frame, removed from the buffer.
+    Frame(Frame),
+    /// Not enough bytes yet; `needed` is the total size of the next frame
+    /// when its header is known, else the header size.
+    Incomplete {
+        /// Bytes the buffer must hold for the next frame.
+        needed: usize,
+    },
+}
+
+/// Appends a sync request header (`N`).
+#[inline]
+pub fn put_len_header(out: &mut impl BufMut, len: u32) {
+    out.put_u32(len);
+}
+
+/// Appends an id header (`NN`): async requests, replies, events.
+#[inline]
+pub fn put_id_header(out: &mut impl BufMut, id: u32, len: u32) {
+    out.put_u32(id);
+    out.put_u32(len);
+}
+
+/// Takes one `NN/a*` frame (reply, event, async request) off `buf`.
+#[inline]
+pub fn split_id_frame(buf: &mut BytesMut) -> Decoded {
+    if buf.len() < ID_HEADER {
+        return Decoded::Incomplete { needed: ID_HEADER };
+    }
+    let id = u32::from_be_bytes(buf[0..4].try_into().unwrap());
+    let len = u32::from_be_bytes(buf[4..8].try_into().unwrap()) as usize;
+    let total = ID_HEADER + len;
+    if buf.len() < total {
+        return Decoded::Incomplete { needed: total };
+    }
+    buf.advance(ID_HEADER);
+    let payload = buf.split_to(len).freeze();
+    Decoded::Frame(Frame { id, payload })
+}
+
+/// Takes one `N/a*` frame (sync request) off `buf`; its id is reported as 1.
+#[inline]
+pub fn split_len_frame(buf: &mut BytesMut) -> Decoded {
+    if buf.len() < LEN_HEADER {
+        return Decoded::Incomplete { needed: LEN_HEADER };
+    }
+    let len = u32::from_be_bytes(buf[0..4].try_into().unwrap()) as usize;
+    let total = LEN_HEADER + len;
+    if buf.len() < total {
+        return Decoded::Incomplete { needed: total };
+    }
+    buf.advance(LEN_HEADER);
+    let payload = buf.split_to(len).freeze();
+    Decoded::Frame(Frame {
+        id: SYNC_REPLY_ID,
+        payload,
+    })
+}
+
+/// Whether `buf` holds at least one whole `N/a*` frame.
+#[inline]
+pub fn has_len_frame(buf: &[u8]) -> bool {
+    buf.len() >= LEN_HEADER
+        && buf.len() - LEN_HEADER >= u32::from_be_bytes(buf[0..4].try_into().unwrap()) as usize
+}
+
+/// Whether `buf` holds at least one whole `NN/a*` frame.
+#[inline]
+pub fn has_id_frame(buf: &[u8]) -> bool {
+    buf.len() >= ID_HEADER
+        && buf.len() - ID_HEADER >= u32::from_be_bytes(buf[4..8].try_into().unwrap()) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn incomplete_says_what_is_needed() {
+        let mut b = BytesMut::from(&b"\x00\x00\x00\x07\x00\x00\x00\x03ab"[..]);
+        assert_eq!(split_id_frame(&mut b), Decoded::Incomplete { needed: 11 });
+        b.extend_from_slice(b"c\x00");
+        assert_eq!(
+            split_id_frame(&mut b),
+            Decoded::Frame(Frame {
+                id: 7,
+                payload: Bytes::from_static(b"abc")
+            })
+        );
+        assert_eq!(&b[..], b"\x00");
+        assert_eq!(split_id_frame(&mut b), Decoded::Incomplete { needed: 8 });
+    }
+
+    #[test]
+    fn len_frames_split() {
+        let mut b = BytesMut::from(&b"\x00\x00\x00\x01x\x00\x00"[..]);
+        assert!(has_len_frame(&b));
+        assert_eq!(
+            split_len_frame(&mut b),
+            Decoded::Frame(Frame {
+                id: 1,
+                payload: Bytes::from_static(b"x")
+            })
+        );
+        assert!(!has_len_frame(&b));
+        assert_eq!(split_len_frame(&mut b), Decoded::Incomplete { needed: 4 });
+    }
+}

@@ -1,0 +1,34 @@
+//! The byte layout, and nothing else: BER varints, the octets serialiser and
+//! the frame headers of AnyEvent::Fork::RPC 1.21. No syscalls, no engine.
+//!
+//! | direction | backend | frame |
+//! |---|---|---|
+//! | parent → child | sync | `u32 len, payload` (Perl `pack "N/a*"`) |
+//! | parent → child | async | `u32 id, u32 len, payload` (`pack "NN/a*"`), id ≠ 0 |
+//! | child → parent | both | `u32 id, u32 len, payload`; id 0 = event |
+//!
+//! All integers are big-endian. A sync reply carries id 1.
+
+pub mod ber;
+pub mod frame;
+pub mod octets;
+
+pub use frame::{Decoded, Frame, MAX_PAYLOAD};
+pub use octets::Octets;
+
+/// A payload that does not follow the wire format.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// A length prefix points past the end of the payload.
+    #[error("payload truncated: a length prefix points past its end")]
+    Truncated,
+    /// A BER length longer than 64 bits.
+    #[error("BER length prefix longer than 64 bits")]
+    VarintOverflow,
+}
+
+/// First element of the event a forkrpc worker sends before it exits on a
+/// fatal condition: `[FATAL_TAG, kind, message]`, kind being `panic`,
+/// `init-panic` or `protocol`. A native extension that keeps the frame
+/// layout: a Perl parent sees an ordinary event.
+pub const FATAL_TAG: &str = "\0forkrpc-fatal";
