@@ -1,1 +1,35 @@
-fn main() {}
+//! The `forkrpc` command: benchmarks of the workloads in BENCHMARKS.md,
+//! run on the built-in echo worker against a raw socketpair baseline.
+
+mod cli;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "forkrpc", version, about = "Offload jobs to forked worker processes")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the benchmark workloads (W1..W7) with raw baselines.
+    Bench(cli::bench::BenchArgs),
+}
+
+fn main() {
+    // First thing: fork the template while this process is single-threaded.
+    if let Err(e) = forkrpc::init() {
+        eprintln!("forkrpc: {e}");
+        std::process::exit(1);
+    }
+    let cli = Cli::parse();
+    let r = match cli.command {
+        Command::Bench(a) => cli::bench::run(a),
+    };
+    if let Err(e) = r {
+        eprintln!("forkrpc: {e}");
+        std::process::exit(1);
+    }
+}

@@ -127,6 +127,17 @@ impl Template {
         })
     }
 
+    /// Forks a worker that echoes raw bytes with no framing: the bench's
+    /// physical baseline. Returns the parent's (blocking) end and the pid.
+    #[doc(hidden)]
+    pub fn spawn_raw_echo(&self) -> Result<(OwnedFd, i32)> {
+        let (mine, theirs) = process::worker_pair()?;
+        let pid = self
+            .client
+            .spawn(registry::RAW_ECHO, None, &[], theirs, &[])?;
+        Ok((mine, pid))
+    }
+
     /// Process id of the template.
     pub fn pid(&self) -> i32 {
         self.client.pid()

@@ -1,0 +1,427 @@
+//! `forkrpc bench`: the workloads of BENCHMARKS.md on the built-in echo
+//! worker, each with its raw baseline measured in the same run, repeated
+//! `--runs` times (median, min, max). Ratios are value / raw.
+
+use super::raw;
+use super::stats::{self, latency, summarize, Latency};
+use forkrpc::{octets, EngineKind, Octets, Options, Template, ECHO};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// One JSON object per workload instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Workloads to run, e.g. `W1,W2` (default: all supported).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Measured runs per workload (after one warm-up).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Engine: uring or epoll (default: FORKRPC_ENGINE, else uring if available).
+    #[arg(long)]
+    engine: Option<String>,
+    /// Calls per run for W1 (BENCHMARKS.md: 200000).
+    #[arg(long, default_value_t = 200_000)]
+    calls: usize,
+    /// Round trips per run for W2/W2f (BENCHMARKS.md: 20000).
+    #[arg(long, default_value_t = 20_000)]
+    pings: usize,
+}
+
+struct Row {
+    id: &'static str,
+    name: &'static str,
+    unit: &'static str,
+    value: stats::Summary,
+    raw: Option<f64>,
+    extra: Vec<(&'static str, f64)>,
+    runs: usize,
+}
+
+type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+const ALL: [&str; 9] = ["W1", "W2", "W2f", "W3", "W4", "W5", "W6", "W7", "W3-map"];
+
+pub fn run(args: BenchArgs) -> BenchResult<()> {
+    let engine = match args.engine.as_deref() {
+        None => EngineKind::from_env(),
+        Some("uring") => EngineKind::Uring,
+        Some("epoll") => EngineKind::Epoll,
+        Some(o) => return Err(format!("unknown engine {o:?} (uring or epoll)").into()),
+    };
+    let runs = args.runs.max(1);
+    let template = Template::root()?;
+    let opts = Options::default().engine(engine);
+    let wanted = |id: &str| args.only.is_empty() || args.only.iter().any(|o| o.eq_ignore_ascii_case(id));
+    for o in &args.only {
+        if !ALL.iter().any(|a| a.eq_ignore_ascii_case(o)) {
+            return Err(format!("unknown workload {o:?}; known: {}", ALL.join(", ")).into());
+        }
+    }
+    if !args.json {
+        println!(
+            "forkrpc bench — engine {}, {runs} runs each (median [min..max]); ratio = value / raw baseline of the same run",
+            engine.name()
+        );
+        println!(
+            "{:<5} {:<18} {:>14} {:>14} {:>9}  {:<10} details",
+            "id", "name", "value", "raw", "ratio", "unit"
+        );
+    }
+    let emit = |row: Row| print_row(&row, args.json);
+    if wanted("W1") {
+        emit(w1(&template, &opts, runs, args.calls)?);
+    }
+    if wanted("W2") {
+        emit(w2(&template, &opts, runs, args.pings, false)?);
+    }
+    if wanted("W2f") {
+        emit(w2(&template, &opts, runs, args.pings, true)?);
+    }
+    for (id, why) in [
+        ("W3", "the pool is not implemented yet (issue 5)"),
+        ("W3-map", "the pool is not implemented yet (issue 5)"),
+        ("W5", "the async backend is not implemented yet (issue 3)"),
+    ] {
+        if wanted(id) {
+            eprintln!("skipped {id}: {why}");
+        }
+    }
+    if wanted("W4") {
+        emit(w4(&template, &opts, runs)?);
+    }
+    if wanted("W6") {
+        emit(w6(&template, &opts, runs)?);
+    }
+    if wanted("W7") {
+        emit(w7(&template, &opts)?);
+    }
+    Ok(())
+}
+
+fn print_row(r: &Row, json: bool) {
+    let ratio = r.raw.map(|raw| r.value.median / raw);
+    if json {
+        let mut s = format!(
+            "{{\"workload\":\"{}\",\"name\":\"{}\",\"value\":{:.3},\"unit\":\"{}\",\"raw\":{},\"ratio\":{},\"runs\":{},\"min\":{:.3},\"max\":{:.3}",
+            r.id,
+            r.name,
+            r.value.median,
+            r.unit,
+            num(r.raw),
+            num(ratio),
+            r.runs,
+            r.value.min,
+            r.value.max
+        );
+        for (k, v) in &r.extra {
+            s.push_str(&format!(",\"{k}\":{v:.3}"));
+        }
+        s.push('}');
+        println!("{s}");
+    } else {
+        let details: Vec<String> = r.extra.iter().map(|(k, v)| format!("{k}={v:.1}")).collect();
+        println!(
+            "{:<5} {:<18} {:>14.1} {:>14} {:>9}  {:<10} [{:.1}..{:.1}] {}",
+            r.id,
+            r.name,
+            r.value.median,
+            r.raw.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into()),
+            ratio.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into()),
+            r.unit,
+            r.value.min,
+            r.value.max,
+            details.join(" ")
+        );
+    }
+}
+
+fn num(v: Option<f64>) -> String {
+    v.map(|v| format!("{v:.3}")).unwrap_or_else(|| "null".into())
+}
+
+/// Counts replies down and wakes the waiter at zero.
+struct Countdown {
+    left: AtomicUsize,
+    done: Mutex<bool>,
+    cond: Condvar,
+    errors: AtomicUsize,
+}
+
+impl Countdown {
+    fn new(n: usize) -> Arc<Self> {
+        Arc::new(Countdown {
+            left: AtomicUsize::new(n),
+            done: Mutex::new(false),
+            cond: Condvar::new(),
+            errors: AtomicUsize::new(0),
+        })
+    }
+    fn hit(&self, ok: bool) {
+        if !ok {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.done.lock().unwrap() = true;
+            self.cond.notify_all();
+        }
+    }
+    fn wait(&self) -> BenchResult<()> {
+        let mut d = self.done.lock().unwrap();
+        while !*d {
+            d = self.cond.wait(d).unwrap();
+        }
+        match self.errors.load(Ordering::Relaxed) {
+            0 => Ok(()),
+            n => Err(format!("{n} calls failed").into()),
+        }
+    }
+}
+
+fn arg16() -> Octets {
+    octets![&b"0123456789abcdef"[..]]
+}
+
+/// W1: `calls` echo calls of 16 bytes queued at once; calls/s.
+fn pipelined(rpc: &forkrpc::Rpc, calls: usize) -> BenchResult<f64> {
+    let cd = Countdown::new(calls);
+    let arg = arg16();
+    let t = Instant::now();
+    for _ in 0..calls {
+        let cd = cd.clone();
+        rpc.call_with(arg.clone(), move |r| cd.hit(r.is_ok()));
+    }
+    cd.wait()?;
+    Ok(calls as f64 / t.elapsed().as_secs_f64())
+}
+
+fn w1(t: &Template, opts: &Options, runs: usize, calls: usize) -> BenchResult<Row> {
+    let rpc = t.fork().run(ECHO, opts.clone())?;
+    let (rawfd, _) = t.spawn_raw_echo()?;
+    pipelined(&rpc, calls / 10)?;
+    raw::stream(&rawfd, calls / 10 * raw::FRAME, 64 * 1024)?;
+    let (mut v, mut r) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let d = raw::stream(&rawfd, calls * raw::FRAME, 64 * 1024)?;
+        r.push(calls as f64 / d.as_secs_f64());
+        v.push(pipelined(&rpc, calls)?);
+    }
+    rpc.close_blocking()?;
+    Ok(Row {
+        id: "W1",
+        name: "echo-pipelined",
+        unit: "calls/s",
+        value: summarize(v),
+        raw: Some(summarize(r).median),
+        extra: vec![],
+        runs,
+    })
+}
+
+/// One W2 run: `n` round trips, each issued from the previous reply.
+fn ping_chain(rpc: &forkrpc::Rpc, n: usize) -> BenchResult<hdrhistogram::Histogram<u64>> {
+    struct State {
+        rpc: forkrpc::Rpc,
+        left: AtomicUsize,
+        hist: Mutex<hdrhistogram::Histogram<u64>>,
+        cd: Arc<Countdown>,
+        arg: Octets,
+    }
+    fn issue(s: Arc<State>) {
+        let t = Instant::now();
+        let s2 = s.clone();
+        s.rpc.call_with(s.arg.clone(), move |r| {
+            stats::record(&mut s2.hist.lock().unwrap(), t.elapsed());
+            let ok = r.is_ok();
+            if ok && s2.left.fetch_sub(1, Ordering::Relaxed) > 1 {
+                issue(s2);
+            } else {
+                s2.cd.hit(ok);
+            }
+        });
+    }
+    let s = Arc::new(State {
+        rpc: rpc.clone(),
+        left: AtomicUsize::new(n),
+        hist: Mutex::new(stats::histogram()),
+        cd: Countdown::new(1),
+        arg: arg16(),
+    });
+    issue(s.clone());
+    s.cd.wait()?;
+    let h = s.hist.lock().unwrap().clone();
+    Ok(h)
+}
+
+/// One W2f run: a task awaits each call's future before the next.
+fn ping_future(rpc: &forkrpc::Rpc, n: usize) -> BenchResult<hdrhistogram::Histogram<u64>> {
+    let rt = tokio::runtime::Builder::new_current_thread().build()?;
+    rt.block_on(async {
+        let mut h = stats::histogram();
+        let arg = arg16();
+        for _ in 0..n {
+            let t = Instant::now();
+            rpc.call(arg.clone()).await?;
+            stats::record(&mut h, t.elapsed());
+        }
+        Ok(h)
+    })
+}
+
+fn w2(t: &Template, opts: &Options, runs: usize, n: usize, future: bool) -> BenchResult<Row> {
+    let rpc = t.fork().run(ECHO, opts.clone())?;
+    let (rawfd, _) = t.spawn_raw_echo()?;
+    let one = |rpc: &forkrpc::Rpc, n| {
+        if future {
+            ping_future(rpc, n)
+        } else {
+            ping_chain(rpc, n)
+        }
+    };
+    one(&rpc, n / 10)?;
+    raw::ping_pong(&rawfd, n / 10)?;
+    let (mut means, mut raws) = (Vec::new(), Vec::new());
+    let mut all = stats::histogram();
+    let mut raw_all = stats::histogram();
+    for _ in 0..runs {
+        let rh = raw::ping_pong(&rawfd, n)?;
+        raws.push(rh.mean() / 1000.0);
+        raw_all.add(&rh)?;
+        let h = one(&rpc, n)?;
+        means.push(h.mean() / 1000.0);
+        all.add(&h)?;
+    }
+    rpc.close_blocking()?;
+    let l: Latency = latency(&all);
+    let rl = latency(&raw_all);
+    Ok(Row {
+        id: if future { "W2f" } else { "W2" },
+        name: if future { "ping-pong-future" } else { "ping-pong" },
+        unit: "us/call",
+        value: summarize(means),
+        raw: Some(summarize(raws).median),
+        extra: vec![
+            ("p50", l.p50),
+            ("p90", l.p90),
+            ("p99", l.p99),
+            ("p999", l.p999),
+            ("max", l.max),
+            ("raw_p50", rl.p50),
+            ("raw_p99", rl.p99),
+        ],
+        runs,
+    })
+}
+
+const BIG: usize = 16 << 20;
+const BIG_CALLS: usize = 32;
+
+fn w4(t: &Template, opts: &Options, runs: usize) -> BenchResult<Row> {
+    let rpc = t.fork().run(ECHO, opts.clone())?;
+    let (rawfd, _) = t.spawn_raw_echo()?;
+    let payload = octets![vec![0x42u8; BIG]];
+    let moved = (2 * BIG * BIG_CALLS) as f64 / 1e6;
+    let once = |calls: usize| -> BenchResult<f64> {
+        let t = Instant::now();
+        for _ in 0..calls {
+            let r = rpc.call_blocking(payload.clone())?;
+            if r[0].len() != BIG {
+                return Err("W4: echo came back with the wrong size".into());
+            }
+        }
+        Ok(t.elapsed().as_secs_f64())
+    };
+    let raw_once = |calls: usize| -> BenchResult<f64> {
+        let mut d = Duration::ZERO;
+        for _ in 0..calls {
+            d += raw::stream(&rawfd, BIG, 1 << 20)?;
+        }
+        Ok(d.as_secs_f64())
+    };
+    once(2)?;
+    raw_once(2)?;
+    let (mut v, mut r) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        r.push(moved / raw_once(BIG_CALLS)?);
+        v.push(moved / once(BIG_CALLS)?);
+    }
+    rpc.close_blocking()?;
+    Ok(Row {
+        id: "W4",
+        name: "big-payload",
+        unit: "MB/s",
+        value: summarize(v),
+        raw: Some(summarize(r).median),
+        extra: vec![],
+        runs,
+    })
+}
+
+fn w6(t: &Template, opts: &Options, runs: usize) -> BenchResult<Row> {
+    let n = 20;
+    let (mut v, mut r) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let mut us = Vec::new();
+        let mut raw_us = Vec::new();
+        for _ in 0..n {
+            let start = Instant::now();
+            let (fd, _) = t.spawn_raw_echo()?;
+            raw::ping_pong(&fd, 1)?;
+            raw_us.push(start.elapsed().as_secs_f64() * 1e6);
+            drop(fd);
+            let start = Instant::now();
+            let rpc = t.fork().run(ECHO, opts.clone())?;
+            rpc.call_blocking(octets!["x"])?;
+            us.push(start.elapsed().as_secs_f64() * 1e6);
+            rpc.close_blocking()?;
+        }
+        v.push(summarize(us).median);
+        r.push(summarize(raw_us).median);
+    }
+    Ok(Row {
+        id: "W6",
+        name: "cold-start",
+        unit: "us",
+        value: summarize(v),
+        raw: Some(summarize(r).median),
+        extra: vec![],
+        runs,
+    })
+}
+
+/// RSS and PSS in KiB from /proc/PID/smaps_rollup.
+fn memory(pid: i32) -> BenchResult<(f64, f64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+    let field = |name: &str| -> Option<f64> {
+        s.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+    };
+    match (field("Rss:"), field("Pss:")) {
+        (Some(r), Some(p)) => Ok((r, p)),
+        _ => Err(format!("no Rss/Pss in /proc/{pid}/smaps_rollup").into()),
+    }
+}
+
+fn w7(t: &Template, opts: &Options) -> BenchResult<Row> {
+    let rpc = t.fork().run(ECHO, opts.clone())?;
+    rpc.call_blocking(octets!["warm"])?; // the worker has run its loop once
+    let (rss, pss) = memory(rpc.pid())?;
+    let (fd, raw_pid) = t.spawn_raw_echo()?;
+    raw::ping_pong(&fd, 1)?;
+    let (raw_rss, raw_pss) = memory(raw_pid)?;
+    rpc.close_blocking()?;
+    Ok(Row {
+        id: "W7",
+        name: "memory-sync",
+        unit: "KiB RSS",
+        value: summarize(vec![rss]),
+        raw: Some(raw_rss),
+        extra: vec![("pss_kib", pss), ("raw_pss_kib", raw_pss)],
+        runs: 1,
+    })
+}
