@@ -105,7 +105,9 @@ pub enum Error {
     #[error("template process: {0}")]
     Template(String),
     /// A blocking call was made on the driver thread (from a callback), where it would deadlock.
-    #[error("call_blocking from a callback on the driver thread would deadlock; use call_with instead")]
+    #[error(
+        "call_blocking from a callback on the driver thread would deadlock; use call_with instead"
+    )]
     WouldDeadlock,
     /// An operating-system error.
     #[error("{context}: {source}")]

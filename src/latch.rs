@@ -55,7 +55,6 @@ impl<T> Latch<T> {
             }
         }
     }
-
 }
 
 impl<T: Clone> Latch<T> {

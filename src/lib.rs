@@ -54,6 +54,6 @@ pub use process::{template_mode, TemplateMode, MARKER};
 pub use registry::{InitFn, SyncHandler, WorkerArgs, ECHO};
 pub use rpc::{CallFuture, Closing, Options, Rpc};
 pub use template::{init, Builder, Fork, Template};
-pub use wire::Octets;
 #[doc(hidden)]
 pub use wire::octets::__to_bytes;
+pub use wire::Octets;

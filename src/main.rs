@@ -6,7 +6,11 @@ mod cli;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "forkrpc", version, about = "Offload jobs to forked worker processes")]
+#[command(
+    name = "forkrpc",
+    version,
+    about = "Offload jobs to forked worker processes"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -122,7 +122,12 @@ impl Drop for Inner {
 }
 
 impl Rpc {
-    pub(crate) fn new(engine: &'static Engine, fd: std::os::fd::OwnedFd, pid: i32, opts: Options) -> Rpc {
+    pub(crate) fn new(
+        engine: &'static Engine,
+        fd: std::os::fd::OwnedFd,
+        pid: i32,
+        opts: Options,
+    ) -> Rpc {
         let id = Engine::next_id();
         let end = Latch::new();
         let session = Session {
@@ -272,7 +277,9 @@ impl Protocol for Session {
                 if ev.first().is_some_and(|t| t[..] == *FATAL_TAG.as_bytes()) {
                     self.fatal = Some((
                         ev.str(1).unwrap_or("").to_owned(),
-                        ev.get(2).map(|m| String::from_utf8_lossy(m).into_owned()).unwrap_or_default(),
+                        ev.get(2)
+                            .map(|m| String::from_utf8_lossy(m).into_owned())
+                            .unwrap_or_default(),
                     ));
                 } else if let Some(f) = &self.opts.on_event {
                     f(ev);
@@ -308,10 +315,6 @@ impl Protocol for Session {
         }
     }
 
-    fn outstanding(&self) -> usize {
-        self.pending.len()
-    }
-
     fn finish(&mut self, pid: i32, status: Option<ExitStatus>) {
         if self.pending.is_empty() && self.fatal.is_none() && self.protocol_error.is_none() {
             if let Some(f) = &self.opts.on_destroy {
@@ -328,7 +331,10 @@ impl Protocol for Session {
         } else if kind.as_deref() == Some("protocol") {
             Error::Protocol {
                 pid,
-                detail: format!("the worker rejected a request: {}", msg.clone().unwrap_or_default()),
+                detail: format!(
+                    "the worker rejected a request: {}",
+                    msg.clone().unwrap_or_default()
+                ),
             }
         } else {
             Error::WorkerExited {

@@ -46,7 +46,8 @@ impl Builder {
         name: impl Into<String>,
         f: impl Fn(Octets) -> Octets + Send + Sync + 'static,
     ) -> Self {
-        self.handlers.push((name.into(), Handler::Sync(Arc::new(f))));
+        self.handlers
+            .push((name.into(), Handler::Sync(Arc::new(f))));
         self
     }
 

@@ -2,7 +2,9 @@
 //! chunks; every complete request in a chunk is handled in turn; replies and
 //! events are coalesced into one write per chunk. No runtime, no threads.
 
-use super::{capture_panics, fatal, take_panic_message, Out, OUT, PANIC_EXIT_CODE, PROTOCOL_EXIT_CODE};
+use super::{
+    capture_panics, fatal, take_panic_message, Out, OUT, PANIC_EXIT_CODE, PROTOCOL_EXIT_CODE,
+};
 use crate::registry::SyncHandler;
 use crate::sys;
 use crate::wire::frame::{has_len_frame, split_len_frame, SYNC_REPLY_ID};
@@ -57,10 +59,11 @@ pub(crate) fn serve(sock: OwnedFd, handler: SyncHandler) -> i32 {
             };
             let last = !has_len_frame(&inbuf);
             OUT.with_borrow_mut(|o| o.as_mut().unwrap().immediate = last);
-            let reply = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(args))) {
-                Ok(r) => r,
-                Err(_) => fatal(fd, "panic", take_panic_message(), PANIC_EXIT_CODE),
-            };
+            let reply =
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(args))) {
+                    Ok(r) => r,
+                    Err(_) => fatal(fd, "panic", take_panic_message(), PANIC_EXIT_CODE),
+                };
             let sent = OUT.with_borrow_mut(|o| {
                 let o = o.as_mut().unwrap();
                 let ok = o.put_frame(SYNC_REPLY_ID, &reply);

@@ -55,7 +55,8 @@ pub fn run(args: BenchArgs) -> BenchResult<()> {
     let runs = args.runs.max(1);
     let template = Template::root()?;
     let opts = Options::default().engine(engine);
-    let wanted = |id: &str| args.only.is_empty() || args.only.iter().any(|o| o.eq_ignore_ascii_case(id));
+    let wanted =
+        |id: &str| args.only.is_empty() || args.only.iter().any(|o| o.eq_ignore_ascii_case(id));
     for o in &args.only {
         if !ALL.iter().any(|a| a.eq_ignore_ascii_case(o)) {
             return Err(format!("unknown workload {o:?}; known: {}", ALL.join(", ")).into());
@@ -129,8 +130,12 @@ fn print_row(r: &Row, json: bool) {
             r.id,
             r.name,
             r.value.median,
-            r.raw.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into()),
-            ratio.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into()),
+            r.raw
+                .map(|v| format!("{v:.1}"))
+                .unwrap_or_else(|| "-".into()),
+            ratio
+                .map(|v| format!("{v:.4}"))
+                .unwrap_or_else(|| "-".into()),
             r.unit,
             r.value.min,
             r.value.max,
@@ -140,7 +145,8 @@ fn print_row(r: &Row, json: bool) {
 }
 
 fn num(v: Option<f64>) -> String {
-    v.map(|v| format!("{v:.3}")).unwrap_or_else(|| "null".into())
+    v.map(|v| format!("{v:.3}"))
+        .unwrap_or_else(|| "null".into())
 }
 
 /// Counts replies down and wakes the waiter at zero.
@@ -299,7 +305,11 @@ fn w2(t: &Template, opts: &Options, runs: usize, n: usize, future: bool) -> Benc
     let rl = latency(&raw_all);
     Ok(Row {
         id: if future { "W2f" } else { "W2" },
-        name: if future { "ping-pong-future" } else { "ping-pong" },
+        name: if future {
+            "ping-pong-future"
+        } else {
+            "ping-pong"
+        },
         unit: "us/call",
         value: summarize(means),
         raw: Some(summarize(raws).median),

@@ -49,7 +49,12 @@ pub fn stream(fd: &OwnedFd, total: usize, chunk: usize) -> io::Result<Duration> 
         }
         if rev.intersects(PollFlags::POLLIN | PollFlags::POLLHUP) {
             match nix::unistd::read(fd.as_raw_fd(), &mut inb) {
-                Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "raw echo child closed")),
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "raw echo child closed",
+                    ))
+                }
                 Ok(n) => got += n,
                 Err(nix::errno::Errno::EAGAIN) => {}
                 Err(e) => return Err(e.into()),
@@ -71,7 +76,12 @@ pub fn ping_pong(fd: &OwnedFd, n: usize) -> io::Result<Histogram<u64>> {
         let mut got = 0;
         while got < FRAME {
             match nix::unistd::read(fd.as_raw_fd(), &mut inb[got..]).map_err(io_err)? {
-                0 => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "raw echo child closed")),
+                0 => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "raw echo child closed",
+                    ))
+                }
                 k => got += k,
             }
         }

@@ -41,7 +41,9 @@ impl Epoll {
 
     /// Runs the pending operations of `id` that readiness allows.
     fn attempt(&mut self, id: u64) {
-        let Some(s) = self.fds.get_mut(&id) else { return };
+        let Some(s) = self.fds.get_mut(&id) else {
+            return;
+        };
         if s.readable {
             if let Some((ptr, len)) = s.read {
                 // SAFETY: `ptr..ptr+len` is valid and unaliased until we
@@ -50,7 +52,11 @@ impl Epoll {
                 match result(n) {
                     Some(r) => {
                         s.read = None;
-                        self.ready.push(Completion { id, op: Op::Read, result: r });
+                        self.ready.push(Completion {
+                            id,
+                            op: Op::Read,
+                            result: r,
+                        });
                     }
                     None => s.readable = false,
                 }
@@ -63,7 +69,11 @@ impl Epoll {
                 match result(n) {
                     Some(r) => {
                         s.send = None;
-                        self.ready.push(Completion { id, op: Op::Send, result: r });
+                        self.ready.push(Completion {
+                            id,
+                            op: Op::Send,
+                            result: r,
+                        });
                     }
                     None => s.writable = false,
                 }
@@ -87,7 +97,10 @@ fn result(n: isize) -> Option<i32> {
 impl Io for Epoll {
     fn add(&mut self, fd: RawFd, id: u64) -> io::Result<()> {
         let ev = EpollEvent::new(
-            EpollFlags::EPOLLIN | EpollFlags::EPOLLOUT | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET,
+            EpollFlags::EPOLLIN
+                | EpollFlags::EPOLLOUT
+                | EpollFlags::EPOLLRDHUP
+                | EpollFlags::EPOLLET,
             id,
         );
         // SAFETY: the driver keeps `fd` open until it calls `remove`.
@@ -146,10 +159,16 @@ impl Io for Epoll {
             let id = ev.data();
             if let Some(s) = self.fds.get_mut(&id) {
                 let f = ev.events();
-                if f.intersects(EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR) {
+                if f.intersects(
+                    EpollFlags::EPOLLIN
+                        | EpollFlags::EPOLLRDHUP
+                        | EpollFlags::EPOLLHUP
+                        | EpollFlags::EPOLLERR,
+                ) {
                     s.readable = true;
                 }
-                if f.intersects(EpollFlags::EPOLLOUT | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR) {
+                if f.intersects(EpollFlags::EPOLLOUT | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR)
+                {
                     s.writable = true;
                 }
             }

@@ -112,8 +112,6 @@ pub(crate) trait Protocol: Send {
     fn encode(&mut self, call: Call, out: &mut BytesMut);
     /// Handles one reply or event. An error is a protocol violation.
     fn frame(&mut self, frame: Frame) -> Result<(), String>;
-    /// Calls sent or queued that have no reply yet.
-    fn outstanding(&self) -> usize;
     /// The connection ended: EOF (or a read error), and `status` if known.
     fn finish(&mut self, pid: i32, status: Option<ExitStatus>);
 }
@@ -193,7 +191,10 @@ impl Engine {
         // descriptor that nothing else owns.
         let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if raw < 0 {
-            return Err(Error::io("creating the engine eventfd", io::Error::last_os_error()));
+            return Err(Error::io(
+                "creating the engine eventfd",
+                io::Error::last_os_error(),
+            ));
         }
         // SAFETY: `raw` is a fresh descriptor owned by nobody else.
         let wake = unsafe { OwnedFd::from_raw_fd(raw) };
@@ -322,7 +323,9 @@ impl<I: Io> Driver<I> {
                 // only touched again after this read completes.
                 unsafe { self.io.read(wake_fd, WAKE_ID, p, 8) };
             }
-            let timeout = self.next_deadline().map(|d| d.saturating_duration_since(Instant::now()));
+            let timeout = self
+                .next_deadline()
+                .map(|d| d.saturating_duration_since(Instant::now()));
             self.shared.sleeping.store(true, Ordering::SeqCst);
             let timeout = if self.shared.queue.lock().unwrap().is_empty() {
                 timeout
@@ -426,14 +429,17 @@ impl<I: Io> Driver<I> {
     }
 
     fn start_send(&mut self, id: u64) {
-        let Some(c) = self.conns.get_mut(&id) else { return };
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
         if c.sending.is_some() || c.shut {
             return;
         }
         if c.out.is_empty() {
             if c.closing && !c.eof {
                 c.shut = true;
-                let _ = nix::sys::socket::shutdown(c.fd.as_raw_fd(), nix::sys::socket::Shutdown::Write);
+                let _ =
+                    nix::sys::socket::shutdown(c.fd.as_raw_fd(), nix::sys::socket::Shutdown::Write);
             }
             return;
         }
@@ -446,7 +452,9 @@ impl<I: Io> Driver<I> {
     }
 
     fn arm_read(&mut self, id: u64) {
-        let Some(c) = self.conns.get_mut(&id) else { return };
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
         if c.reading || c.eof {
             return;
         }
@@ -466,7 +474,9 @@ impl<I: Io> Driver<I> {
             self.wake_armed = false;
             return;
         }
-        let Some(c) = self.conns.get_mut(&comp.id) else { return };
+        let Some(c) = self.conns.get_mut(&comp.id) else {
+            return;
+        };
         match comp.op {
             Op::Send => {
                 let (buf, mut sent) = c.sending.take().expect("send completion without a send");
@@ -492,7 +502,7 @@ impl<I: Io> Driver<I> {
                 c.reading = false;
                 if comp.result <= 0 {
                     c.eof = true;
-                    if c.proto.outstanding() > 0 && c.status.is_none() {
+                    if c.status.is_none() {
                         c.deadline = Some(Instant::now() + EXIT_GRACE);
                     }
                     self.maybe_finish(comp.id);
@@ -526,15 +536,14 @@ impl<I: Io> Driver<I> {
         }
     }
 
-    /// Ends a connection once EOF is seen, no send is in flight, and either
-    /// nothing is outstanding, the exit status is known, or the grace ran out.
+    /// Ends a connection once EOF is seen, no send is in flight, and the
+    /// template reported the exit (so the worker is reaped before
+    /// `on_destroy` or any error) or the grace period ran out.
     fn maybe_finish(&mut self, id: u64) {
         let Some(c) = self.conns.get(&id) else { return };
         let ready = c.eof
             && c.sending.is_none()
-            && (c.status.is_some()
-                || c.proto.outstanding() == 0
-                || c.deadline.is_some_and(|d| d <= Instant::now()));
+            && (c.status.is_some() || c.deadline.is_some_and(|d| d <= Instant::now()));
         if !ready {
             return;
         }

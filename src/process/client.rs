@@ -73,7 +73,12 @@ impl TemplateClient {
         sock: OwnedFd,
         fds: &[OwnedFd],
     ) -> Result<i32> {
-        let mut msg = octets!["spawn", "", handler.to_owned(), init.unwrap_or("").to_owned()];
+        let mut msg = octets![
+            "spawn",
+            "",
+            handler.to_owned(),
+            init.unwrap_or("").to_owned()
+        ];
         msg.extend(args.iter().cloned());
         let mut raw = vec![sock.as_raw_fd()];
         raw.extend(fds.iter().map(|f| f.as_raw_fd()));

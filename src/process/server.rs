@@ -9,8 +9,7 @@ use crate::sys::exit_now;
 use crate::{octets, Octets};
 use bytes::Bytes;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::signal::{SigSet, SigmaskHow, Signal};
-use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
@@ -19,31 +18,25 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 pub(crate) const MAX_CONTROL_MSG: usize = 200 * 1024;
 
 /// Runs the template loop on `ctl` until the parent closes it. Never returns.
+///
+/// Children are watched through pidfds (Linux 5.3), not SIGCHLD: a
+/// re-executed template may run threads of the program's own that do not
+/// block the signal, and it would be lost to them.
 pub(crate) fn serve(ctl: OwnedFd) -> ! {
-    let mut chld = SigSet::empty();
-    chld.add(Signal::SIGCHLD);
-    let old_mask = chld
-        .thread_swap_mask(SigmaskHow::SIG_BLOCK)
-        .unwrap_or_else(|_| SigSet::empty());
-    let sfd = match SignalFd::with_flags(&chld, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("forkrpc template: signalfd: {e}");
-            exit_now(70)
-        }
-    };
     let mut t = Server {
         ctl,
-        sfd,
-        old_mask,
+        children: Vec::new(),
         buf: vec![0u8; MAX_CONTROL_MSG],
     };
     loop {
-        let (ctl_ready, sig_ready) = {
-            let mut fds = [
-                PollFd::new(t.ctl.as_fd(), PollFlags::POLLIN),
-                PollFd::new(t.sfd.as_fd(), PollFlags::POLLIN),
-            ];
+        let ready: Vec<bool> = {
+            let mut fds = Vec::with_capacity(1 + t.children.len());
+            fds.push(PollFd::new(t.ctl.as_fd(), PollFlags::POLLIN));
+            fds.extend(
+                t.children
+                    .iter()
+                    .map(|(_, f)| PollFd::new(f.as_fd(), PollFlags::POLLIN)),
+            );
             match poll(&mut fds, PollTimeout::NONE) {
                 Ok(_) => {}
                 Err(nix::errno::Errno::EINTR) => continue,
@@ -52,13 +45,19 @@ pub(crate) fn serve(ctl: OwnedFd) -> ! {
                     exit_now(70)
                 }
             }
-            let r = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
-            (r(&fds[0]), r(&fds[1]))
+            fds.iter()
+                .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+                .collect()
         };
-        if sig_ready {
-            t.reap();
+        let exited: Vec<usize> = (1..ready.len())
+            .filter(|&i| ready[i])
+            .map(|i| i - 1)
+            .collect();
+        for i in exited.into_iter().rev() {
+            let (pid, _fd) = t.children.swap_remove(i);
+            t.reap(pid);
         }
-        if ctl_ready {
+        if ready[0] {
             t.handle_request();
         }
     }
@@ -66,8 +65,8 @@ pub(crate) fn serve(ctl: OwnedFd) -> ! {
 
 struct Server {
     ctl: OwnedFd,
-    sfd: SignalFd,
-    old_mask: SigSet,
+    /// Live children and their pidfds.
+    children: Vec<(Pid, OwnedFd)>,
     buf: Vec<u8>,
 }
 
@@ -79,27 +78,23 @@ impl Server {
         }
     }
 
-    fn reap(&mut self) {
-        while let Ok(Some(_)) = self.sfd.read_signal() {}
-        loop {
-            let (pid, status) = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(pid, code)) => (pid, ExitStatus::Code(code)),
-                Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, ExitStatus::Signal(sig as i32)),
-                Ok(WaitStatus::StillAlive) | Err(_) => return,
-                Ok(_) => continue,
-            };
-            let (kind, n) = match status {
-                ExitStatus::Code(c) => ("code", c),
-                ExitStatus::Signal(s) => ("signal", s),
-                ExitStatus::StillRunning => continue,
-            };
-            self.reply(octets![
-                "exit",
-                pid.as_raw().to_string(),
-                kind,
-                n.to_string()
-            ]);
-        }
+    fn reap(&mut self, pid: Pid) {
+        let status = match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, code)) => ExitStatus::Code(code),
+            Ok(WaitStatus::Signaled(_, sig, _)) => ExitStatus::Signal(sig as i32),
+            _ => return,
+        };
+        let (kind, n) = match status {
+            ExitStatus::Code(c) => ("code", c),
+            ExitStatus::Signal(s) => ("signal", s),
+            ExitStatus::StillRunning => return,
+        };
+        self.reply(octets![
+            "exit",
+            pid.as_raw().to_string(),
+            kind,
+            n.to_string()
+        ]);
     }
 
     fn handle_request(&mut self) {
@@ -172,19 +167,29 @@ impl Server {
         })
     }
 
-    /// Forks; the child drops the template's own descriptors, restores the
-    /// signal mask, dies with the template, and runs `child`.
+    /// Forks; the child drops the template's own descriptors, dies with
+    /// the template, and runs `child`.
     fn fork_child(&mut self, child: impl FnOnce()) -> Result<i32, Octets> {
         let me = nix::unistd::getpid();
-        // SAFETY: the template is single-threaded (it was forked from a
-        // single-threaded process or exec'd, and starts no threads), so the
-        // child inherits no lock held by another thread.
+        // SAFETY: the template forks only from this loop, on the thread that
+        // owns it, and its children run only `child` then exit; in a forked
+        // template no other thread exists, and a re-executed one only runs
+        // threads the program started before `init()` (documented).
         match unsafe { fork() } {
-            Ok(ForkResult::Parent { child }) => Ok(child.as_raw()),
+            Ok(ForkResult::Parent { child }) => {
+                match pidfd_open(child) {
+                    Ok(fd) => self.children.push((child, fd)),
+                    Err(e) => eprintln!(
+                        "forkrpc template: pidfd_open({child}): {e}; its exit will not be reported"
+                    ),
+                }
+                Ok(child.as_raw())
+            }
             Ok(ForkResult::Child) => {
                 close_raw(self.ctl.as_raw_fd());
-                close_raw(self.sfd.as_raw_fd());
-                let _ = self.old_mask.thread_set_mask();
+                for (_, fd) in &self.children {
+                    close_raw(fd.as_raw_fd());
+                }
                 die_with_parent(me);
                 child();
                 exit_now(0)
@@ -192,6 +197,18 @@ impl Server {
             Err(e) => Err(octets!["other", format!("fork failed: {e}")]),
         }
     }
+}
+
+/// A pidfd for our child `pid` (Linux 5.3), close-on-exec.
+fn pidfd_open(pid: Pid) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes two integers; on success it returns a new
+    // descriptor that nothing else owns.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: see above; `fd` is ours alone.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as RawFd) })
 }
 
 fn unknown(e: crate::Error) -> Octets {

@@ -1,0 +1,698 @@
+//! RPC behaviour on both engines: the seed's SYNOPSIS, the Perl module's own
+//! sync test, call forms, errors of every kind, draining, descriptors,
+//! derived templates, and the process hygiene promises (no fd leaks, no
+//! zombies, workers die with the parent).
+//!
+//! This binary owns `main` (harness = false) because `init()` must run
+//! before the test harness starts its threads.
+
+mod common;
+
+use common::{engines, proc_exists, wait_gone};
+use forkrpc::{octets, EngineKind, Error, ExitStatus, Octets, Options, Template, WorkerArgs};
+use libtest_mimic::{Arguments, Failed, Trial};
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+static FDS_BEFORE_INIT: OnceLock<BTreeSet<i32>> = OnceLock::new();
+static INIT_ARGS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+static FD_CHANNEL: Mutex<Option<OwnedFd>> = Mutex::new(None);
+static PRELOAD: Mutex<Option<(String, i32)>> = Mutex::new(None);
+
+fn open_fds() -> BTreeSet<i32> {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+fn template() -> Result<Template, Error> {
+    Template::builder()
+        // The Perl module's t/02_sync.t worker: event "ok N", reply "ok N+1".
+        .sync("t::perl_sync", |args| {
+            let n = args.num(0).unwrap();
+            forkrpc::event(octets![format!("ok {n}")]);
+            octets![format!("ok {}", n + 1)]
+        })
+        .sync("t::panic", |args| panic!("boom: {}", args))
+        .sync("t::exit", |args| {
+            // SAFETY-free: _exit is a plain libc call with an integer.
+            unsafe { libc::_exit(args.num(0).unwrap() as i32) }
+        })
+        .sync("t::kill_self", |_| {
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+            octets![]
+        })
+        .sync("t::sleep", |args| {
+            std::thread::sleep(Duration::from_millis(args.num(0).unwrap() as u64));
+            octets!["slept"]
+        })
+        .sync("t::sockets", |_| {
+            // Every descriptor this worker holds that is a socket.
+            let n = std::fs::read_dir("/proc/self/fd")
+                .unwrap()
+                .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter(|p| p.to_string_lossy().starts_with("socket:"))
+                .count();
+            octets![n.to_string()]
+        })
+        .sync("t::ids", |_| {
+            octets![
+                std::process::id().to_string(),
+                nix::unistd::getppid().as_raw().to_string()
+            ]
+        })
+        .init("t::init_args", |w: WorkerArgs| {
+            *INIT_ARGS.lock().unwrap() = w
+                .args
+                .iter()
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+        })
+        .sync("t::init_args", |_| {
+            INIT_ARGS.lock().unwrap().iter().cloned().collect()
+        })
+        // The seed's descriptor-passing recipe: init keeps one half of a
+        // socketpair; a call announces a descriptor, which then arrives on it.
+        .init("t::fd_init", |mut w: WorkerArgs| {
+            *FD_CHANNEL.lock().unwrap() = Some(w.fds.remove(0));
+        })
+        .sync("t::fd_run", |args| {
+            assert_eq!(
+                args.str(0),
+                Some("i'll send some fd now, please expect it!")
+            );
+            let chan = FD_CHANNEL.lock().unwrap();
+            let chan = chan.as_ref().unwrap();
+            let mut buf = [0u8; 1];
+            let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+            let mut space = nix::cmsg_space!([i32; 1]);
+            let msg = nix::sys::socket::recvmsg::<()>(
+                chan.as_raw_fd(),
+                &mut iov,
+                Some(&mut space),
+                nix::sys::socket::MsgFlags::empty(),
+            )
+            .unwrap();
+            let fd = msg
+                .cmsgs()
+                .unwrap()
+                .find_map(|c| match c {
+                    nix::sys::socket::ControlMessageOwned::ScmRights(f) => Some(f[0]),
+                    _ => None,
+                })
+                .unwrap();
+            // SAFETY: the descriptor just arrived and is ours alone.
+            let mut file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            let mut s = String::new();
+            file.read_to_string(&mut s).unwrap();
+            octets![s]
+        })
+        .init("t::preload", |w: WorkerArgs| {
+            let v = String::from_utf8_lossy(&w.args[0]).into_owned();
+            *PRELOAD.lock().unwrap() = Some((v, std::process::id() as i32));
+        })
+        .sync("t::preloaded", |_| {
+            let p = PRELOAD.lock().unwrap().clone().unwrap_or_default();
+            octets![p.0, p.1.to_string()]
+        })
+        .start()
+}
+
+fn main() {
+    FDS_BEFORE_INIT.set(open_fds()).unwrap();
+    if std::env::var_os("FORKRPC_TEST_ORPHAN").is_some() {
+        orphan_parent();
+    }
+    let t = template().expect("template starts");
+    assert_eq!(
+        forkrpc::template_mode(),
+        Some(forkrpc::TemplateMode::Forked)
+    );
+
+    let args = Arguments::from_args();
+    let mut trials = Vec::new();
+    for (kind, available) in engines() {
+        let rpc_tests: Vec<(&str, RpcTest)> = vec![
+            ("synopsis", synopsis),
+            ("perl_sync_test_order", perl_sync_test_order),
+            ("seed_example1_sync_rmdir_order", seed_example1),
+            ("call_forms_future_callback_blocking", call_forms),
+            ("tokio_multi_thread_callers", tokio_callers),
+            ("unknown_handler_is_an_error", unknown_handler),
+            ("handler_panic_reports_message", handler_panic),
+            ("worker_exit_code_fails_outstanding_calls", worker_exit_code),
+            ("worker_killed_by_signal", worker_killed),
+            (
+                "error_goes_to_on_event_without_on_error",
+                error_fallback_to_on_event,
+            ),
+            ("payload_too_large_sends_nothing", payload_too_large),
+            ("drop_drains_queued_calls", drop_drains),
+            ("close_reaps_the_worker", close_reaps),
+            ("send_arg_reaches_init", send_arg_init),
+            ("send_fh_seed_recipe", send_fh_recipe),
+            ("derived_template_shares_init_state", derived_template),
+            ("workers_hold_no_other_sockets", no_socket_leaks),
+            ("calls_after_worker_end_fail_closed", calls_after_end),
+        ];
+        for (name, f) in rpc_tests {
+            let t = t.clone();
+            trials.push(
+                Trial::test(format!("{}::{name}", kind.name()), move || f(&t, kind))
+                    .with_ignored_flag(!available),
+            );
+        }
+    }
+    let t2 = t.clone();
+    trials.push(Trial::test("parent_fds_are_cloexec", move || {
+        parent_fds_cloexec(&t2)
+    }));
+    trials.push(Trial::test(
+        "workers_die_with_the_parent",
+        workers_die_with_parent,
+    ));
+    libtest_mimic::run(&args, trials).exit();
+}
+
+type RpcTest = fn(&Template, EngineKind) -> Result<(), Failed>;
+
+fn check(cond: bool, msg: impl Into<String>) -> Result<(), Failed> {
+    if cond {
+        Ok(())
+    } else {
+        Err(msg.into().into())
+    }
+}
+
+fn eq<T: PartialEq + std::fmt::Debug>(a: T, b: T) -> Result<(), Failed> {
+    check(a == b, format!("expected {b:?}, got {a:?}"))
+}
+
+fn opts(kind: EngineKind) -> Options {
+    Options::default().engine(kind)
+}
+
+/// Waits for `on_destroy` (or fails after 20 s rather than hang the suite).
+fn destroy_channel() -> (impl Fn() + Send + Sync + 'static, mpsc::Receiver<()>) {
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    (move || tx.lock().unwrap().send(()).unwrap(), rx)
+}
+
+fn recv<T>(rx: &mpsc::Receiver<T>) -> Result<T, Failed> {
+    rx.recv_timeout(Duration::from_secs(20))
+        .map_err(|_| Failed::from("timed out waiting for the worker"))
+}
+
+fn synopsis(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    let rpc = t.fork().run(forkrpc::ECHO, opts(kind))?;
+    let (tx, rx) = mpsc::channel();
+    rpc.call_with(octets!["1", "2", "3"], move |r| {
+        tx.send(format!("MyModule::server returned {}", r.unwrap()))
+            .unwrap();
+    });
+    eq(recv(&rx)?, "MyModule::server returned 1 2 3".to_string())
+}
+
+fn perl_sync_test_order(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    let log = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (l1, l2) = (log.clone(), log.clone());
+    let (destroy, destroyed) = destroy_channel();
+    let rpc = t.fork().run(
+        "t::perl_sync",
+        opts(kind)
+            .on_event(move |ev| l1.lock().unwrap().push(ev.to_string()))
+            .on_destroy(move || {
+                l2.lock().unwrap().push("destroy".into());
+                destroy()
+            }),
+    )?;
+    for n in [5, 7, 9, 11] {
+        let l = log.clone();
+        rpc.call_with(octets![n.to_string()], move |r| {
+            l.lock().unwrap().push(r.unwrap().to_string())
+        });
+    }
+    drop(rpc);
+    recv(&destroyed)?;
+    let got = log.lock().unwrap().clone();
+    eq(
+        got,
+        [
+            "ok 5", "ok 6", "ok 7", "ok 8", "ok 9", "ok 10", "ok 11", "ok 12", "destroy",
+        ]
+        .map(String::from)
+        .to_vec(),
+    )
+}
+
+fn seed_example1(_t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_forkrpc"))
+        .arg("--version")
+        .output()?;
+    check(out.status.success(), "forkrpc binary runs")?;
+    // The example itself is built by `cargo test`; run it from target/.
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_forkrpc"))
+        .parent()
+        .unwrap()
+        .join("examples/sync_rmdir");
+    if !exe.exists() {
+        return Err(format!("{} was not built", exe.display()).into());
+    }
+    let out = std::process::Command::new(&exe)
+        .env("FORKRPC_ENGINE", kind.name())
+        .output()?;
+    check(out.status.success(), format!("example failed: {out:?}"))?;
+    let expect = "/tmp/somepath/1: No such file or directory
+/tmp/somepath/2: No such file or directory
+3 requests handled
+/tmp/somepath/3: No such file or directory
+/tmp/somepath/4: No such file or directory
+/tmp/somepath/5: No such file or directory
+6 requests handled
+/tmp/somepath/6: No such file or directory
+";
+    eq(
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        expect.to_string(),
+    )
+}
+
+fn call_forms(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    let rpc = t.fork().run(forkrpc::ECHO, opts(kind))?;
+    // Future on no runtime at all: a plain executor.
+    let fut = rpc.call(octets!["future"]);
+    let r = tokio::runtime::Builder::new_current_thread()
+        .build()?
+        .block_on(fut)?;
+    eq(r, octets!["future"])?;
+    eq(
+        rpc.call_blocking(octets!["blocking", ""])?,
+        octets!["blocking", ""],
+    )?;
+    let (tx, rx) = mpsc::channel();
+    rpc.call_with(octets!["callback"], move |r| tx.send(r).unwrap());
+    eq(recv(&rx)??, octets!["callback"])?;
+    // A callback may call again (it runs on the driver thread), but not block.
+    let (tx, rx) = mpsc::channel();
+    let rpc2 = rpc.clone();
+    rpc.call_with(octets!["a"], move |_| {
+        let blocked = rpc2.call_blocking(octets!["b"]);
+        let tx2 = tx.clone();
+        rpc2.call_with(octets!["c"], move |r| tx2.send(Ok(r.unwrap())).unwrap());
+        tx.send(Err(blocked)).unwrap();
+    });
+    match recv(&rx)? {
+        Err(Err(Error::WouldDeadlock)) => {}
+        other => return Err(format!("expected WouldDeadlock, got {other:?}").into()),
+    }
+    eq(recv(&rx)?.unwrap(), octets!["c"])?;
+    rpc.close_blocking()?;
+    Ok(())
+}
+
+fn tokio_callers(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    let rpc = t.fork().run(forkrpc::ECHO, opts(kind))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .build()?;
+    let results = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for task in 0..8 {
+            let rpc = rpc.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                for i in 0..100 {
+                    let s = format!("{task}-{i}");
+                    let r = rpc.call(octets![s.clone()]).await.unwrap();
+                    got.push((s, r.str(0).unwrap().to_owned()));
+                }
+                got
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        all
+    });
+    eq(results.len(), 800)?;
+    for (sent, got) in results {
+        eq(got, sent)?;
+    }
+    Ok(())
+}
+
+fn unknown_handler(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    match t.fork().run("No::such", opts(kind)) {
+        Err(Error::UnknownHandler {
+            kind: "handler",
+            name,
+            known,
+        }) => {
+            eq(name.as_str(), "No::such")?;
+            check(
+                known.contains("t::perl_sync"),
+                format!("known names listed: {known}"),
+            )?;
+        }
+        Err(e) => return Err(format!("wrong error: {e}").into()),
+        Ok(_) => return Err("unknown handler accepted".into()),
+    }
+    match t.fork().run(forkrpc::ECHO, opts(kind).init("No::init")) {
+        Err(Error::UnknownHandler {
+            kind: "init function",
+            ..
+        }) => Ok(()),
+        Err(e) => Err(format!("wrong error: {e}").into()),
+        Ok(_) => Err("unknown init accepted".into()),
+    }
+}
+
+fn handler_panic(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let e2 = errors.clone();
+    let rpc = t.fork().run(
+        "t::panic",
+        opts(kind).on_error(move |e| e2.lock().unwrap().push(e)),
+    )?;
+    let pid = rpc.pid();
+    let first = rpc.call(octets!["x"]);
+    let second = rpc.call(octets!["y"]);
+    let rt = tokio::runtime::Builder::new_current_thread().build()?;
+    match rt.block_on(first) {
+        Err(Error::HandlerPanicked { pid: p, message }) => {
+            eq(p, pid)?;
+            check(
+                message.starts_with("boom: x at tests/rpc.rs:"),
+                format!("message: {message}"),
+            )?;
+        }
+        other => return Err(format!("expected HandlerPanicked, got {other:?}").into()),
+    }
+    match rt.block_on(second) {
+        Err(Error::WorkerExited {
+            status,
+            outstanding,
+            panic,
+            ..
+        }) => {
+            eq(status, ExitStatus::Code(forkrpc::PANIC_EXIT_CODE))?;
+            eq(outstanding, 2)?;
+            check(
+                panic.is_some_and(|m| m.starts_with("boom: x")),
+                "panic message carried",
+            )?;
+        }
+        other => return Err(format!("expected WorkerExited, got {other:?}").into()),
+    }
+    let e = rpc.close_blocking();
+    check(
+        matches!(e, Err(Error::WorkerExited { .. })),
+        format!("close: {e:?}"),
+    )?;
+    let n = errors.lock().unwrap().len();
+    eq(n, 1)
+}
+
+fn worker_exit_code(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    let rpc = t.fork().run("t::exit", opts(kind).on_error(|_| {}))?;
+    match rpc.call_blocking(octets!["7"]) {
+        Err(
+            e @ Error::WorkerExited {
+                status: ExitStatus::Code(7),
+                outstanding: 1,
+                panic: None,
+                ..
+            },
+        ) => {
+            let msg = e.to_string();
+            check(
+                msg.contains("exit code 7") && msg.contains("unexpected eof"),
+                msg,
+            )
+        }
+        other => Err(format!("expected exit code 7, got {other:?}").into()),
+    }
+}
+
+fn worker_killed(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    let rpc = t.fork().run("t::kill_self", opts(kind).on_error(|_| {}))?;
+    match rpc.call_blocking(octets![]) {
+        Err(
+            e @ Error::WorkerExited {
+                status: ExitStatus::Signal(9),
+                ..
+            },
+        ) => check(e.to_string().contains("signal 9 (SIGKILL)"), e.to_string()),
+        other => Err(format!("expected SIGKILL, got {other:?}").into()),
+    }
+}
+
+fn error_fallback_to_on_event(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    let rpc = t.fork().run(
+        "t::exit",
+        opts(kind).on_event(move |ev| tx.lock().unwrap().send(ev).unwrap()),
+    )?;
+    let r = rpc.call_blocking(octets!["3"]);
+    check(r.is_err(), "call fails")?;
+    let ev = recv(&rx)?;
+    eq(ev.str(0), Some("error"))?;
+    check(
+        ev.str(1).unwrap_or("").contains("exit code 3"),
+        format!("event: {ev}"),
+    )
+}
+
+fn payload_too_large(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    let rpc = t.fork().run(forkrpc::ECHO, opts(kind))?;
+    // 300 views of one 15 MB buffer: 4.5 GB encoded, 15 MB in memory.
+    let big = bytes::Bytes::from(vec![1u8; 15_000_000]);
+    match rpc.call_blocking(Octets(vec![big; 300])) {
+        Err(Error::PayloadTooLarge { size }) => eq(size, 300 * (15_000_000 + 4))?,
+        other => return Err(format!("expected PayloadTooLarge, got {other:?}").into()),
+    }
+    // Nothing was sent: the worker answers the next call normally.
+    eq(rpc.call_blocking(octets!["after"])?, octets!["after"])?;
+    rpc.close_blocking()?;
+    Ok(())
+}
+
+fn drop_drains(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let a = answered.clone();
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    let rpc = t.fork().run(
+        forkrpc::ECHO,
+        opts(kind).on_destroy(move || {
+            tx.lock()
+                .unwrap()
+                .send(a.load(std::sync::atomic::Ordering::SeqCst))
+                .unwrap()
+        }),
+    )?;
+    let payload = octets![vec![7u8; 1000]];
+    for _ in 0..1000 {
+        let a = answered.clone();
+        rpc.call_with(payload.clone(), move |r| {
+            assert_eq!(r.unwrap()[0].len(), 1000);
+            a.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        });
+    }
+    drop(rpc);
+    eq(recv(&rx)?, 1000)
+}
+
+fn close_reaps(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    let rpc = t.fork().run(forkrpc::ECHO, opts(kind))?;
+    let pid = rpc.pid();
+    check(proc_exists(pid), "worker runs")?;
+    rpc.close_blocking()?;
+    // close returns after the template reported the exit: reaped, no zombie.
+    check(
+        !proc_exists(pid),
+        format!("worker {pid} still in /proc after close"),
+    )
+}
+
+fn send_arg_init(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    let rpc = t
+        .fork()
+        .send_arg("alpha")
+        .send_arg(vec![b'b'; 3])
+        .run("t::init_args", opts(kind).init("t::init_args"))?;
+    eq(rpc.call_blocking(octets![])?, octets!["alpha", "bbb"])
+}
+
+fn send_fh_recipe(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    let (s1, s2) = socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?;
+    let rpc = t
+        .fork()
+        .send_fh(s2)
+        .run("t::fd_run", opts(kind).init("t::fd_init"))?;
+    let reply = rpc.call(octets!["i'll send some fd now, please expect it!"]);
+    // The descriptor to pass: the read end of a pipe holding a message.
+    let (r, w) = nix::unistd::pipe()?;
+    let mut w = std::fs::File::from(w);
+    w.write_all(b"through the passed descriptor")?;
+    drop(w);
+    let iov = [std::io::IoSlice::new(b"x")];
+    let fds = [r.as_raw_fd()];
+    nix::sys::socket::sendmsg::<()>(
+        s1.as_raw_fd(),
+        &iov,
+        &[nix::sys::socket::ControlMessage::ScmRights(&fds)],
+        nix::sys::socket::MsgFlags::empty(),
+        None,
+    )?;
+    drop(r);
+    let r = tokio::runtime::Builder::new_current_thread()
+        .build()?
+        .block_on(reply)?;
+    eq(r, octets!["through the passed descriptor"])
+}
+
+fn derived_template(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    let derived = t.derive("t::preload", ["loaded once"])?;
+    check(derived.pid() != t.pid(), "a new template process")?;
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let rpc = derived.fork().run("t::preloaded", opts(kind))?;
+        let r = rpc.call_blocking(octets![])?;
+        let ids = rpc.call_blocking(octets![])?;
+        eq(r.str(0), Some("loaded once"))?;
+        let ppid = {
+            let rpc2 = derived.fork().run("t::ids", opts(kind))?;
+            rpc2.call_blocking(octets![])?.num(1).unwrap() as i32
+        };
+        eq(ppid, derived.pid())?;
+        seen.push(ids.num(1).unwrap() as i32);
+    }
+    // init ran once, in the derived template, not in each worker.
+    eq(seen, vec![derived.pid(); 3])?;
+    // A worker of the root template does not have the state.
+    let plain = t.fork().run("t::preloaded", opts(kind))?;
+    eq(plain.call_blocking(octets![])?.str(0), Some(""))
+}
+
+fn no_socket_leaks(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    let others: Vec<_> = (0..3)
+        .map(|_| t.fork().run(forkrpc::ECHO, opts(kind)))
+        .collect::<Result<_, _>>()?;
+    let rpc = t.fork().run("t::sockets", opts(kind))?;
+    // Its own connection and nothing else: no other worker's socket, no
+    // template control socket.
+    eq(rpc.call_blocking(octets![])?, octets!["1"])?;
+    let ids = t
+        .fork()
+        .run("t::ids", opts(kind))?
+        .call_blocking(octets![])?;
+    eq(ids.num(1).unwrap() as i32, t.pid())?;
+    drop(others);
+    Ok(())
+}
+
+fn calls_after_end(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    let (destroy, destroyed) = destroy_channel();
+    let rpc = t
+        .fork()
+        .run("t::exit", opts(kind).on_error(|_| {}).on_destroy(destroy))?;
+    let r = rpc.call_blocking(octets!["0"]);
+    check(
+        matches!(
+            r,
+            Err(Error::WorkerExited {
+                status: ExitStatus::Code(0),
+                ..
+            })
+        ),
+        format!("{r:?}"),
+    )?;
+    check(
+        destroyed.try_recv().is_err(),
+        "no on_destroy after an error",
+    )?;
+    match rpc.call_blocking(octets!["0"]) {
+        Err(Error::Closed) => Ok(()),
+        other => Err(format!("expected Closed, got {other:?}").into()),
+    }
+}
+
+fn parent_fds_cloexec(t: &Template) -> Result<(), Failed> {
+    let _rpcs: Vec<_> = engines()
+        .into_iter()
+        .filter(|e| e.1)
+        .map(|(k, _)| t.fork().run(forkrpc::ECHO, opts(k)))
+        .collect::<Result<_, _>>()?;
+    let before = FDS_BEFORE_INIT.get().unwrap();
+    for fd in open_fds().difference(before) {
+        let Ok(info) = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")) else {
+            continue; // closed meanwhile (read_dir's own descriptor)
+        };
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .map(|f| u32::from_str_radix(f.trim(), 8).unwrap())
+            .unwrap();
+        let target = std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap_or_default();
+        check(
+            flags & libc::O_CLOEXEC as u32 != 0,
+            format!("fd {fd} ({}) lacks O_CLOEXEC", target.display()),
+        )?;
+    }
+    Ok(())
+}
+
+/// Started as a child of the test: makes a worker that sleeps, prints the
+/// worker's pid, and waits to be killed.
+fn orphan_parent() -> ! {
+    let t = template().unwrap();
+    let rpc = t.fork().run("t::sleep", Options::default()).unwrap();
+    let _pending = rpc.call(octets!["600000"]);
+    println!("{} {}", rpc.pid(), t.pid());
+    std::io::stdout().flush().unwrap();
+    loop {
+        std::thread::park();
+    }
+}
+
+fn workers_die_with_parent() -> Result<(), Failed> {
+    let mut parent = std::process::Command::new(std::env::current_exe()?)
+        .env("FORKRPC_TEST_ORPHAN", "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(parent.stdout.take().unwrap()).read_line(&mut line)?;
+    let pids: Vec<i32> = line
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    let (worker, template) = (pids[0], pids[1]);
+    check(
+        proc_exists(worker) && proc_exists(template),
+        "worker and template run",
+    )?;
+    parent.kill()?;
+    parent.wait()?;
+    check(
+        wait_gone(template, Duration::from_secs(10)),
+        "template died with the parent",
+    )?;
+    check(
+        wait_gone(worker, Duration::from_secs(10)),
+        "worker died with the parent",
+    )
+}
