@@ -87,9 +87,17 @@ pub(crate) enum Done {
 impl Done {
     fn complete(self, r: Result<Octets>) {
         match self {
-            Done::Callback(f) => f(r),
+            Done::Callback(f) => guard("a reply callback", || f(r)),
             Done::Latch(l) => l.set(r),
         }
+    }
+}
+
+/// Runs a user callback on the driver thread; a panic in it is reported and
+/// contained, so one bad callback cannot stop every worker's I/O.
+fn guard(what: &str, f: impl FnOnce()) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
+        eprintln!("forkrpc: {what} panicked on the driver thread; the panic was contained");
     }
 }
 
@@ -251,9 +259,9 @@ struct Session {
 impl Session {
     fn report(&self, e: &Error) {
         if let Some(f) = &self.opts.on_error {
-            f(e.clone())
+            guard("on_error", || f(e.clone()))
         } else if let Some(f) = &self.opts.on_event {
-            f(octets!["error", e.to_string()])
+            guard("on_event", || f(octets!["error", e.to_string()]))
         } else {
             eprintln!("forkrpc: {e}");
         }
@@ -282,7 +290,7 @@ impl Protocol for Session {
                             .unwrap_or_default(),
                     ));
                 } else if let Some(f) = &self.opts.on_event {
-                    f(ev);
+                    guard("on_event", || f(ev));
                 }
                 Ok(())
             }
@@ -318,7 +326,7 @@ impl Protocol for Session {
     fn finish(&mut self, pid: i32, status: Option<ExitStatus>) {
         if self.pending.is_empty() && self.fatal.is_none() && self.protocol_error.is_none() {
             if let Some(f) = &self.opts.on_destroy {
-                f();
+                guard("on_destroy", || f());
             }
             self.end.set(Ok(()));
             return;

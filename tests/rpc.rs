@@ -158,6 +158,7 @@ fn main() {
             ("derived_template_shares_init_state", derived_template),
             ("workers_hold_no_other_sockets", no_socket_leaks),
             ("calls_after_worker_end_fail_closed", calls_after_end),
+            ("panicking_callback_is_contained", panicking_callback),
         ];
         for (name, f) in rpc_tests {
             let t = t.clone();
@@ -629,6 +630,18 @@ fn calls_after_end(t: &Template, kind: EngineKind) -> Result<(), Failed> {
         Err(Error::Closed) => Ok(()),
         other => Err(format!("expected Closed, got {other:?}").into()),
     }
+}
+
+fn panicking_callback(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    let rpc = t.fork().run(forkrpc::ECHO, opts(kind))?;
+    rpc.call_with(octets!["x"], |_| panic!("callback bug"));
+    // The driver thread survived: this and other workers still get replies.
+    eq(
+        rpc.call_blocking(octets!["still here"])?,
+        octets!["still here"],
+    )?;
+    rpc.close_blocking()?;
+    Ok(())
 }
 
 fn parent_fds_cloexec(t: &Template) -> Result<(), Failed> {

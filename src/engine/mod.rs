@@ -50,13 +50,13 @@ impl EngineKind {
         match std::env::var("FORKRPC_ENGINE").as_deref() {
             Ok("epoll") => EngineKind::Epoll,
             Ok("uring") => EngineKind::Uring,
-            _ => {
-                if uring::available() {
-                    EngineKind::Uring
-                } else {
+            _ => match uring::available() {
+                Ok(()) => EngineKind::Uring,
+                Err(e) => {
+                    eprintln!("forkrpc: io_uring is unavailable ({e}); using the epoll engine");
                     EngineKind::Epoll
                 }
-            }
+            },
         }
     }
 
@@ -250,7 +250,13 @@ impl Engine {
     /// Queues a command and wakes the driver if it sleeps.
     pub(crate) fn push(&self, cmd: Command) {
         self.shared.queue.lock().unwrap().push(cmd);
-        if !on_driver_thread() && self.shared.sleeping.swap(false, Ordering::SeqCst) {
+        // The queue's mutex orders this load after the driver's store of
+        // `sleeping` whenever the driver could have missed our command, so
+        // a plain load filters the common case without a locked RMW.
+        if !on_driver_thread()
+            && self.shared.sleeping.load(Ordering::Relaxed)
+            && self.shared.sleeping.swap(false, Ordering::SeqCst)
+        {
             let one = 1u64.to_ne_bytes();
             let _ = nix::unistd::write(&self.shared.wake, &one);
         }

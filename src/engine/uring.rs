@@ -19,8 +19,8 @@ pub(crate) struct Uring {
 
 /// Whether this kernel lets us set up a ring (it may be missing, disabled by
 /// `kernel.io_uring_disabled`, or refused by seccomp).
-pub(crate) fn available() -> bool {
-    IoUring::new(2).is_ok()
+pub(crate) fn available() -> io::Result<()> {
+    IoUring::new(2).map(drop)
 }
 
 fn user_data(id: u64, op: Op) -> u64 {
