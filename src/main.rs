@@ -3,6 +3,11 @@
 
 mod cli;
 
+// glibc malloc pays heavily for frees on another thread than the allocation
+// (every call crosses from the caller to the driver thread); mimalloc does not.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
