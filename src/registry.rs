@@ -65,27 +65,23 @@ pub(crate) fn add_init(name: String, f: InitFn) {
 }
 
 pub(crate) fn handler(name: &str) -> Result<Handler, crate::Error> {
-    with(|r| {
-        r.handlers
-            .get(name)
-            .cloned()
-            .ok_or_else(|| crate::Error::UnknownHandler {
-                kind: "handler",
-                name: name.into(),
-                known: r.handlers.keys().cloned().collect::<Vec<_>>().join(", "),
-            })
-    })
+    with(|r| lookup(&r.handlers, "handler", name))
 }
 
 pub(crate) fn init(name: &str) -> Result<InitFn, crate::Error> {
-    with(|r| {
-        r.inits
-            .get(name)
-            .cloned()
-            .ok_or_else(|| crate::Error::UnknownHandler {
-                kind: "init function",
-                name: name.into(),
-                known: r.inits.keys().cloned().collect::<Vec<_>>().join(", "),
-            })
-    })
+    with(|r| lookup(&r.inits, "init function", name))
+}
+
+fn lookup<T: Clone>(
+    map: &BTreeMap<String, T>,
+    kind: &'static str,
+    name: &str,
+) -> Result<T, crate::Error> {
+    map.get(name)
+        .cloned()
+        .ok_or_else(|| crate::Error::UnknownHandler {
+            kind,
+            name: name.into(),
+            known: map.keys().cloned().collect::<Vec<_>>().join(", "),
+        })
 }

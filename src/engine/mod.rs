@@ -289,6 +289,9 @@ struct Driver<I: Io> {
     by_pid: HashMap<i32, u64>,
     early_exits: VecDeque<(i32, ExitStatus)>,
     dirty: Vec<u64>,
+    /// Connections at EOF whose exit is not reported yet (they have a
+    /// deadline); lets the loop skip the deadline scans when there are none.
+    awaiting_exit: usize,
     done: Vec<Completion>,
     wake_buf: Box<[u8; 8]>,
     wake_armed: bool,
@@ -303,6 +306,7 @@ impl<I: Io> Driver<I> {
             by_pid: HashMap::new(),
             early_exits: VecDeque::new(),
             dirty: Vec::new(),
+            awaiting_exit: 0,
             done: Vec::with_capacity(256),
             wake_buf: Box::new([0; 8]),
             wake_armed: false,
@@ -510,6 +514,7 @@ impl<I: Io> Driver<I> {
                     c.eof = true;
                     if c.status.is_none() {
                         c.deadline = Some(Instant::now() + EXIT_GRACE);
+                        self.awaiting_exit += 1;
                     }
                     self.maybe_finish(comp.id);
                     return;
@@ -556,15 +561,24 @@ impl<I: Io> Driver<I> {
         let mut c = self.conns.remove(&id).unwrap();
         self.by_pid.remove(&c.pid);
         self.io.remove(c.fd.as_raw_fd(), id);
+        if c.deadline.is_some() {
+            self.awaiting_exit -= 1;
+        }
         let status = c.status.or(c.deadline.map(|_| ExitStatus::StillRunning));
         c.proto.finish(c.pid, status);
     }
 
     fn next_deadline(&self) -> Option<Instant> {
+        if self.awaiting_exit == 0 {
+            return None;
+        }
         self.conns.values().filter_map(|c| c.deadline).min()
     }
 
     fn expire(&mut self) {
+        if self.awaiting_exit == 0 {
+            return;
+        }
         let now = Instant::now();
         let due: Vec<u64> = self
             .conns

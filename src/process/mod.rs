@@ -65,34 +65,30 @@ pub(crate) fn become_template_if_marked() {
     server::serve(ctl)
 }
 
-/// Starts the root template if none runs yet (what `init()` does).
+/// Starts the root template if none runs yet (what `init()` does): by fork
+/// in a single-threaded process, else by re-executing the program.
 pub(crate) fn init_root() -> Result<Arc<TemplateClient>> {
-    let mut root = ROOT.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((c, _)) = &*root {
-        return Ok(c.clone());
-    }
-    let started = if crate::sys::thread_count() == 1 {
-        (fork_template()?, TemplateMode::Forked)
-    } else {
-        (exec_template()?, TemplateMode::Reexec)
-    };
-    *root = Some(started.clone());
-    Ok(started.0)
+    root_with(true)
 }
 
 /// The root template, started now by fork if this process is still
 /// single-threaded and `init()` was never called.
 pub(crate) fn root() -> Result<Arc<TemplateClient>> {
+    root_with(false)
+}
+
+fn root_with(may_exec: bool) -> Result<Arc<TemplateClient>> {
     let mut root = ROOT.lock().unwrap_or_else(|p| p.into_inner());
     if let Some((c, _)) = &*root {
         return Ok(c.clone());
     }
-    if crate::sys::thread_count() != 1 {
-        return Err(Error::NotInitialised);
-    }
-    let c = fork_template()?;
-    *root = Some((c.clone(), TemplateMode::Forked));
-    Ok(c)
+    let started = match (crate::sys::thread_count() == 1, may_exec) {
+        (true, _) => (fork_template()?, TemplateMode::Forked),
+        (false, true) => (exec_template()?, TemplateMode::Reexec),
+        (false, false) => return Err(Error::NotInitialised),
+    };
+    *root = Some(started.clone());
+    Ok(started.0)
 }
 
 /// How the root template was started, if it was.
