@@ -2,7 +2,7 @@
 //! callbacks (on the driver thread) or blocking returns. Also the per-worker
 //! [`Protocol`] that gives frames their meaning (sync backend).
 
-use crate::engine::{Command, Engine, EngineKind, Protocol};
+use crate::engine::{Command, ConnStats, Engine, EngineKind, Protocol};
 use crate::error::{Error, ExitStatus, Result};
 use crate::latch::{Latch, Take};
 use crate::wire::frame::{put_len_header, Frame, EVENT_ID, MAX_PAYLOAD, SYNC_REPLY_ID};
@@ -121,6 +121,7 @@ struct Inner {
     pid: i32,
     engine: &'static Engine,
     end: Arc<Latch<Result<()>>>,
+    stats: Arc<ConnStats>,
 }
 
 impl Drop for Inner {
@@ -146,11 +147,13 @@ impl Rpc {
             opts,
             end: end.clone(),
         };
+        let stats = Arc::new(ConnStats::default());
         engine.push(Command::Add {
             id,
             fd,
             pid,
             proto: Box::new(session),
+            stats: stats.clone(),
         });
         Rpc {
             inner: Arc::new(Inner {
@@ -158,6 +161,7 @@ impl Rpc {
                 pid,
                 engine,
                 end,
+                stats,
             }),
         }
     }
@@ -201,6 +205,16 @@ impl Rpc {
     /// Process id of the worker.
     pub fn pid(&self) -> i32 {
         self.inner.pid
+    }
+
+    /// How many send operations the engine has submitted to this worker so
+    /// far. Calls queued together go out as one batch, so under pipelining
+    /// this grows far slower than the number of calls.
+    pub fn send_ops(&self) -> u64 {
+        self.inner
+            .stats
+            .sends
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The engine driving this worker.
@@ -355,6 +369,9 @@ impl Protocol for Session {
                 },
             }
         };
+        // Report first: once a call is failed its waiter may carry on (even
+        // exit the process), and the report must not be lost or cut short.
+        self.report(&err);
         let mut pending = std::mem::take(&mut self.pending).into_iter();
         if kind.as_deref() == Some("panic") {
             if let Some(first) = pending.next() {
@@ -367,7 +384,6 @@ impl Protocol for Session {
         for d in pending {
             d.complete(Err(err.clone()));
         }
-        self.report(&err);
         self.end.set(Err(err));
     }
 }

@@ -39,7 +39,8 @@ fn template() -> Result<Template, Error> {
         })
         .sync("t::panic", |args| panic!("boom: {}", args))
         .sync("t::exit", |args| {
-            // SAFETY-free: _exit is a plain libc call with an integer.
+            // SAFETY: _exit takes an integer and never returns; skipping
+            // destructors is the point (a worker dying mid-call).
             unsafe { libc::_exit(args.num(0).unwrap() as i32) }
         })
         .sync("t::kill_self", |_| {
@@ -127,6 +128,9 @@ fn main() {
     if std::env::var_os("FORKRPC_TEST_ORPHAN").is_some() {
         orphan_parent();
     }
+    if std::env::var_os("FORKRPC_TEST_NO_HANDLERS").is_some() {
+        error_without_handlers();
+    }
     let t = template().expect("template starts");
     assert_eq!(
         forkrpc::template_mode(),
@@ -159,6 +163,7 @@ fn main() {
             ("workers_hold_no_other_sockets", no_socket_leaks),
             ("calls_after_worker_end_fail_closed", calls_after_end),
             ("panicking_callback_is_contained", panicking_callback),
+            ("calls_queued_together_go_out_in_one_send", batched_sends),
         ];
         for (name, f) in rpc_tests {
             let t = t.clone();
@@ -175,6 +180,10 @@ fn main() {
     trials.push(Trial::test(
         "workers_die_with_the_parent",
         workers_die_with_parent,
+    ));
+    trials.push(Trial::test(
+        "error_without_handlers_goes_to_stderr",
+        error_to_stderr,
     ));
     libtest_mimic::run(&args, trials).exit();
 }
@@ -252,11 +261,7 @@ fn perl_sync_test_order(t: &Template, kind: EngineKind) -> Result<(), Failed> {
 }
 
 fn seed_example1(_t: &Template, kind: EngineKind) -> Result<(), Failed> {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_forkrpc"))
-        .arg("--version")
-        .output()?;
-    check(out.status.success(), "forkrpc binary runs")?;
-    // The example itself is built by `cargo test`; run it from target/.
+    // `cargo test` builds the examples next to the binaries; run it there.
     let exe = std::path::Path::new(env!("CARGO_BIN_EXE_forkrpc"))
         .parent()
         .unwrap()
@@ -644,6 +649,35 @@ fn panicking_callback(t: &Template, kind: EngineKind) -> Result<(), Failed> {
     Ok(())
 }
 
+fn batched_sends(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    let rpc = t.fork().run(forkrpc::ECHO, opts(kind))?;
+    rpc.call_blocking(octets!["warm"])?;
+    let before = rpc.send_ops();
+    // Queued from a callback on the driver thread, the 1000 calls are all in
+    // the queue when the driver next drains it: one batch, one send.
+    let (tx, rx) = mpsc::channel();
+    let rpc2 = rpc.clone();
+    rpc.call_with(octets!["go"], move |_| {
+        let left = Arc::new(std::sync::atomic::AtomicUsize::new(1000));
+        for i in 0..1000 {
+            let (left, tx) = (left.clone(), tx.clone());
+            rpc2.call_with(octets![i.to_string()], move |r| {
+                assert_eq!(r.unwrap(), octets![i.to_string()]);
+                if left.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+                    tx.send(()).unwrap();
+                }
+            });
+        }
+    });
+    recv(&rx)?;
+    let sends = rpc.send_ops() - before;
+    // One for "go", one for the batch (a third if the socket took it in two).
+    check(
+        sends <= 3,
+        format!("1001 calls took {sends} send operations"),
+    )
+}
+
 fn parent_fds_cloexec(t: &Template) -> Result<(), Failed> {
     let _rpcs: Vec<_> = engines()
         .into_iter()
@@ -680,6 +714,37 @@ fn orphan_parent() -> ! {
     loop {
         std::thread::park();
     }
+}
+
+/// Started as a child of the test: a worker with neither `on_error` nor
+/// `on_event` dies mid-call.
+fn error_without_handlers() -> ! {
+    let t = template().unwrap();
+    let rpc = t.fork().run("t::exit", Options::default()).unwrap();
+    match rpc.call_blocking(octets!["5"]) {
+        Err(e) => println!("call failed: {e}"),
+        Ok(r) => println!("call succeeded: {r}"),
+    }
+    std::process::exit(0)
+}
+
+fn error_to_stderr() -> Result<(), Failed> {
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .env("FORKRPC_TEST_NO_HANDLERS", "1")
+        .output()?;
+    check(out.status.success(), format!("{out:?}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    check(
+        stdout.starts_with("call failed: worker ") && stdout.contains("exit code 5"),
+        format!("stdout: {stdout}"),
+    )?;
+    check(
+        stderr
+            .lines()
+            .any(|l| l.starts_with("forkrpc: worker ") && l.contains("exit code 5")),
+        format!("stderr: {stderr}"),
+    )
 }
 
 fn workers_die_with_parent() -> Result<(), Failed> {

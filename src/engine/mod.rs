@@ -116,12 +116,21 @@ pub(crate) trait Protocol: Send {
     fn finish(&mut self, pid: i32, status: Option<ExitStatus>);
 }
 
+/// Counters of one connection, readable from any thread.
+#[derive(Default)]
+pub(crate) struct ConnStats {
+    /// Send operations submitted (a batch of frames each, or the rest of
+    /// a partly sent batch).
+    pub sends: AtomicU64,
+}
+
 pub(crate) enum Command {
     Add {
         id: u64,
         fd: OwnedFd,
         pid: i32,
         proto: Box<dyn Protocol>,
+        stats: Arc<ConnStats>,
     },
     Call {
         id: u64,
@@ -267,6 +276,7 @@ struct Conn {
     fd: OwnedFd,
     pid: i32,
     proto: Box<dyn Protocol>,
+    stats: Arc<ConnStats>,
     /// Frames not yet handed to the kernel.
     out: BytesMut,
     /// The buffer of the send in flight, and how much of it went already.
@@ -361,7 +371,13 @@ impl<I: Io> Driver<I> {
 
     fn command(&mut self, cmd: Command) {
         match cmd {
-            Command::Add { id, fd, pid, proto } => {
+            Command::Add {
+                id,
+                fd,
+                pid,
+                proto,
+                stats,
+            } => {
                 if let Err(e) = self.io.add(fd.as_raw_fd(), id) {
                     let mut proto = proto;
                     eprintln!("forkrpc: cannot watch worker {pid}: {e}");
@@ -381,6 +397,7 @@ impl<I: Io> Driver<I> {
                         fd,
                         pid,
                         proto,
+                        stats,
                         out: BytesMut::with_capacity(READ_CHUNK),
                         sending: None,
                         inbuf: BytesMut::with_capacity(READ_CHUNK),
@@ -456,6 +473,7 @@ impl<I: Io> Driver<I> {
         let buf = c.out.split();
         let (ptr, len) = (buf.as_ptr(), buf.len());
         c.sending = Some((buf, 0));
+        c.stats.sends.fetch_add(1, Ordering::Relaxed);
         // SAFETY: the bytes live in `c.sending`, which is neither touched nor
         // dropped until this send completes (see `completion`, `maybe_finish`).
         unsafe { self.io.send(c.fd.as_raw_fd(), id, ptr, len) };
@@ -500,6 +518,7 @@ impl<I: Io> Driver<I> {
                     if sent < buf.len() {
                         let (ptr, len) = (buf[sent..].as_ptr(), buf.len() - sent);
                         c.sending = Some((buf, sent));
+                        c.stats.sends.fetch_add(1, Ordering::Relaxed);
                         // SAFETY: as in `start_send`; the rest of the same buffer.
                         unsafe { self.io.send(c.fd.as_raw_fd(), comp.id, ptr, len) };
                         return;
