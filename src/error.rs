@@ -63,13 +63,31 @@ pub enum Error {
         /// The panic message, when a handler panicked.
         panic: Option<String>,
     },
-    /// The handler of this very call panicked; the worker then exits.
+    /// The handler of this very call panicked. A sync worker then exits
+    /// (its later calls fail with [`Error::WorkerExited`]); an async worker
+    /// carries on with its other calls.
     #[error("handler panicked in worker {pid}: {message}")]
     HandlerPanicked {
         /// Process id of the worker.
         pid: i32,
         /// The panic message and location.
         message: String,
+    },
+    /// The handler returned an error for this call (or, in the async
+    /// backend, dropped its [`Done`](crate::Done) without replying). The
+    /// worker carries on.
+    #[error("handler failed in worker {pid}: {message}")]
+    Handler {
+        /// Process id of the worker.
+        pid: i32,
+        /// The handler's error message.
+        message: String,
+    },
+    /// An async handler was asked to run on the sync backend.
+    #[error("handler {name:?} is asynchronous; run it with Options::asynchronous(true)")]
+    NeedsAsync {
+        /// The handler's name.
+        name: String,
     },
     /// No handler or init function of that name is registered.
     #[error("no {kind} named {name:?} is registered in the template (known: {known})")]

@@ -28,7 +28,8 @@
 //!   process and its client. The only place that forks.
 //! - `engine`: the parent's driver thread and its backends (io_uring,
 //!   epoll) behind one contract.
-//! - `child`: what runs in a worker (the sync backend, [`event`]).
+//! - `child`: what runs in a worker: the sync backend, the async backend
+//!   ([`Done`]) and its runtime (tokio-uring, else tokio), [`event`].
 //! - `rpc`: the RPC handle ([`Rpc`]) and the protocol of a connection.
 //! - `template`: [`Template`], [`Builder`], [`Fork`], [`init`].
 //! - `registry`: handlers and init functions by name.
@@ -47,11 +48,13 @@ mod sys;
 mod template;
 pub mod wire;
 
+pub use child::asynchronous::{Done, DEFAULT_CONCURRENCY, OUT_HIGH};
+pub use child::runtime::{async_runtime, uring, AsyncRuntime};
 pub use child::{event, PANIC_EXIT_CODE, PROTOCOL_EXIT_CODE};
 pub use engine::EngineKind;
 pub use error::{Error, ExitStatus, Result};
 pub use process::{template_mode, TemplateMode, MARKER};
-pub use registry::{InitFn, SyncHandler, WorkerArgs, ECHO};
+pub use registry::{AsyncHandler, InitFn, IntoReply, SyncHandler, WorkerArgs, ECHO, SLEEP};
 pub use rpc::{CallFuture, Closing, Options, Rpc};
 pub use template::{init, Builder, Fork, Template};
 #[doc(hidden)]

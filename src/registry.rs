@@ -3,14 +3,46 @@
 //! (copy-on-write) and a re-executed template registers them again by
 //! running the same `main` up to `start()`.
 
+use crate::child::asynchronous::Done;
 use crate::Octets;
 use bytes::Bytes;
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 
-/// A sync handler: gets a call's arguments, returns the reply.
-pub type SyncHandler = Arc<dyn Fn(Octets) -> Octets + Send + Sync>;
+/// A sync handler: gets a call's arguments, returns the reply (or an error
+/// message, which fails that call with [`Error::Handler`](crate::Error::Handler)).
+pub type SyncHandler = Arc<dyn Fn(Octets) -> Result<Octets, String> + Send + Sync>;
+
+/// An async handler: gets the call's [`Done`] and its arguments, and calls
+/// `done` (now or later, from the worker's runtime) with the reply.
+pub type AsyncHandler = Arc<dyn Fn(Done, Octets) + Send + Sync>;
+
+/// What a handler may return: the reply, or an error for this call.
+///
+/// ```
+/// use forkrpc::{octets, IntoReply};
+/// assert_eq!(octets!["x"].into_reply(), Ok(octets!["x"]));
+/// let failed: Result<forkrpc::Octets, std::io::Error> =
+///     Err(std::io::Error::other("disk full"));
+/// assert_eq!(failed.into_reply(), Err("disk full".to_owned()));
+/// ```
+pub trait IntoReply {
+    /// The reply, or the error message.
+    fn into_reply(self) -> Result<Octets, String>;
+}
+
+impl IntoReply for Octets {
+    fn into_reply(self) -> Result<Octets, String> {
+        Ok(self)
+    }
+}
+
+impl<E: std::fmt::Display> IntoReply for Result<Octets, E> {
+    fn into_reply(self) -> Result<Octets, String> {
+        self.map_err(|e| e.to_string())
+    }
+}
 
 /// An init function: runs once in a worker (or a derived template) before
 /// anything else, with the arguments and descriptors sent to it.
@@ -28,6 +60,7 @@ pub struct WorkerArgs {
 #[derive(Clone)]
 pub(crate) enum Handler {
     Sync(SyncHandler),
+    Async(AsyncHandler),
     /// Bench baseline: echoes raw bytes, no framing.
     RawEcho,
 }
@@ -40,6 +73,10 @@ pub(crate) struct Registry {
 
 /// Name of the built-in echo handler (returns its arguments).
 pub const ECHO: &str = "forkrpc::echo";
+/// Name of the built-in async sleeping handler: waits the number of
+/// milliseconds in its first argument on a timer, then returns its
+/// arguments. Needs [`Options::asynchronous`](crate::Options::asynchronous).
+pub const SLEEP: &str = "forkrpc::sleep";
 pub(crate) const RAW_ECHO: &str = "forkrpc::raw-echo";
 
 static REGISTRY: Mutex<Option<Registry>> = Mutex::new(None);
@@ -48,8 +85,9 @@ fn with<R>(f: impl FnOnce(&mut Registry) -> R) -> R {
     let mut g = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
     let reg = g.get_or_insert_with(|| {
         let mut r = Registry::default();
+        r.handlers.insert(ECHO.into(), Handler::Sync(Arc::new(Ok)));
         r.handlers
-            .insert(ECHO.into(), Handler::Sync(Arc::new(|args| args)));
+            .insert(SLEEP.into(), Handler::Async(Arc::new(sleep_handler)));
         r.handlers.insert(RAW_ECHO.into(), Handler::RawEcho);
         r
     });
@@ -84,4 +122,15 @@ fn lookup<T: Clone>(
             name: name.into(),
             known: map.keys().cloned().collect::<Vec<_>>().join(", "),
         })
+}
+
+fn sleep_handler(done: Done, args: Octets) {
+    let ms = args.str(0).and_then(|s| s.parse::<u64>().ok());
+    let Some(ms) = ms else {
+        return done.fail("forkrpc::sleep wants a number of milliseconds as its first argument");
+    };
+    tokio::task::spawn_local(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        done.reply(args);
+    });
 }

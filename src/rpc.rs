@@ -1,17 +1,21 @@
 //! The RPC handle: calls go to one worker, replies come back as futures,
 //! callbacks (on the driver thread) or blocking returns. Also the per-worker
-//! [`Protocol`] that gives frames their meaning (sync backend).
+//! [`Protocol`] that gives frames their meaning (sync and async backends).
 
 use crate::engine::{Command, ConnStats, Engine, EngineKind, Protocol};
 use crate::error::{Error, ExitStatus, Result};
 use crate::latch::{Latch, Take};
-use crate::wire::frame::{put_len_header, Frame, EVENT_ID, MAX_PAYLOAD, SYNC_REPLY_ID};
-use crate::wire::FATAL_TAG;
+use crate::wire::frame::{
+    put_id_header, put_len_header, Frame, EVENT_ID, MAX_PAYLOAD, SYNC_REPLY_ID,
+};
+use crate::wire::{ERROR_TAG, FATAL_TAG};
 use crate::{octets, Octets};
 use bytes::BytesMut;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -35,6 +39,8 @@ pub struct Options {
     pub(crate) on_event: Option<EventFn>,
     pub(crate) on_destroy: Option<DestroyFn>,
     pub(crate) engine: Option<EngineKind>,
+    pub(crate) asynchronous: bool,
+    pub(crate) concurrency: Option<usize>,
 }
 
 impl Options {
@@ -65,8 +71,34 @@ impl Options {
         self
     }
 
+    /// Selects the async backend (`async => 1` in Perl): the worker runs
+    /// many calls at once on a tokio-uring runtime (tokio current-thread
+    /// where io_uring is unavailable) and replies in completion order; the
+    /// parent matches replies to calls by id. Handlers registered with
+    /// [`Builder::asynchronous`](crate::Builder::asynchronous) or
+    /// [`Builder::async_fn`](crate::Builder::async_fn) need it; sync
+    /// handlers run in it too, each call finishing when it returns.
+    ///
+    /// A call whose handler panics, errors, or drops its
+    /// [`Done`](crate::Done) fails alone; the worker carries on (the sync
+    /// backend exits on a panic instead).
+    pub fn asynchronous(mut self, on: bool) -> Self {
+        self.asynchronous = on;
+        self
+    }
+
+    /// Async backend: at most `n` calls run at once in the worker (default
+    /// [`DEFAULT_CONCURRENCY`](crate::DEFAULT_CONCURRENCY) = 1024). Further
+    /// requests wait unread in the socket, then in the parent; `usize::MAX`
+    /// starts every call at once, as Perl does.
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = Some(n.max(1));
+        self
+    }
+
     /// Forces an engine (default: `FORKRPC_ENGINE`, else io_uring where
-    /// available, else epoll).
+    /// available, else epoll). An async worker runs on tokio-uring with the
+    /// io_uring engine and on plain tokio with epoll.
     pub fn engine(mut self, kind: EngineKind) -> Self {
         self.engine = Some(kind);
         self
@@ -76,19 +108,20 @@ impl Options {
 /// One call on its way: its arguments and who wants the reply.
 pub(crate) struct Call {
     pub args: Octets,
-    pub done: Done,
+    pub done: Waiter,
 }
 
-pub(crate) enum Done {
+/// Who waits for a reply.
+pub(crate) enum Waiter {
     Callback(Box<dyn FnOnce(Result<Octets>) + Send>),
     Latch(Arc<Latch<Result<Octets>>>),
 }
 
-impl Done {
+impl Waiter {
     fn complete(self, r: Result<Octets>) {
         match self {
-            Done::Callback(f) => guard("a reply callback", || f(r)),
-            Done::Latch(l) => l.set(r),
+            Waiter::Callback(f) => guard("a reply callback", || f(r)),
+            Waiter::Latch(l) => l.set(r),
         }
     }
 }
@@ -139,15 +172,23 @@ impl Rpc {
     ) -> Rpc {
         let id = Engine::next_id();
         let end = Latch::new();
+        let stats = Arc::new(ConnStats::default());
         let session = Session {
             pid,
-            pending: VecDeque::new(),
+            calls: if opts.asynchronous {
+                Calls::Async {
+                    waiting: HashMap::default(),
+                    next: 1,
+                }
+            } else {
+                Calls::Sync(VecDeque::new())
+            },
             fatal: None,
             protocol_error: None,
             opts,
             end: end.clone(),
+            stats: stats.clone(),
         };
-        let stats = Arc::new(ConnStats::default());
         engine.push(Command::Add {
             id,
             fd,
@@ -166,11 +207,12 @@ impl Rpc {
         }
     }
 
-    fn submit(&self, args: Octets, done: Done) {
+    fn submit(&self, args: Octets, done: Waiter) {
         let size = args.encoded_len();
         if size > MAX_PAYLOAD {
             return done.complete(Err(Error::PayloadTooLarge { size }));
         }
+        self.inner.stats.submitted.fetch_add(1, Ordering::Relaxed);
         self.inner.engine.push(Command::Call {
             id: self.inner.id,
             call: Call { args, done },
@@ -181,14 +223,14 @@ impl Rpc {
     /// runtime (or none).
     pub fn call(&self, args: Octets) -> CallFuture {
         let latch = Latch::new();
-        self.submit(args, Done::Latch(latch.clone()));
+        self.submit(args, Waiter::Latch(latch.clone()));
         CallFuture(Take(latch))
     }
 
     /// Calls the handler; `f` runs with the reply on the driver thread, as
     /// Perl's callbacks do. `f` may issue further calls.
     pub fn call_with(&self, args: Octets, f: impl FnOnce(Result<Octets>) + Send + 'static) {
-        self.submit(args, Done::Callback(Box::new(f)));
+        self.submit(args, Waiter::Callback(Box::new(f)));
     }
 
     /// Calls the handler and blocks this thread until the reply arrives.
@@ -198,7 +240,7 @@ impl Rpc {
             return Err(Error::WouldDeadlock);
         }
         let latch = Latch::new();
-        self.submit(args, Done::Latch(latch.clone()));
+        self.submit(args, Waiter::Latch(latch.clone()));
         latch.wait()
     }
 
@@ -211,10 +253,20 @@ impl Rpc {
     /// far. Calls queued together go out as one batch, so under pipelining
     /// this grows far slower than the number of calls.
     pub fn send_ops(&self) -> u64 {
-        self.inner
-            .stats
-            .sends
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.inner.stats.sends.load(Ordering::Relaxed)
+    }
+
+    /// Calls made on this worker that have not resolved yet (queued, sent,
+    /// or running in the worker). An async worker whose handler never
+    /// calls its [`Done`](crate::Done) shows up here: the count stays
+    /// above zero, and [`Rpc::close`] waits for those calls.
+    pub fn pending(&self) -> u64 {
+        let s = &self.inner.stats;
+        if s.ended.load(Ordering::Acquire) {
+            return 0;
+        }
+        let answered = s.answered.load(Ordering::Relaxed);
+        s.submitted.load(Ordering::Relaxed).saturating_sub(answered)
     }
 
     /// The engine driving this worker.
@@ -259,15 +311,90 @@ impl Future for Closing {
     }
 }
 
-/// The sync backend's protocol, on the driver thread.
+/// Hashes call ids (small, distinct `u32`s) with one multiplication; the
+/// map's control bytes use the high bits, which the product fills.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8 | b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.0 = (n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type IdMap<V> = HashMap<u32, V, BuildHasherDefault<IdHasher>>;
+
+/// The calls a connection waits for.
+enum Calls {
+    /// Sync backend: replies come in request order.
+    Sync(VecDeque<Waiter>),
+    /// Async backend: replies carry the request's id.
+    Async { waiting: IdMap<Waiter>, next: u32 },
+}
+
+/// The next free request id at or after `*next`: ids run 1 ..= 0xffffffff,
+/// wrap to 1, and skip ids still in flight (as Perl's async backend does).
+/// Terminates because fewer than 2^32 - 1 calls can be in flight.
+fn next_id<V>(next: &mut u32, waiting: &IdMap<V>) -> u32 {
+    loop {
+        let id = *next;
+        *next = if id == u32::MAX { 1 } else { id + 1 };
+        if !waiting.contains_key(&id) {
+            return id;
+        }
+    }
+}
+
+impl Calls {
+    fn len(&self) -> usize {
+        match self {
+            Calls::Sync(q) => q.len(),
+            Calls::Async { waiting, .. } => waiting.len(),
+        }
+    }
+
+    /// The waiter of reply `id`, if that call is outstanding.
+    fn take(&mut self, id: u32) -> Option<Waiter> {
+        match self {
+            Calls::Sync(q) if id == SYNC_REPLY_ID => q.pop_front(),
+            Calls::Sync(_) => None,
+            Calls::Async { waiting, .. } => waiting.remove(&id),
+        }
+    }
+
+    /// Every outstanding waiter, oldest first.
+    fn drain(&mut self) -> Vec<Waiter> {
+        match self {
+            Calls::Sync(q) => q.drain(..).collect(),
+            Calls::Async { waiting, next } => {
+                // Oldest first: ids below `next` were issued after a wrap.
+                let start = *next;
+                let mut all: Vec<(u32, Waiter)> = waiting.drain().collect();
+                all.sort_by_key(|(id, _)| id.wrapping_sub(start));
+                all.into_iter().map(|(_, w)| w).collect()
+            }
+        }
+    }
+}
+
+/// The protocol of one connection (either backend), on the driver thread.
 struct Session {
     pid: i32,
-    pending: VecDeque<Done>,
+    calls: Calls,
     /// `(kind, message)` of a fatal report from the child.
     fatal: Option<(String, String)>,
     protocol_error: Option<String>,
     opts: Options,
     end: Arc<Latch<Result<()>>>,
+    stats: Arc<ConnStats>,
 }
 
 impl Session {
@@ -280,99 +407,160 @@ impl Session {
             eprintln!("forkrpc: {e}");
         }
     }
+
+    fn resolve(&self, w: Waiter, r: Result<Octets>) {
+        self.stats.answered.fetch_add(1, Ordering::Relaxed);
+        w.complete(r);
+    }
+
+    fn violation(&mut self, detail: String) -> Result<(), String> {
+        self.protocol_error = Some(detail.clone());
+        Err(detail)
+    }
+
+    /// `[ERROR_TAG, id, kind, message]`: the call `id` failed.
+    fn call_failed(&mut self, ev: &Octets) -> Result<(), String> {
+        let id = ev.str(1).and_then(|s| s.parse::<u32>().ok());
+        let Some(w) = id.and_then(|id| self.calls.take(id)) else {
+            return self.violation(format!(
+                "an error note for call {:?}, which is not outstanding",
+                ev.str(1).unwrap_or("?")
+            ));
+        };
+        let message = ev
+            .get(3)
+            .map(|m| String::from_utf8_lossy(m).into_owned())
+            .unwrap_or_default();
+        let pid = self.pid;
+        let err = match ev.str(2) {
+            Some("panic") => Error::HandlerPanicked { pid, message },
+            _ => Error::Handler { pid, message },
+        };
+        self.resolve(w, Err(err));
+        Ok(())
+    }
 }
 
 impl Protocol for Session {
     fn encode(&mut self, call: Call, out: &mut BytesMut) {
         let len = call.args.encoded_len();
-        out.reserve(4 + len as usize);
-        put_len_header(out, len as u32);
+        match &mut self.calls {
+            Calls::Sync(q) => {
+                out.reserve(4 + len as usize);
+                put_len_header(out, len as u32);
+                q.push_back(call.done);
+            }
+            Calls::Async { waiting, next } => {
+                let id = next_id(next, waiting);
+                out.reserve(8 + len as usize);
+                put_id_header(out, id, len as u32);
+                waiting.insert(id, call.done);
+            }
+        }
         call.args.encode(out);
-        self.pending.push_back(call.done);
     }
 
     fn frame(&mut self, frame: Frame) -> Result<(), String> {
         let decoded = Octets::decode(frame.payload);
-        match frame.id {
-            EVENT_ID => {
-                let ev = decoded.map_err(|e| format!("malformed event: {e}"))?;
-                if ev.first().is_some_and(|t| t[..] == *FATAL_TAG.as_bytes()) {
-                    self.fatal = Some((
-                        ev.str(1).unwrap_or("").to_owned(),
-                        ev.get(2)
-                            .map(|m| String::from_utf8_lossy(m).into_owned())
-                            .unwrap_or_default(),
-                    ));
-                } else if let Some(f) = &self.opts.on_event {
-                    guard("on_event", || f(ev));
+        if frame.id == EVENT_ID {
+            let ev = match decoded {
+                Ok(ev) => ev,
+                Err(e) => return self.violation(format!("malformed event: {e}")),
+            };
+            let tag = ev.first().map(|t| &t[..]);
+            if tag == Some(FATAL_TAG.as_bytes()) {
+                self.fatal = Some((
+                    ev.str(1).unwrap_or("").to_owned(),
+                    ev.get(2)
+                        .map(|m| String::from_utf8_lossy(m).into_owned())
+                        .unwrap_or_default(),
+                ));
+            } else if tag == Some(ERROR_TAG.as_bytes()) {
+                return self.call_failed(&ev);
+            } else if let Some(f) = &self.opts.on_event {
+                guard("on_event", || f(ev));
+            }
+            return Ok(());
+        }
+        let Some(w) = self.calls.take(frame.id) else {
+            return self.violation(match self.calls {
+                Calls::Sync(_) if frame.id != SYNC_REPLY_ID => {
+                    format!(
+                        "frame with id {}; a sync worker replies with id 1",
+                        frame.id
+                    )
                 }
+                Calls::Sync(_) => "a reply arrived with no call outstanding".to_owned(),
+                Calls::Async { .. } => {
+                    format!("a reply with id {}, which is not in flight", frame.id)
+                }
+            });
+        };
+        match decoded {
+            Ok(r) => {
+                self.resolve(w, Ok(r));
                 Ok(())
             }
-            SYNC_REPLY_ID => {
-                let done = self
-                    .pending
-                    .pop_front()
-                    .ok_or("a reply arrived with no call outstanding")?;
-                match decoded {
-                    Ok(r) => {
-                        done.complete(Ok(r));
-                        Ok(())
-                    }
-                    Err(e) => {
-                        let detail = format!("malformed reply: {e}");
-                        done.complete(Err(Error::Protocol {
-                            pid: self.pid,
-                            detail: detail.clone(),
-                        }));
-                        self.protocol_error = Some(detail.clone());
-                        Err(detail)
-                    }
-                }
-            }
-            id => {
-                let detail = format!("frame with id {id}; a sync worker replies with id 1");
-                self.protocol_error = Some(detail.clone());
-                Err(detail)
+            Err(e) => {
+                let detail = format!("malformed reply: {e}");
+                let pid = self.pid;
+                self.resolve(
+                    w,
+                    Err(Error::Protocol {
+                        pid,
+                        detail: detail.clone(),
+                    }),
+                );
+                self.violation(detail)
             }
         }
     }
 
     fn finish(&mut self, pid: i32, status: Option<ExitStatus>) {
-        if self.pending.is_empty() && self.fatal.is_none() && self.protocol_error.is_none() {
+        if self.calls.len() == 0 && self.fatal.is_none() && self.protocol_error.is_none() {
+            self.stats.ended.store(true, Ordering::Release);
             if let Some(f) = &self.opts.on_destroy {
                 guard("on_destroy", || f());
             }
             self.end.set(Ok(()));
             return;
         }
-        let outstanding = self.pending.len();
+        let outstanding = self.calls.len();
         let status = status.unwrap_or(ExitStatus::StillRunning);
         let (kind, msg) = self.fatal.clone().unzip();
         let err = if let Some(detail) = self.protocol_error.clone() {
             Error::Protocol { pid, detail }
-        } else if kind.as_deref() == Some("protocol") {
-            Error::Protocol {
-                pid,
-                detail: format!(
-                    "the worker rejected a request: {}",
-                    msg.clone().unwrap_or_default()
-                ),
-            }
         } else {
-            Error::WorkerExited {
-                pid,
-                status,
-                outstanding,
-                panic: match kind.as_deref() {
-                    Some("init-panic") => msg.clone().map(|m| format!("in the init function: {m}")),
-                    _ => msg.clone(),
+            match kind.as_deref() {
+                Some("protocol") => Error::Protocol {
+                    pid,
+                    detail: format!(
+                        "the worker rejected a request: {}",
+                        msg.clone().unwrap_or_default()
+                    ),
+                },
+                Some("start") => Error::Template(format!(
+                    "worker {pid} could not start: {}",
+                    msg.clone().unwrap_or_default()
+                )),
+                _ => Error::WorkerExited {
+                    pid,
+                    status,
+                    outstanding,
+                    panic: match kind.as_deref() {
+                        Some("init-panic") => {
+                            msg.clone().map(|m| format!("in the init function: {m}"))
+                        }
+                        _ => msg.clone(),
+                    },
                 },
             }
         };
         // Report first: once a call is failed its waiter may carry on (even
         // exit the process), and the report must not be lost or cut short.
         self.report(&err);
-        let mut pending = std::mem::take(&mut self.pending).into_iter();
+        self.stats.ended.store(true, Ordering::Release);
+        let mut pending = self.calls.drain().into_iter();
         if kind.as_deref() == Some("panic") {
             if let Some(first) = pending.next() {
                 first.complete(Err(Error::HandlerPanicked {
@@ -381,9 +569,54 @@ impl Protocol for Session {
                 }));
             }
         }
-        for d in pending {
-            d.complete(Err(err.clone()));
+        for w in pending {
+            w.complete(Err(err.clone()));
         }
         self.end.set(Err(err));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_wrap_to_one_and_skip_ids_in_flight() {
+        let mut waiting: IdMap<()> = IdMap::default();
+        waiting.insert(1, ());
+        waiting.insert(3, ());
+        let mut next = u32::MAX - 1;
+        let got: Vec<u32> = (0..4)
+            .map(|_| {
+                let id = next_id(&mut next, &waiting);
+                waiting.insert(id, ());
+                id
+            })
+            .collect();
+        assert_eq!(got, [u32::MAX - 1, u32::MAX, 2, 4]);
+        assert_eq!(next, 5);
+    }
+
+    #[test]
+    fn drain_is_oldest_first_across_a_wrap() {
+        let mut calls = Calls::Async {
+            waiting: IdMap::default(),
+            next: u32::MAX,
+        };
+        let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        for _ in 0..3 {
+            let o = order.clone();
+            if let Calls::Async { waiting, next } = &mut calls {
+                let id = next_id(next, waiting);
+                waiting.insert(
+                    id,
+                    Waiter::Callback(Box::new(move |_| o.lock().unwrap().push(id))),
+                );
+            }
+        }
+        for w in calls.drain() {
+            w.complete(Err(Error::Closed));
+        }
+        assert_eq!(*order.lock().unwrap(), [u32::MAX, 1, 2]);
     }
 }

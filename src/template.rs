@@ -1,10 +1,11 @@
 //! The public face of process creation: registering handlers, starting the
 //! template ([`init`]), deriving templates, and forking workers ([`Fork`]).
 
+use crate::child::asynchronous::{Done, DEFAULT_CONCURRENCY};
 use crate::engine::{Engine, EngineKind};
 use crate::error::{Error, Result};
-use crate::process::{self, TemplateClient};
-use crate::registry::{self, Handler, WorkerArgs};
+use crate::process::{self, Backend, TemplateClient};
+use crate::registry::{self, Handler, IntoReply, WorkerArgs};
 use crate::rpc::{Options, Rpc};
 use crate::Octets;
 use bytes::Bytes;
@@ -40,15 +41,109 @@ pub struct Builder {
 }
 
 impl Builder {
-    /// Registers a sync handler under `name` (e.g. `"MyWorker::run"`).
+    /// Registers a sync handler under `name` (e.g. `"MyWorker::run"`): it
+    /// gets a call's arguments and returns the reply. It runs on either
+    /// backend.
     pub fn sync(
         mut self,
         name: impl Into<String>,
         f: impl Fn(Octets) -> Octets + Send + Sync + 'static,
     ) -> Self {
-        self.handlers
-            .push((name.into(), Handler::Sync(Arc::new(f))));
+        self.handlers.push((
+            name.into(),
+            Handler::Sync(Arc::new(move |args| Ok(f(args)))),
+        ));
         self
+    }
+
+    /// Registers a fallible sync handler: an `Err` fails that call with
+    /// [`Error::Handler`] carrying the error's message, and the worker
+    /// carries on.
+    ///
+    /// ```no_run
+    /// use forkrpc::{octets, Octets, Template};
+    ///
+    /// fn read(args: Octets) -> std::io::Result<Octets> {
+    ///     Ok(octets![std::fs::read(args.str(0).unwrap_or(""))?])
+    /// }
+    ///
+    /// # fn main() -> Result<(), forkrpc::Error> {
+    /// Template::builder().try_sync("read", read).start()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn try_sync<E: std::fmt::Display>(
+        mut self,
+        name: impl Into<String>,
+        f: impl Fn(Octets) -> Result<Octets, E> + Send + Sync + 'static,
+    ) -> Self {
+        self.handlers.push((
+            name.into(),
+            Handler::Sync(Arc::new(move |args| f(args).into_reply())),
+        ));
+        self
+    }
+
+    /// Registers an async handler in the seed's style: it gets the call's
+    /// [`Done`] first and calls [`Done::reply`] when the call is finished,
+    /// before or after returning (typically from a task it spawned with
+    /// `tokio::task::spawn_local`). Needs [`Options::asynchronous`].
+    ///
+    /// ```no_run
+    /// use forkrpc::{octets, Done, Octets, Template};
+    /// use std::time::Duration;
+    ///
+    /// fn countdown(done: Done, args: Octets) {
+    ///     let count: u32 = args.str(0).unwrap_or("1").parse().unwrap_or(1);
+    ///     tokio::task::spawn_local(async move {
+    ///         for n in 1..=count {
+    ///             tokio::time::sleep(Duration::from_secs(1)).await;
+    ///             forkrpc::event(octets![format!("count {n} of {count}")]);
+    ///         }
+    ///         done.reply(octets![]);
+    ///     });
+    /// }
+    ///
+    /// # fn main() -> Result<(), forkrpc::Error> {
+    /// Template::builder().asynchronous("countdown", countdown).start()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn asynchronous(
+        mut self,
+        name: impl Into<String>,
+        f: impl Fn(Done, Octets) + Send + Sync + 'static,
+    ) -> Self {
+        self.handlers
+            .push((name.into(), Handler::Async(Arc::new(f))));
+        self
+    }
+
+    /// Registers an async handler written as an `async fn`: its output is
+    /// the reply (or a `Result`, as for [`Builder::sync`]). Each call runs
+    /// as its own task on the worker's runtime. Needs
+    /// [`Options::asynchronous`].
+    ///
+    /// ```no_run
+    /// use forkrpc::{octets, Octets, Template};
+    ///
+    /// async fn slow_echo(args: Octets) -> Octets {
+    ///     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    ///     args
+    /// }
+    ///
+    /// # fn main() -> Result<(), forkrpc::Error> {
+    /// Template::builder().async_fn("slow_echo", slow_echo).start()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn async_fn<F, Fut>(self, name: impl Into<String>, f: F) -> Self
+    where
+        F: Fn(Octets) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future + 'static,
+        Fut::Output: IntoReply,
+    {
+        self.asynchronous(name, move |done, args| {
+            let fut = f(args);
+            tokio::task::spawn_local(async move { done.reply(fut.await) });
+        })
     }
 
     /// Registers an init function under `name`, for [`Options::init`] and
@@ -135,7 +230,7 @@ impl Template {
         let (mine, theirs) = process::worker_pair()?;
         let pid = self
             .client
-            .spawn(registry::RAW_ECHO, None, &[], theirs, &[])?;
+            .spawn(registry::RAW_ECHO, None, Backend::Sync, &[], theirs, &[])?;
         Ok((mine, pid))
     }
 
@@ -177,14 +272,26 @@ impl Fork {
         self
     }
 
-    /// Forks the worker, running `handler` with the sync backend, and
-    /// returns its handle. Unknown handler or init names are an error here.
+    /// Forks the worker, running `handler` with the backend `opts` select
+    /// (sync by default), and returns its handle. Unknown handler or init
+    /// names are an error here, and so is an async handler without
+    /// [`Options::asynchronous`] ([`Error::NeedsAsync`]).
     pub fn run(self, handler: &str, opts: Options) -> Result<Rpc> {
-        let engine = Engine::get(opts.engine.unwrap_or_else(default_engine))?;
+        let kind = opts.engine.unwrap_or_else(default_engine);
+        let engine = Engine::get(kind)?;
         let (mine, theirs) = process::worker_pair()?;
+        let backend = if opts.asynchronous {
+            Backend::Async {
+                limit: opts.concurrency.unwrap_or(DEFAULT_CONCURRENCY),
+                uring: kind == EngineKind::Uring,
+            }
+        } else {
+            Backend::Sync
+        };
         let pid = self.template.client.spawn(
             handler,
             opts.init.as_deref(),
+            backend,
             &self.args,
             theirs,
             &self.fds,

@@ -37,11 +37,15 @@ fn template() -> Result<Template, Error> {
             forkrpc::event(octets![format!("ok {n}")]);
             octets![format!("ok {}", n + 1)]
         })
-        .sync("t::panic", |args| panic!("boom: {}", args))
-        .sync("t::exit", |args| {
+        .sync("t::panic", |args| -> Octets { panic!("boom: {}", args) })
+        .sync("t::exit", |args| -> Octets {
             // SAFETY: _exit takes an integer and never returns; skipping
             // destructors is the point (a worker dying mid-call).
             unsafe { libc::_exit(args.num(0).unwrap() as i32) }
+        })
+        .try_sync("t::try", |args| match args.str(0) {
+            Some("no") => Err(format!("refused {args}")),
+            _ => Ok(args),
         })
         .sync("t::kill_self", |_| {
             let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
@@ -74,7 +78,12 @@ fn template() -> Result<Template, Error> {
                 .collect();
         })
         .sync("t::init_args", |_| {
-            INIT_ARGS.lock().unwrap().iter().cloned().collect()
+            INIT_ARGS
+                .lock()
+                .unwrap()
+                .iter()
+                .cloned()
+                .collect::<Octets>()
         })
         // The seed's descriptor-passing recipe: init keeps one half of a
         // socketpair; a call announces a descriptor, which then arrives on it.
@@ -163,6 +172,7 @@ fn main() {
             ("workers_hold_no_other_sockets", no_socket_leaks),
             ("calls_after_worker_end_fail_closed", calls_after_end),
             ("panicking_callback_is_contained", panicking_callback),
+            ("handler_error_fails_only_that_call", handler_error),
             ("calls_queued_together_go_out_in_one_send", batched_sends),
         ];
         for (name, f) in rpc_tests {
@@ -773,4 +783,27 @@ fn workers_die_with_parent() -> Result<(), Failed> {
         wait_gone(worker, Duration::from_secs(10)),
         "worker died with the parent",
     )
+}
+
+fn handler_error(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    let rpc = t.fork().run("t::try", opts(kind))?;
+    let pid = rpc.pid();
+    let (tx, rx) = mpsc::channel();
+    for a in ["yes", "no", "again"] {
+        let tx = tx.clone();
+        rpc.call_with(octets![a], move |r| tx.send(r).unwrap());
+    }
+    eq(recv(&rx)?.map_err(|e| e.to_string()), Ok(octets!["yes"]))?;
+    match recv(&rx)? {
+        Err(Error::Handler { pid: p, message }) => {
+            eq(p, pid)?;
+            eq(message.as_str(), "refused no")?;
+        }
+        other => return Err(format!("expected Error::Handler, got {other:?}").into()),
+    }
+    // The worker carried on, in order.
+    eq(recv(&rx)?.map_err(|e| e.to_string()), Ok(octets!["again"]))?;
+    eq(rpc.pending(), 0)?;
+    rpc.close_blocking()?;
+    Ok(())
 }

@@ -1,14 +1,17 @@
 //! What runs in a worker: the backends, and the child-side API
 //! ([`event`]). Depends on the wire module, never on the parent engine.
 
+pub(crate) mod asynchronous;
+pub(crate) mod runtime;
 pub(crate) mod sync;
 
 use crate::sys::{self, exit_now};
 use crate::wire::frame::{put_id_header, EVENT_ID, MAX_PAYLOAD};
-use crate::wire::FATAL_TAG;
+use crate::wire::{ERROR_TAG, FATAL_TAG};
 use crate::{octets, Octets};
 use std::cell::RefCell;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
 
 /// Exit code of a worker whose handler (or init function) panicked.
 pub const PANIC_EXIT_CODE: i32 = 101;
@@ -22,6 +25,8 @@ pub(crate) struct Out {
     /// Write events at once (no further request is waiting to be batched
     /// with them), so progress reports of a long call are not held back.
     pub immediate: bool,
+    /// Async backend: wake its writer instead of writing here.
+    pub wake: Option<Rc<asynchronous::State>>,
 }
 
 thread_local! {
@@ -41,6 +46,30 @@ impl Out {
         true
     }
 
+    /// Queues the reply of call `id`, or for an error `(kind, message)` an
+    /// error note in an event frame that fails that call in the parent.
+    pub(crate) fn put_reply(&mut self, id: u32, r: Result<Octets, (&str, String)>) {
+        let note = match r {
+            Ok(reply) => {
+                if self.put_frame(id, &reply) {
+                    return;
+                }
+                (
+                    "error",
+                    format!(
+                        "reply of {} bytes exceeds the 4 GiB - 1 frame limit",
+                        reply.encoded_len()
+                    ),
+                )
+            }
+            Err((kind, msg)) => (kind, msg),
+        };
+        self.put_frame(
+            EVENT_ID,
+            &octets![ERROR_TAG, id.to_string(), note.0.to_owned(), note.1],
+        );
+    }
+
     /// Writes everything buffered; exits if the parent is gone.
     pub(crate) fn flush(&mut self) {
         if self.buf.is_empty() {
@@ -56,6 +85,9 @@ impl Out {
 /// Sends an event to the parent's `on_event`: progress, logs, anything.
 /// Events and replies reach the parent in exactly the order they were made.
 ///
+/// In the async backend, call it on the worker's runtime thread (from a
+/// handler or a task it spawned); other threads have no connection.
+///
 /// Returns false (and sends nothing) outside a worker, or if the event is
 /// larger than a frame can carry.
 ///
@@ -67,8 +99,10 @@ pub fn event(args: Octets) -> bool {
     OUT.with_borrow_mut(|o| match o {
         Some(o) => {
             let ok = o.put_frame(EVENT_ID, &args);
-            if o.immediate || o.buf.len() >= sync::FLUSH_AT {
-                o.flush();
+            match &o.wake {
+                Some(st) => st.wake_writer.notify_one(),
+                None if o.immediate || o.buf.len() >= sync::FLUSH_AT => o.flush(),
+                None => {}
             }
             ok
         }
@@ -78,11 +112,17 @@ pub fn event(args: Octets) -> bool {
 
 /// Reports a fatal condition to the parent as a tagged event, then exits.
 pub(crate) fn fatal(fd: RawFd, kind: &str, message: String, code: i32) -> ! {
+    // The async backend's socket is non-blocking; this last write blocks.
+    if let Ok(flags) = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL) {
+        let flags = nix::fcntl::OFlag::from_bits_truncate(flags) - nix::fcntl::OFlag::O_NONBLOCK;
+        let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(flags));
+    }
     OUT.with_borrow_mut(|o| {
         let mut out = o.take().unwrap_or(Out {
             fd,
             buf: Vec::new(),
             immediate: true,
+            wake: None,
         });
         out.put_frame(EVENT_ID, &octets![FATAL_TAG, kind.to_owned(), message]);
         out.flush();

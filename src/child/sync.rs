@@ -7,7 +7,7 @@ use super::{
 };
 use crate::registry::SyncHandler;
 use crate::sys;
-use crate::wire::frame::{has_len_frame, split_len_frame, SYNC_REPLY_ID};
+use crate::wire::frame::{has_len_frame, read_want, split_len_frame, SYNC_REPLY_ID};
 use crate::wire::Decoded;
 use crate::Octets;
 use bytes::BytesMut;
@@ -27,6 +27,7 @@ pub(crate) fn serve(sock: OwnedFd, handler: SyncHandler) -> i32 {
             fd,
             buf: Vec::with_capacity(READ_CHUNK),
             immediate: false,
+            wake: None,
         })
     });
     let mut inbuf = BytesMut::with_capacity(READ_CHUNK);
@@ -41,10 +42,7 @@ pub(crate) fn serve(sock: OwnedFd, handler: SyncHandler) -> i32 {
             let frame = match split_len_frame(&mut inbuf) {
                 Decoded::Frame(f) => f,
                 Decoded::Incomplete { needed } => {
-                    // Grow towards a large frame at most by doubling, so a
-                    // bogus length does not allocate before bytes arrive.
-                    let missing = needed - inbuf.len();
-                    want = missing.clamp(READ_CHUNK, inbuf.capacity().max(READ_CHUNK));
+                    want = read_want(needed, &inbuf, READ_CHUNK);
                     break;
                 }
             };
@@ -64,25 +62,13 @@ pub(crate) fn serve(sock: OwnedFd, handler: SyncHandler) -> i32 {
                     Ok(r) => r,
                     Err(_) => fatal(fd, "panic", take_panic_message(), PANIC_EXIT_CODE),
                 };
-            let sent = OUT.with_borrow_mut(|o| {
+            OUT.with_borrow_mut(|o| {
                 let o = o.as_mut().unwrap();
-                let ok = o.put_frame(SYNC_REPLY_ID, &reply);
+                o.put_reply(SYNC_REPLY_ID, reply.map_err(|m| ("error", m)));
                 if o.buf.len() >= FLUSH_AT {
                     o.flush();
                 }
-                ok
             });
-            if !sent {
-                fatal(
-                    fd,
-                    "panic",
-                    format!(
-                        "reply of {} bytes exceeds the 4 GiB - 1 frame limit",
-                        reply.encoded_len()
-                    ),
-                    PANIC_EXIT_CODE,
-                );
-            }
         }
         OUT.with_borrow_mut(|o| o.as_mut().unwrap().flush());
     }

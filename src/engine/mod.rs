@@ -23,7 +23,7 @@ pub(crate) mod uring;
 
 use crate::error::{Error, ExitStatus};
 use crate::rpc::Call;
-use crate::wire::frame::{split_id_frame, Frame};
+use crate::wire::frame::{read_want, split_id_frame, Frame};
 use crate::wire::Decoded;
 use bytes::BytesMut;
 use std::cell::Cell;
@@ -116,12 +116,32 @@ pub(crate) trait Protocol: Send {
     fn finish(&mut self, pid: i32, status: Option<ExitStatus>);
 }
 
-/// Counters of one connection, readable from any thread.
+/// Counters of one connection, readable from any thread. Callers write
+/// `submitted`, the driver the rest: they sit on separate cache lines.
 #[derive(Default)]
 pub(crate) struct ConnStats {
+    /// Calls handed to the engine (by callers).
+    pub submitted: CacheLine<AtomicU64>,
+    /// Calls resolved by a reply or an error note (by the driver).
+    pub answered: CacheLine<AtomicU64>,
     /// Send operations submitted (a batch of frames each, or the rest of
     /// a partly sent batch).
     pub sends: AtomicU64,
+    /// The connection has ended and every call is resolved.
+    pub ended: AtomicBool,
+}
+
+/// A value alone on its cache line, so writers on other threads do not
+/// slow each other down.
+#[derive(Default)]
+#[repr(align(64))]
+pub(crate) struct CacheLine<T>(pub T);
+
+impl<T> std::ops::Deref for CacheLine<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
 }
 
 pub(crate) enum Command {
@@ -553,10 +573,7 @@ impl<I: Io> Driver<I> {
                             }
                         }
                         Decoded::Incomplete { needed } => {
-                            // Grow by at most doubling: a huge announced
-                            // length does not allocate before bytes arrive.
-                            let missing = needed - c.inbuf.len();
-                            c.want = missing.clamp(READ_CHUNK, c.inbuf.capacity().max(READ_CHUNK));
+                            c.want = read_want(needed, &c.inbuf, READ_CHUNK);
                             break;
                         }
                     }

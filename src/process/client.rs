@@ -3,6 +3,7 @@
 
 use super::fdpass::{recv_msg, send_msg};
 use super::server::MAX_CONTROL_MSG;
+use super::Backend;
 use crate::error::{Error, ExitStatus, Result};
 use crate::{octets, Octets};
 use bytes::Bytes;
@@ -69,15 +70,18 @@ impl TemplateClient {
         &self,
         handler: &str,
         init: Option<&str>,
+        backend: Backend,
         args: &[Bytes],
         sock: OwnedFd,
         fds: &[OwnedFd],
     ) -> Result<i32> {
+        let mode = backend.to_string();
         let mut msg = octets![
             "spawn",
             "",
             handler.to_owned(),
-            init.unwrap_or("").to_owned()
+            init.unwrap_or("").to_owned(),
+            mode
         ];
         msg.extend(args.iter().cloned());
         let mut raw = vec![sock.as_raw_fd()];
@@ -205,6 +209,7 @@ fn template_error(msg: &Octets) -> Error {
             name: s(4),
             known: s(5),
         },
+        Some("needs-async") => Error::NeedsAsync { name: s(3) },
         _ => Error::Template(s(3)),
     }
 }

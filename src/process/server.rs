@@ -3,6 +3,7 @@
 //! Everything here runs in the template or in a child it just forked.
 
 use super::fdpass::{recv_msg, send_msg};
+use super::Backend;
 use crate::error::ExitStatus;
 use crate::registry::{self, Handler, WorkerArgs};
 use crate::sys::exit_now;
@@ -122,7 +123,8 @@ impl Server {
         }
     }
 
-    /// `["spawn", req, handler, init, args...]`, fds `[socket, send_fh...]`.
+    /// `["spawn", req, handler, init, backend, args...]`, fds
+    /// `[socket, send_fh...]`; backend as [`Backend`] displays it.
     fn spawn(&mut self, msg: &Octets, mut fds: Vec<OwnedFd>) -> Result<i32, Octets> {
         let name = msg.str(2).unwrap_or("");
         let handler = registry::handler(name).map_err(unknown)?;
@@ -130,21 +132,31 @@ impl Server {
             Some(n) => Some(registry::init(&String::from_utf8_lossy(n)).map_err(unknown)?),
             None => None,
         };
+        let Some(backend) = msg.str(4).and_then(|m| m.parse::<Backend>().ok()) else {
+            return Err(octets!["other", "spawn request without a valid backend"]);
+        };
+        if backend == Backend::Sync && matches!(handler, Handler::Async(_)) {
+            return Err(octets!["needs-async", name.to_owned()]);
+        }
         if fds.is_empty() {
             return Err(octets!["other", "spawn request without a socket"]);
         }
         let sock = fds.remove(0);
         let args = WorkerArgs {
-            args: msg[4..].to_vec(),
+            args: msg[5..].to_vec(),
             fds,
         };
         self.fork_child(|| {
             if let Some(init) = init {
                 crate::child::run_init(sock.as_raw_fd(), || init(args));
             }
-            let code = match handler {
-                Handler::Sync(h) => crate::child::sync::serve(sock, h),
-                Handler::RawEcho => crate::child::raw_echo(sock),
+            let code = match (handler, backend) {
+                (Handler::RawEcho, _) => crate::child::raw_echo(sock),
+                (h, Backend::Async { limit, uring }) => {
+                    crate::child::asynchronous::serve(sock, h, limit, uring)
+                }
+                (Handler::Sync(h), Backend::Sync) => crate::child::sync::serve(sock, h),
+                (Handler::Async(_), Backend::Sync) => unreachable!("refused above"),
             };
             exit_now(code)
         })

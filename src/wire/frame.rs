@@ -36,6 +36,24 @@ pub enum Decoded {
     },
 }
 
+/// How many bytes to read next when `buf` holds an incomplete frame that
+/// needs `needed` bytes in all: what is missing, but at least `chunk` and
+/// at most the buffer's capacity (so at most doubling it), so a huge
+/// announced length does not allocate before its bytes arrive.
+///
+/// ```
+/// use forkrpc::wire::frame::read_want;
+/// let buf = bytes::BytesMut::with_capacity(1024);
+/// assert_eq!(read_want(100, &buf, 64), 100);
+/// assert_eq!(read_want(10, &buf, 64), 64);
+/// assert_eq!(read_want(1 << 30, &buf, 64), 1024);
+/// ```
+#[inline]
+pub fn read_want(needed: usize, buf: &BytesMut, chunk: usize) -> usize {
+    let missing = needed.saturating_sub(buf.len());
+    missing.clamp(chunk, buf.capacity().max(chunk))
+}
+
 /// Appends a sync request header (`N`).
 #[inline]
 pub fn put_len_header(out: &mut impl BufMut, len: u32) {

@@ -29,6 +29,12 @@ pub enum WireError {
 
 /// First element of the event a forkrpc worker sends before it exits on a
 /// fatal condition: `[FATAL_TAG, kind, message]`, kind being `panic`,
-/// `init-panic` or `protocol`. A native extension that keeps the frame
+/// `init-panic`, `protocol` or `start` (the worker could not start). A native extension that keeps the frame
 /// layout: a Perl parent sees an ordinary event.
 pub const FATAL_TAG: &str = "\0forkrpc-fatal";
+
+/// First element of the event a forkrpc worker sends *instead of* the
+/// reply of a call that failed: `[ERROR_TAG, id, kind, message]` (id in
+/// decimal, 1 for a sync call; kind `error`, `panic` or `dropped`). The
+/// worker carries on. A native extension like [`FATAL_TAG`].
+pub const ERROR_TAG: &str = "\0forkrpc-error";

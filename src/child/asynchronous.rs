@@ -1,0 +1,294 @@
+//! The async backend: many calls at once in one worker, on one thread.
+//!
+//! Requests carry ids (`NN/a*`); each starts its handler as soon as it is
+//! read (up to the concurrency limit), and each reply carries its
+//! request's id, in whatever order the handlers finish. Replies and events
+//! go into one output buffer in the order they are made, and one writer
+//! task sends it, so the parent sees them in exactly that order.
+//!
+//! Bounds:
+//! - at most `limit` calls run at once (default [`DEFAULT_CONCURRENCY`]);
+//!   further requests stay unread in the socket, so a flood of requests
+//!   pushes back on the parent instead of starting unbounded work;
+//! - while [`OUT_HIGH`] bytes or more of output wait for a slow parent, no
+//!   new call starts, so the output buffer holds at most `OUT_HIGH` plus
+//!   what the calls already running produce.
+//!
+//! Failures: a handler that panics, returns an error, or drops its [`Done`]
+//! without replying fails that call (an error note in an event frame, which
+//! leaves the frame format unchanged) and the worker carries on. After the
+//! parent shuts its side, the worker finishes every call it started,
+//! writes every reply, then exits.
+
+use super::runtime;
+use super::{capture_panics, take_panic_message, Out, OUT, PROTOCOL_EXIT_CODE};
+use crate::registry::{Handler, IntoReply};
+use crate::sys::exit_now;
+use crate::wire::frame::{read_want, split_id_frame, EVENT_ID};
+use crate::wire::{Decoded, FATAL_TAG};
+use crate::{octets, Octets};
+use bytes::BytesMut;
+use std::cell::Cell;
+use std::marker::PhantomData;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::rc::Rc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::sync::Notify;
+
+/// Calls one async worker runs at once unless
+/// [`Options::concurrency`](crate::Options::concurrency) says otherwise.
+pub const DEFAULT_CONCURRENCY: usize = 1024;
+/// Output waiting for the parent beyond which no new call starts.
+pub const OUT_HIGH: usize = 1 << 20;
+const READ_CHUNK: usize = 64 * 1024;
+
+/// The reply callback of one async call (`$done` in Perl).
+///
+/// Call [`Done::reply`] once, now or later (from a task on the worker's
+/// runtime): the reply goes to the parent and the call counts as finished.
+/// It cannot leave the worker's thread (it is not `Send`). Dropping it
+/// without replying fails the call with
+/// [`Error::Handler`](crate::Error::Handler), or with
+/// [`Error::HandlerPanicked`](crate::Error::HandlerPanicked) when the drop
+/// comes from a panic. A handler that keeps it forever keeps the call, and
+/// so the worker, alive: [`Rpc::pending`](crate::Rpc::pending) in the
+/// parent shows such calls.
+pub struct Done {
+    id: u32,
+    _local: PhantomData<Rc<()>>,
+}
+
+impl Done {
+    pub(crate) fn new(id: u32) -> Done {
+        Done {
+            id,
+            _local: PhantomData,
+        }
+    }
+
+    /// Sends the reply (or, for an `Err`, fails the call with that message).
+    pub fn reply(self, reply: impl IntoReply) {
+        let id = self.id;
+        std::mem::forget(self);
+        complete(id, reply.into_reply().map_err(|m| ("error", m)));
+    }
+
+    /// Fails the call with [`Error::Handler`](crate::Error::Handler).
+    pub fn fail(self, message: impl std::fmt::Display) {
+        self.reply(Err::<Octets, _>(message))
+    }
+
+    /// The request's id on the wire.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        let err = if std::thread::panicking() {
+            ("panic", take_panic_message())
+        } else {
+            (
+                "dropped",
+                "the handler dropped its done callback without replying".to_owned(),
+            )
+        };
+        complete(self.id, Err(err));
+    }
+}
+
+impl std::fmt::Debug for Done {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Done({})", self.id)
+    }
+}
+
+/// Queues the reply (or error note) of call `id` and counts the call done.
+fn complete(id: u32, r: Result<Octets, (&str, String)>) {
+    OUT.with(|cell| {
+        // A drop during a panic inside `event` finds the buffer borrowed:
+        // the note is lost then, but nothing aborts.
+        let Ok(mut o) = cell.try_borrow_mut() else {
+            return;
+        };
+        let Some(o) = o.as_mut() else { return };
+        o.put_reply(id, r);
+        if let Some(st) = o.wake.clone() {
+            st.call_done();
+        }
+    })
+}
+
+/// Shared by the reader, the writer and every [`Done`]: counts and wake-ups.
+pub(crate) struct State {
+    in_flight: Cell<usize>,
+    limit: usize,
+    /// Bytes handed to the socket by the writer and not yet sent.
+    writing: Cell<usize>,
+    finishing: Cell<bool>,
+    /// Output was queued.
+    pub(crate) wake_writer: Notify,
+    /// A call finished with the limit reached, or the last one finished.
+    slot: Notify,
+    /// The writer sent a chunk.
+    drained: Notify,
+}
+
+impl State {
+    fn call_done(&self) {
+        let n = self.in_flight.get() - 1;
+        self.in_flight.set(n);
+        if n + 1 == self.limit || n == 0 {
+            self.slot.notify_one();
+        }
+        self.wake_writer.notify_one();
+    }
+
+    fn backlog(&self) -> usize {
+        self.writing.get() + OUT.with_borrow(|o| o.as_ref().map_or(0, |o| o.buf.len()))
+    }
+}
+
+/// Serves requests on `sock` until the parent shuts its side and every
+/// call is done; never returns.
+/// `uring` asks for tokio-uring (the fallback still applies).
+pub(crate) fn serve(sock: OwnedFd, handler: Handler, limit: usize, uring: bool) -> ! {
+    capture_panics();
+    let fd = sock.as_raw_fd();
+    let st = Rc::new(State {
+        in_flight: Cell::new(0),
+        limit: limit.max(1),
+        writing: Cell::new(0),
+        finishing: Cell::new(false),
+        wake_writer: Notify::new(),
+        slot: Notify::new(),
+        drained: Notify::new(),
+    });
+    OUT.with_borrow_mut(|o| {
+        *o = Some(Out {
+            fd,
+            buf: Vec::with_capacity(READ_CHUNK),
+            immediate: false,
+            wake: Some(st.clone()),
+        })
+    });
+    let code = match runtime::block_on(uring, run(sock, handler, st)) {
+        Ok(code) => code,
+        Err(e) => super::fatal(
+            fd,
+            "start",
+            format!("cannot start the async runtime: {e}"),
+            super::PANIC_EXIT_CODE,
+        ),
+    };
+    // Every reply is with the kernel and the write side is shut; skip the
+    // runtime's teardown (nothing is left to run).
+    exit_now(code)
+}
+
+async fn run(sock: OwnedFd, handler: Handler, st: Rc<State>) -> i32 {
+    let fd = sock.as_raw_fd();
+    let stream = std::os::unix::net::UnixStream::from(sock);
+    let stream = stream
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::UnixStream::from_std(stream));
+    let stream = match stream {
+        Ok(s) => s,
+        Err(e) => super::fatal(
+            fd,
+            "start",
+            format!("cannot register the socket with the runtime: {e}"),
+            super::PANIC_EXIT_CODE,
+        ),
+    };
+    let (mut rd, wr) = stream.into_split();
+    let writer = tokio::task::spawn_local(write_loop(wr, st.clone()));
+    let mut inbuf = BytesMut::with_capacity(READ_CHUNK);
+    let mut code = 0;
+    'read: loop {
+        let want = loop {
+            let frame = match split_id_frame(&mut inbuf) {
+                Decoded::Frame(f) => f,
+                Decoded::Incomplete { needed } => break read_want(needed, &inbuf, READ_CHUNK),
+            };
+            let args = match (frame.id, Octets::decode(frame.payload)) {
+                (0, _) => Err("request with id 0 (ids start at 1)".to_owned()),
+                (_, Err(e)) => Err(format!("malformed request {}: {e}", frame.id)),
+                (_, Ok(a)) => Ok(a),
+            };
+            let args = match args {
+                Ok(a) => a,
+                Err(msg) => {
+                    OUT.with_borrow_mut(|o| {
+                        let o = o.as_mut().unwrap();
+                        o.put_frame(EVENT_ID, &octets![FATAL_TAG, "protocol", msg]);
+                    });
+                    code = PROTOCOL_EXIT_CODE;
+                    break 'read;
+                }
+            };
+            while st.in_flight.get() >= st.limit {
+                st.slot.notified().await;
+            }
+            while st.backlog() >= OUT_HIGH {
+                st.wake_writer.notify_one();
+                st.drained.notified().await;
+            }
+            st.in_flight.set(st.in_flight.get() + 1);
+            start(&handler, Done::new(frame.id), args);
+        };
+        inbuf.reserve(want);
+        match rd.read_buf(&mut inbuf).await {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(_) => exit_now(0), // the parent is gone
+        }
+    }
+    if code == 0 {
+        while st.in_flight.get() > 0 {
+            st.slot.notified().await;
+        }
+    }
+    st.finishing.set(true);
+    st.wake_writer.notify_one();
+    let _ = writer.await;
+    code
+}
+
+/// Starts one call. A panic in the handler drops its `Done`, which fails
+/// the call; the worker carries on.
+fn start(handler: &Handler, done: Done, args: Octets) {
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || match handler {
+        Handler::Async(h) => h(done, args),
+        Handler::Sync(h) => done.reply(h(args)),
+        Handler::RawEcho => unreachable!("raw echo has its own loop"),
+    }));
+}
+
+/// Sends the output buffer whenever something is queued; double-buffered,
+/// so handlers keep appending while a chunk is on its way.
+async fn write_loop(mut wr: OwnedWriteHalf, st: Rc<State>) {
+    let mut chunk = Vec::with_capacity(READ_CHUNK);
+    loop {
+        OUT.with_borrow_mut(|o| std::mem::swap(&mut o.as_mut().unwrap().buf, &mut chunk));
+        if chunk.is_empty() {
+            if st.finishing.get() {
+                break;
+            }
+            st.wake_writer.notified().await;
+            continue;
+        }
+        st.writing.set(chunk.len());
+        if wr.write_all(&chunk).await.is_err() {
+            exit_now(0); // the parent is gone: nobody wants the results
+        }
+        st.writing.set(0);
+        chunk.clear();
+        st.drained.notify_one();
+    }
+    // Dropping the write half shuts the socket's write side: the parent
+    // reads EOF after the last reply.
+    drop(wr);
+}
