@@ -49,3 +49,33 @@ fn unknown_workload_is_an_error() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown workload \"W9\""));
 }
+
+#[test]
+fn async_backend_and_w5() {
+    let out = bench(&[
+        "--json",
+        "--only",
+        "W1,W5",
+        "--backend",
+        "async",
+        "--runs",
+        "1",
+        "--calls",
+        "2000",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let rows: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2, "{text}");
+    assert_eq!(rows[0]["workload"], "W1");
+    assert_eq!(rows[0]["backend"], "async");
+    assert_eq!(rows[1]["workload"], "W5");
+    assert_eq!(rows[1]["name"], "async-concurrency");
+    assert_eq!(rows[1]["unit"], "ms");
+    assert_eq!(rows[1]["raw"].as_f64(), Some(100.0));
+    // 1,000 calls each sleeping 100 ms cannot finish sooner than one sleep.
+    assert!(rows[1]["value"].as_f64().unwrap() >= 100.0, "{text}");
+}

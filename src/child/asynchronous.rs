@@ -128,8 +128,10 @@ pub(crate) struct State {
     /// Bytes handed to the socket by the writer and not yet sent.
     writing: Cell<usize>,
     finishing: Cell<bool>,
-    /// Output was queued.
-    pub(crate) wake_writer: Notify,
+    /// Output was queued (see [`State::output_queued`]).
+    wake_writer: Notify,
+    /// The writer has been woken and has not looked at the buffer since.
+    writer_woken: Cell<bool>,
     /// A call finished with the limit reached, or the last one finished.
     slot: Notify,
     /// The writer sent a chunk.
@@ -143,7 +145,14 @@ impl State {
         if n + 1 == self.limit || n == 0 {
             self.slot.notify_one();
         }
-        self.wake_writer.notify_one();
+        self.output_queued();
+    }
+
+    /// Wakes the writer once per batch of output, not once per frame.
+    pub(crate) fn output_queued(&self) {
+        if !self.writer_woken.replace(true) {
+            self.wake_writer.notify_one();
+        }
     }
 
     fn backlog(&self) -> usize {
@@ -163,6 +172,7 @@ pub(crate) fn serve(sock: OwnedFd, handler: Handler, limit: usize, uring: bool) 
         writing: Cell::new(0),
         finishing: Cell::new(false),
         wake_writer: Notify::new(),
+        writer_woken: Cell::new(false),
         slot: Notify::new(),
         drained: Notify::new(),
     });
@@ -233,7 +243,7 @@ async fn run(sock: OwnedFd, handler: Handler, st: Rc<State>) -> i32 {
                 st.slot.notified().await;
             }
             while st.backlog() >= OUT_HIGH {
-                st.wake_writer.notify_one();
+                st.output_queued();
                 st.drained.notified().await;
             }
             st.in_flight.set(st.in_flight.get() + 1);
@@ -252,7 +262,8 @@ async fn run(sock: OwnedFd, handler: Handler, st: Rc<State>) -> i32 {
         }
     }
     st.finishing.set(true);
-    st.wake_writer.notify_one();
+    st.writer_woken.set(false);
+    st.output_queued();
     let _ = writer.await;
     code
 }
@@ -272,6 +283,8 @@ fn start(handler: &Handler, done: Done, args: Octets) {
 async fn write_loop(mut wr: OwnedWriteHalf, st: Rc<State>) {
     let mut chunk = Vec::with_capacity(READ_CHUNK);
     loop {
+        // Cleared before looking: output queued from now on wakes us again.
+        st.writer_woken.set(false);
         OUT.with_borrow_mut(|o| std::mem::swap(&mut o.as_mut().unwrap().buf, &mut chunk));
         if chunk.is_empty() {
             if st.finishing.get() {

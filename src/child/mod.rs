@@ -100,7 +100,7 @@ pub fn event(args: Octets) -> bool {
         Some(o) => {
             let ok = o.put_frame(EVENT_ID, &args);
             match &o.wake {
-                Some(st) => st.wake_writer.notify_one(),
+                Some(st) => st.output_queued(),
                 None if o.immediate || o.buf.len() >= sync::FLUSH_AT => o.flush(),
                 None => {}
             }

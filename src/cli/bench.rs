@@ -4,7 +4,7 @@
 
 use super::raw;
 use super::stats::{self, latency, summarize, Latency};
-use forkrpc::{octets, EngineKind, Octets, Options, Template, ECHO};
+use forkrpc::{octets, EngineKind, Octets, Options, Template, ECHO, SLEEP};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -29,6 +29,15 @@ pub struct BenchArgs {
     /// Round trips per run for W2/W2f (BENCHMARKS.md: 20000).
     #[arg(long, default_value_t = 20_000)]
     pings: usize,
+    /// Backend of the echo worker in W1, W2, W2f and W4: sync or async.
+    #[arg(long, default_value = "sync")]
+    backend: Backend,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    Sync,
+    Async,
 }
 
 struct Row {
@@ -54,7 +63,14 @@ pub fn run(args: BenchArgs) -> BenchResult<()> {
     };
     let runs = args.runs.max(1);
     let template = Template::root()?;
-    let opts = Options::default().engine(engine);
+    let backend = args.backend;
+    let opts = Options::default()
+        .engine(engine)
+        .asynchronous(backend == Backend::Async);
+    let backend_name = match backend {
+        Backend::Sync => "sync",
+        Backend::Async => "async",
+    };
     let wanted =
         |id: &str| args.only.is_empty() || args.only.iter().any(|o| o.eq_ignore_ascii_case(id));
     for o in &args.only {
@@ -64,7 +80,7 @@ pub fn run(args: BenchArgs) -> BenchResult<()> {
     }
     if !args.json {
         println!(
-            "forkrpc bench — engine {}, {runs} runs each (median [min..max]); ratio = value / raw baseline of the same run",
+            "forkrpc bench — engine {}, {backend_name} backend, {runs} runs each (median [min..max]); ratio = value / raw baseline of the same run",
             engine.name()
         );
         println!(
@@ -72,7 +88,7 @@ pub fn run(args: BenchArgs) -> BenchResult<()> {
             "id", "name", "value", "raw", "ratio", "unit"
         );
     }
-    let emit = |row: Row| print_row(&row, args.json);
+    let emit = |row: Row| print_row(&row, args.json, backend_name);
     if wanted("W1") {
         emit(w1(&template, &opts, runs, args.calls)?);
     }
@@ -85,7 +101,6 @@ pub fn run(args: BenchArgs) -> BenchResult<()> {
     for (id, why) in [
         ("W3", "the pool is not implemented yet (issue 5)"),
         ("W3-map", "the pool is not implemented yet (issue 5)"),
-        ("W5", "the async backend is not implemented yet (issue 3)"),
     ] {
         if wanted(id) {
             eprintln!("skipped {id}: {why}");
@@ -93,6 +108,9 @@ pub fn run(args: BenchArgs) -> BenchResult<()> {
     }
     if wanted("W4") {
         emit(w4(&template, &opts, runs)?);
+    }
+    if wanted("W5") {
+        emit(w5(&template, engine, runs)?);
     }
     if wanted("W6") {
         emit(w6(&template, &opts, runs)?);
@@ -103,11 +121,11 @@ pub fn run(args: BenchArgs) -> BenchResult<()> {
     Ok(())
 }
 
-fn print_row(r: &Row, json: bool) {
+fn print_row(r: &Row, json: bool, backend: &str) {
     let ratio = r.raw.map(|raw| r.value.median / raw);
     if json {
         let mut s = format!(
-            "{{\"workload\":\"{}\",\"name\":\"{}\",\"value\":{:.3},\"unit\":\"{}\",\"raw\":{},\"ratio\":{},\"runs\":{},\"min\":{:.3},\"max\":{:.3}",
+            "{{\"workload\":\"{}\",\"name\":\"{}\",\"value\":{:.3},\"unit\":\"{}\",\"raw\":{},\"ratio\":{},\"runs\":{},\"min\":{:.3},\"max\":{:.3},\"backend\":\"{}\"",
             r.id,
             r.name,
             r.value.median,
@@ -116,7 +134,8 @@ fn print_row(r: &Row, json: bool) {
             num(ratio),
             r.runs,
             r.value.min,
-            r.value.max
+            r.value.max,
+            if r.id == "W5" { "async" } else { backend }
         );
         for (k, v) in &r.extra {
             s.push_str(&format!(",\"{k}\":{v:.3}"));
@@ -370,6 +389,39 @@ fn w4(t: &Template, opts: &Options, runs: usize) -> BenchResult<Row> {
     })
 }
 
+const W5_CALLS: usize = 1000;
+const W5_SLEEP_MS: u64 = 100;
+
+/// W5: 1,000 calls each sleeping 100 ms on a timer in one async worker;
+/// total wall time in ms. The baseline is the ideal: one sleep.
+fn w5(t: &Template, engine: EngineKind, runs: usize) -> BenchResult<Row> {
+    let opts = Options::default().engine(engine).asynchronous(true);
+    let rpc = t.fork().run(SLEEP, opts)?;
+    let arg = octets![W5_SLEEP_MS.to_string()];
+    let once = || -> BenchResult<f64> {
+        let cd = Countdown::new(W5_CALLS);
+        let start = Instant::now();
+        for _ in 0..W5_CALLS {
+            let cd = cd.clone();
+            rpc.call_with(arg.clone(), move |r| cd.hit(r.is_ok()));
+        }
+        cd.wait()?;
+        Ok(start.elapsed().as_secs_f64() * 1e3)
+    };
+    once()?;
+    let v = (0..runs).map(|_| once()).collect::<BenchResult<Vec<_>>>()?;
+    rpc.close_blocking()?;
+    Ok(Row {
+        id: "W5",
+        name: "async-concurrency",
+        unit: "ms",
+        value: summarize(v),
+        raw: Some(W5_SLEEP_MS as f64),
+        extra: vec![],
+        runs,
+    })
+}
+
 fn w6(t: &Template, opts: &Options, runs: usize) -> BenchResult<Row> {
     let n = 20;
     let (mut v, mut r) = (Vec::new(), Vec::new());
@@ -417,21 +469,32 @@ fn memory(pid: i32) -> BenchResult<(f64, f64)> {
     }
 }
 
+/// W7: memory of an idle sync worker (the value), an idle async worker
+/// (extra fields) and the raw echo child (the baseline).
 fn w7(t: &Template, opts: &Options) -> BenchResult<Row> {
-    let rpc = t.fork().run(ECHO, opts.clone())?;
+    let rpc = t.fork().run(ECHO, opts.clone().asynchronous(false))?;
     rpc.call_blocking(octets!["warm"])?; // the worker has run its loop once
     let (rss, pss) = memory(rpc.pid())?;
     let (fd, raw_pid) = t.spawn_raw_echo()?;
     raw::ping_pong(&fd, 1)?;
     let (raw_rss, raw_pss) = memory(raw_pid)?;
     rpc.close_blocking()?;
+    let arpc = t.fork().run(ECHO, opts.clone().asynchronous(true))?;
+    arpc.call_blocking(octets!["warm"])?;
+    let (async_rss, async_pss) = memory(arpc.pid())?;
+    arpc.close_blocking()?;
     Ok(Row {
         id: "W7",
-        name: "memory-sync",
+        name: "memory",
         unit: "KiB RSS",
         value: summarize(vec![rss]),
         raw: Some(raw_rss),
-        extra: vec![("pss_kib", pss), ("raw_pss_kib", raw_pss)],
+        extra: vec![
+            ("pss_kib", pss),
+            ("async_rss_kib", async_rss),
+            ("async_pss_kib", async_pss),
+            ("raw_pss_kib", raw_pss),
+        ],
         runs: 1,
     })
 }
