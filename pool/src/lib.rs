@@ -2,50 +2,51 @@
 //! — no processes, no I/O, no clock of its own. forkrpc drives it; it never
 //! depends on forkrpc.
 //!
-//! This crate holds the pool's parameters and their AnyEvent::Fork::Pool
-//! defaults; the scheduler itself is the subject of its own issue.
+//! # Layout
+//!
+//! - [`PoolConfig`]: the parameters, with AnyEvent::Fork::Pool's defaults.
+//! - [`Scheduler`]: told what happened ("job submitted", "batch done",
+//!   "worker started / exited / retiring", "time is now T"), it answers
+//!   with [`Action`]s ("start a worker", "send these jobs to worker W",
+//!   "stop W", "arm a timer for T"). Time is a [`Duration`] since any
+//!   epoch the driver likes, so tests run on simulated time.
+//!
+//! ```
+//! use forkrpc_pool::{Action, PoolConfig, Scheduler};
+//! use std::time::Duration;
+//!
+//! let ms = Duration::from_millis;
+//! let mut s = Scheduler::new(PoolConfig::default(), ms(0));
+//! let job = s.submit(ms(0), "job 1");
+//! // No worker yet: the job waits, the first worker starts at once, and
+//! // another may start after `start` (0.1 s) if the job still waits then.
+//! assert_eq!(s.actions(), [Action::Start(0), Action::Timer(Some(ms(100)))]);
+//! s.started(ms(1), 0);
+//! // The job goes out; no further start is due: the timer is disarmed.
+//! assert_eq!(
+//!     s.actions(),
+//!     [
+//!         Action::Send { worker: 0, jobs: vec![(job, "job 1")] },
+//!         Action::Timer(None),
+//!     ],
+//! );
+//! ```
 
-use std::time::Duration;
+mod config;
+mod scheduler;
 
-/// Pool parameters, with AnyEvent::Fork::Pool's defaults.
-///
-/// ```
-/// let c = forkrpc_pool::PoolConfig::default();
-/// assert_eq!((c.max, c.idle, c.load), (4, 0, 2));
-/// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PoolConfig {
-    /// Most workers at once.
-    pub max: usize,
-    /// Workers kept even when idle (and started at once).
-    pub idle: usize,
-    /// Most calls queued on one worker.
-    pub load: usize,
-    /// Least time between two worker starts.
-    pub start: Duration,
-    /// Idle time after which a worker above `idle` is stopped.
-    pub stop: Duration,
-}
-
-impl Default for PoolConfig {
-    fn default() -> Self {
-        PoolConfig {
-            max: 4,
-            idle: 0,
-            load: 2,
-            start: Duration::from_millis(100),
-            stop: Duration::from_secs(10),
-        }
-    }
-}
+pub use config::PoolConfig;
+pub use scheduler::{Action, JobId, Scheduler, WorkerId, WorkerState};
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn defaults_are_anyevent_fork_pools() {
         let c = PoolConfig::default();
+        assert_eq!((c.max, c.idle, c.load), (4, 0, 2));
         assert_eq!(c.start, Duration::from_millis(100));
         assert_eq!(c.stop, Duration::from_secs(10));
     }
