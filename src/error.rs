@@ -83,6 +83,35 @@ pub enum Error {
         /// The handler's error message.
         message: String,
     },
+    /// The call did not finish within the pool's timeout. A sync worker
+    /// that was running it has been killed and replaced.
+    #[error("the call did not finish within {after:?}")]
+    Timeout {
+        /// The timeout.
+        after: std::time::Duration,
+    },
+    /// The pool's queue is full (`try_call` with a queue limit).
+    #[error("the pool's queue is full ({limit} calls wait); try again later")]
+    QueueFull {
+        /// The queue limit.
+        limit: usize,
+    },
+    /// The pool was closed with a deadline that passed before this call
+    /// finished (its worker was killed, or it never left the queue).
+    #[error("pool shut down before the call finished: {detail}")]
+    Shutdown {
+        /// What happened to the call.
+        detail: String,
+    },
+    /// Not run: an earlier item of the same chunk panicked and the worker
+    /// exited.
+    #[error("not run in worker {pid}: an earlier item of its chunk panicked ({message})")]
+    Skipped {
+        /// Process id of the worker.
+        pid: i32,
+        /// The earlier item's panic message.
+        message: String,
+    },
     /// An async handler was asked to run on the sync backend.
     #[error("handler {name:?} is asynchronous; run it with Options::asynchronous(true)")]
     NeedsAsync {

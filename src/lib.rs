@@ -31,6 +31,8 @@
 //! - `child`: what runs in a worker: the sync backend, the async backend
 //!   ([`Done`]) and its runtime (tokio-uring, else tokio), [`event`].
 //! - `rpc`: the RPC handle ([`Rpc`]) and the protocol of a connection.
+//! - `pool`: [`Pool`], acting on the decisions of `forkrpc-pool`'s
+//!   scheduler; bulk [`Pool::map`].
 //! - `template`: [`Template`], [`Builder`], [`Fork`], [`init`].
 //! - `registry`: handlers and init functions by name.
 //! - `sys`: the few raw syscalls outside the backends.
@@ -41,6 +43,7 @@ mod child;
 pub mod engine;
 mod error;
 mod latch;
+mod pool;
 mod process;
 mod registry;
 mod rpc;
@@ -50,9 +53,10 @@ pub mod wire;
 
 pub use child::asynchronous::{Done, DEFAULT_CONCURRENCY, OUT_HIGH};
 pub use child::runtime::{async_runtime, uring, AsyncRuntime};
-pub use child::{event, PANIC_EXIT_CODE, PROTOCOL_EXIT_CODE};
+pub use child::{event, retire, PANIC_EXIT_CODE, PROTOCOL_EXIT_CODE};
 pub use engine::EngineKind;
 pub use error::{Error, ExitStatus, Result};
+pub use pool::{ncpu, Map, Ncpu, Pool, PoolCall, PoolConfig, PoolOptions, PoolStats};
 pub use process::{template_mode, TemplateMode, MARKER};
 pub use registry::{AsyncHandler, InitFn, IntoReply, SyncHandler, WorkerArgs, ECHO, SLEEP};
 pub use rpc::{CallFuture, Closing, Options, Rpc};

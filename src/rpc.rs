@@ -22,6 +22,8 @@ use std::task::{Context, Poll};
 type EventFn = Arc<dyn Fn(Octets) + Send + Sync>;
 type ErrorFn = Arc<dyn Fn(Error) + Send + Sync>;
 type DestroyFn = Arc<dyn Fn() + Send + Sync>;
+/// Internal: runs after the connection ended, with its outcome.
+pub(crate) type EndFn = Arc<dyn Fn(&Result<()>) + Send + Sync>;
 
 /// Options of [`Fork::run`](crate::Fork::run), as in AnyEvent::Fork::RPC.
 ///
@@ -41,6 +43,9 @@ pub struct Options {
     pub(crate) engine: Option<EngineKind>,
     pub(crate) asynchronous: bool,
     pub(crate) concurrency: Option<usize>,
+    pub(crate) on_end: Option<EndFn>,
+    /// Internal: the worker announced it is about to exit.
+    pub(crate) on_fatal: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl Options {
@@ -118,7 +123,7 @@ pub(crate) enum Waiter {
 }
 
 impl Waiter {
-    fn complete(self, r: Result<Octets>) {
+    pub(crate) fn complete(self, r: Result<Octets>) {
         match self {
             Waiter::Callback(f) => guard("a reply callback", || f(r)),
             Waiter::Latch(l) => l.set(r),
@@ -219,6 +224,27 @@ impl Rpc {
         });
     }
 
+    /// Kills the worker on purpose; its outstanding calls fail with `e`.
+    pub(crate) fn kill_with(&self, e: Error) {
+        *self
+            .inner
+            .stats
+            .note
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(e);
+        crate::process::kill(self.inner.pid);
+    }
+
+    /// Sends several calls in one go (one command for the engine).
+    pub(crate) fn submit_batch(&self, calls: Vec<Call>) {
+        let n = calls.len() as u64;
+        self.inner.stats.submitted.fetch_add(n, Ordering::Relaxed);
+        self.inner.engine.push(Command::Calls {
+            id: self.inner.id,
+            calls,
+        });
+    }
+
     /// Calls the handler; the future resolves with its reply. Works on any
     /// runtime (or none).
     pub fn call(&self, args: Octets) -> CallFuture {
@@ -302,7 +328,7 @@ impl Future for CallFuture {
 }
 
 /// Completion of [`Rpc::close`].
-pub struct Closing(Arc<Latch<Result<()>>>);
+pub struct Closing(pub(crate) Arc<Latch<Result<()>>>);
 
 impl Future for Closing {
     type Output = Result<()>;
@@ -475,6 +501,9 @@ impl Protocol for Session {
                         .map(|m| String::from_utf8_lossy(m).into_owned())
                         .unwrap_or_default(),
                 ));
+                if let Some(f) = &self.opts.on_fatal {
+                    f();
+                }
             } else if tag == Some(ERROR_TAG.as_bytes()) {
                 return self.call_failed(&ev);
             } else if let Some(f) = &self.opts.on_event {
@@ -522,13 +551,24 @@ impl Protocol for Session {
             if let Some(f) = &self.opts.on_destroy {
                 guard("on_destroy", || f());
             }
+            if let Some(f) = &self.opts.on_end {
+                f(&Ok(()));
+            }
             self.end.set(Ok(()));
             return;
         }
         let outstanding = self.calls.len();
         let status = status.unwrap_or(ExitStatus::StillRunning);
         let (kind, msg) = self.fatal.clone().unzip();
-        let err = if let Some(detail) = self.protocol_error.clone() {
+        let note = self
+            .stats
+            .note
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let err = if let Some(e) = note {
+            e
+        } else if let Some(detail) = self.protocol_error.clone() {
             Error::Protocol { pid, detail }
         } else {
             match kind.as_deref() {
@@ -551,6 +591,9 @@ impl Protocol for Session {
                         Some("init-panic") => {
                             msg.clone().map(|m| format!("in the init function: {m}"))
                         }
+                        Some("exit-after-panic") => {
+                            msg.clone().map(|m| format!("in an earlier call: {m}"))
+                        }
                         _ => msg.clone(),
                     },
                 },
@@ -558,8 +601,14 @@ impl Protocol for Session {
         };
         // Report first: once a call is failed its waiter may carry on (even
         // exit the process), and the report must not be lost or cut short.
+        // The end hook too: a pool must know the worker is gone before the
+        // failed calls' callbacks resend them.
         self.report(&err);
         self.stats.ended.store(true, Ordering::Release);
+        let end = Err(err.clone());
+        if let Some(f) = &self.opts.on_end {
+            f(&end);
+        }
         let mut pending = self.calls.drain().into_iter();
         if kind.as_deref() == Some("panic") {
             if let Some(first) = pending.next() {
@@ -572,7 +621,7 @@ impl Protocol for Session {
         for w in pending {
             w.complete(Err(err.clone()));
         }
-        self.end.set(Err(err));
+        self.end.set(end);
     }
 }
 

@@ -144,12 +144,10 @@ impl<J> Scheduler<J> {
         let id = self.next_job;
         self.next_job += 1;
         self.queue.push_back((id, job));
-        // With every worker busy, a longer queue changes nothing unless it
-        // was empty (a start may be due) or starts are unlimited.
-        if self.queue.len() == 1
-            || self.ready_below_load()
-            || (self.cfg.start.is_zero() && self.active() < self.cfg.max)
-        {
+        // After every event either the queue is empty or no ready worker
+        // is below `load`; so a job joining a non-empty queue changes
+        // nothing, unless starts are unlimited (more may be due).
+        if self.queue.len() == 1 || (self.cfg.start.is_zero() && self.active() < self.cfg.max) {
             self.maintain();
         }
         id
@@ -173,6 +171,15 @@ impl<J> Scheduler<J> {
         let j = self.queue.remove(i).map(|(_, j)| j);
         self.maintain();
         j
+    }
+
+    /// Removes and returns every queued job (e.g. when no worker can be
+    /// started to run them).
+    pub fn take_queue(&mut self, now: Duration) -> Vec<(JobId, J)> {
+        self.advance(now);
+        let jobs = self.queue.drain(..).collect();
+        self.maintain();
+        jobs
     }
 
     /// Worker `w` (from [`Action::Start`]) is ready for jobs.
@@ -254,6 +261,11 @@ impl<J> Scheduler<J> {
         self.maintain();
     }
 
+    /// The latest time the scheduler was told.
+    pub fn now(&self) -> Duration {
+        self.now
+    }
+
     /// Jobs waiting in the queue.
     pub fn queued(&self) -> usize {
         self.queue.len()
@@ -319,13 +331,6 @@ impl<J> Scheduler<J> {
                 wk.state = WorkerState::Retiring;
             }
         }
-    }
-
-    fn ready_below_load(&self) -> bool {
-        let load = self.cfg.load;
-        self.workers
-            .values()
-            .any(|w| w.state == WorkerState::Ready && w.load < load)
     }
 
     fn abort_now(&mut self) {

@@ -6,8 +6,9 @@ pub(crate) mod runtime;
 pub(crate) mod sync;
 
 use crate::sys::{self, exit_now};
+use crate::wire::chunk::{self, ItemResult};
 use crate::wire::frame::{put_id_header, EVENT_ID, MAX_PAYLOAD};
-use crate::wire::{ERROR_TAG, FATAL_TAG};
+use crate::wire::{ERROR_TAG, FATAL_TAG, RETIRE_TAG};
 use crate::{octets, Octets};
 use std::cell::RefCell;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -108,6 +109,58 @@ pub fn event(args: Octets) -> bool {
         }
         None => false,
     })
+}
+
+/// Asks the pool this worker belongs to for retirement: it sends the worker
+/// no new jobs, the worker finishes the ones it has, then exits and is
+/// replaced as the pool's rules say (AnyEvent::Fork::Pool's `retire`).
+/// Outside a pool worker it is an ordinary event; outside a worker it
+/// does nothing and returns false.
+///
+/// ```
+/// assert!(!forkrpc::retire()); // not in a worker
+/// ```
+pub fn retire() -> bool {
+    event(octets![RETIRE_TAG])
+}
+
+/// Runs a chunk request (see [`CHUNK_TAG`](crate::wire::CHUNK_TAG)) item
+/// by item and returns the chunk reply. A panic stops the chunk: that item
+/// reports it, later ones are not run, and its message is returned so the
+/// sync backend can exit after sending the reply.
+pub(crate) fn run_chunk(
+    fd: RawFd,
+    req: &Octets,
+    handler: &crate::registry::SyncHandler,
+) -> (Octets, Option<String>) {
+    let items = match chunk::items(req) {
+        Ok(i) => i,
+        Err(e) => fatal(
+            fd,
+            "protocol",
+            format!("malformed chunk request: {e}"),
+            PROTOCOL_EXIT_CODE,
+        ),
+    };
+    let mut out = chunk::ReplyWriter::new();
+    let mut panicked = None;
+    for args in items {
+        let r = if panicked.is_some() {
+            ItemResult::NotRun
+        } else {
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(args))) {
+                Ok(Ok(r)) => ItemResult::Reply(r),
+                Ok(Err(m)) => ItemResult::Error(m),
+                Err(_) => {
+                    let m = take_panic_message();
+                    panicked = Some(m.clone());
+                    ItemResult::Panic(m)
+                }
+            }
+        };
+        out.push(&r);
+    }
+    (out.finish(), panicked)
 }
 
 /// Reports a fatal condition to the parent as a tagged event, then exits.

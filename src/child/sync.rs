@@ -3,12 +3,17 @@
 //! events are coalesced into one write per chunk. No runtime, no threads.
 
 use super::{
-    capture_panics, fatal, take_panic_message, Out, OUT, PANIC_EXIT_CODE, PROTOCOL_EXIT_CODE,
+    capture_panics, fatal, run_chunk, take_panic_message, Out, OUT, PANIC_EXIT_CODE,
+    PROTOCOL_EXIT_CODE,
 };
+use crate::octets;
 use crate::registry::SyncHandler;
 use crate::sys;
+use crate::wire::chunk;
+use crate::wire::frame::EVENT_ID;
 use crate::wire::frame::{has_len_frame, read_want, split_len_frame, SYNC_REPLY_ID};
 use crate::wire::Decoded;
+use crate::wire::FATAL_TAG;
 use crate::Octets;
 use bytes::BytesMut;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -57,6 +62,26 @@ pub(crate) fn serve(sock: OwnedFd, handler: SyncHandler) -> i32 {
             };
             let last = !has_len_frame(&inbuf);
             OUT.with_borrow_mut(|o| o.as_mut().unwrap().immediate = last);
+            if chunk::is_chunk(&args) {
+                let (reply, panicked) = run_chunk(fd, &args, &handler);
+                OUT.with_borrow_mut(|o| {
+                    let o = o.as_mut().unwrap();
+                    if let Some(m) = &panicked {
+                        // The note first: the parent stops sending work
+                        // here before the reply frees a slot.
+                        o.put_frame(EVENT_ID, &octets![FATAL_TAG, "exit-after-panic", m.clone()]);
+                    }
+                    o.put_reply(SYNC_REPLY_ID, Ok(reply));
+                    if panicked.is_some() || o.buf.len() >= FLUSH_AT {
+                        o.flush();
+                    }
+                });
+                if panicked.is_some() {
+                    let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Write);
+                    sys::exit_now(PANIC_EXIT_CODE);
+                }
+                continue;
+            }
             let reply =
                 match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(args))) {
                     Ok(r) => r,

@@ -4,7 +4,8 @@
 
 use super::raw;
 use super::stats::{self, latency, summarize, Latency};
-use forkrpc::{octets, EngineKind, Octets, Options, Template, ECHO, SLEEP};
+use forkrpc::{octets, EngineKind, Octets, Options, Pool, PoolOptions, Template, ECHO, SLEEP};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -98,13 +99,11 @@ pub fn run(args: BenchArgs) -> BenchResult<()> {
     if wanted("W2f") {
         emit(w2(&template, &opts, runs, args.pings, true)?);
     }
-    for (id, why) in [
-        ("W3", "the pool is not implemented yet (issue 5)"),
-        ("W3-map", "the pool is not implemented yet (issue 5)"),
-    ] {
-        if wanted(id) {
-            eprintln!("skipped {id}: {why}");
-        }
+    if wanted("W3") {
+        emit(w3(&template, &opts, runs, args.calls, false)?);
+    }
+    if wanted("W3-map") {
+        emit(w3(&template, &opts, runs, args.calls, true)?);
     }
     if wanted("W4") {
         emit(w4(&template, &opts, runs)?);
@@ -341,6 +340,72 @@ fn w2(t: &Template, opts: &Options, runs: usize, n: usize, future: bool) -> Benc
             ("raw_p50_us", rl.p50),
             ("raw_p99_us", rl.p99),
         ],
+        runs,
+    })
+}
+
+/// Two raw echo children fed in parallel: frames/s for `calls` frames.
+fn raw_pair(fds: &[OwnedFd; 2], calls: usize) -> BenchResult<f64> {
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        let hs: Vec<_> = fds
+            .iter()
+            .map(|fd| s.spawn(move || raw::stream(fd, calls / 2 * raw::FRAME, 64 * 1024)))
+            .collect();
+        hs.into_iter()
+            .try_for_each(|h| h.join().expect("raw thread").map(drop))
+    })?;
+    Ok(calls as f64 / t.elapsed().as_secs_f64())
+}
+
+/// W3: a pool of 2 (max 2, idle 2, load 2), `calls` echo calls of 16
+/// bytes queued at once (or, for W3-map, one `map` over them); calls/s.
+/// Baseline: two raw echo children streaming in parallel.
+fn w3(t: &Template, opts: &Options, runs: usize, calls: usize, map: bool) -> BenchResult<Row> {
+    let pool = Pool::new(
+        t,
+        ECHO,
+        opts.clone(),
+        PoolOptions::default().max(2).idle(2).load(2),
+    )?;
+    let fds = [t.spawn_raw_echo()?.0, t.spawn_raw_echo()?.0];
+    let once = |n: usize| -> BenchResult<f64> {
+        let arg = arg16();
+        let start = Instant::now();
+        if map {
+            let mut got = 0;
+            for (_, r) in pool.map((0..n).map(|_| arg.clone())) {
+                r?;
+                got += 1;
+            }
+            if got != n {
+                return Err(format!("W3-map: {got} results for {n} jobs").into());
+            }
+        } else {
+            let cd = Countdown::new(n);
+            for _ in 0..n {
+                let cd = cd.clone();
+                pool.call_with(arg.clone(), move |r| cd.hit(r.is_ok()));
+            }
+            cd.wait()?;
+        }
+        Ok(n as f64 / start.elapsed().as_secs_f64())
+    };
+    once(calls / 10)?;
+    raw_pair(&fds, calls / 10)?;
+    let (mut v, mut r) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        r.push(raw_pair(&fds, calls)?);
+        v.push(once(calls)?);
+    }
+    pool.close_blocking()?;
+    Ok(Row {
+        id: if map { "W3-map" } else { "W3" },
+        name: if map { "pool-map" } else { "pool" },
+        unit: "calls/s",
+        value: summarize(v),
+        raw: Some(summarize(r).median),
+        extra: vec![],
         runs,
     })
 }

@@ -129,6 +129,9 @@ pub(crate) struct ConnStats {
     pub sends: AtomicU64,
     /// The connection has ended and every call is resolved.
     pub ended: AtomicBool,
+    /// Set by whoever killed the worker on purpose: the error its
+    /// outstanding calls get instead of "worker exited".
+    pub note: Mutex<Option<Error>>,
 }
 
 /// A value alone on its cache line, so writers on other threads do not
@@ -155,6 +158,11 @@ pub(crate) enum Command {
     Call {
         id: u64,
         call: Call,
+    },
+    /// Several calls for one connection, in order (a pool's batch).
+    Calls {
+        id: u64,
+        calls: Vec<Call>,
     },
     Close {
         id: u64,
@@ -432,16 +440,8 @@ impl<I: Io> Driver<I> {
                 );
                 self.arm_read(id);
             }
-            Command::Call { id, call } => match self.conns.get_mut(&id) {
-                Some(c) if !c.eof && !c.shut => {
-                    let empty = c.out.is_empty();
-                    c.proto.encode(call, &mut c.out);
-                    if empty {
-                        self.dirty.push(id);
-                    }
-                }
-                _ => call.fail(Error::Closed),
-            },
+            Command::Call { id, call } => self.calls(id, std::iter::once(call)),
+            Command::Calls { id, calls } => self.calls(id, calls.into_iter()),
             Command::Close { id } => {
                 if let Some(c) = self.conns.get_mut(&id) {
                     c.closing = true;
@@ -580,6 +580,30 @@ impl<I: Io> Driver<I> {
                 }
                 self.arm_read(comp.id);
             }
+        }
+    }
+
+    /// Queues calls on connection `id`. A worker that already closed its
+    /// side still gets them recorded (nothing is sent), so they fail with
+    /// how it ended once that is known, like the calls it left unanswered.
+    fn calls(&mut self, id: u64, calls: impl Iterator<Item = Call>) {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return calls.for_each(|c| c.fail(Error::Closed));
+        };
+        if c.eof || c.shut {
+            let mut discard = BytesMut::new();
+            for call in calls {
+                c.proto.encode(call, &mut discard);
+                discard.clear();
+            }
+            return;
+        }
+        let empty = c.out.is_empty();
+        for call in calls {
+            c.proto.encode(call, &mut c.out);
+        }
+        if empty {
+            self.dirty.push(id);
         }
     }
 

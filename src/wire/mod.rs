@@ -25,6 +25,9 @@ pub enum WireError {
     /// A BER length longer than 64 bits.
     #[error("BER length prefix longer than 64 bits")]
     VarintOverflow,
+    /// A chunk reply item with an unknown status byte.
+    #[error("chunk reply item with an unknown status")]
+    BadChunkItem,
 }
 
 /// First element of the event a forkrpc worker sends before it exits on a
@@ -38,3 +41,16 @@ pub const FATAL_TAG: &str = "\0forkrpc-fatal";
 /// decimal, 1 for a sync call; kind `error`, `panic` or `dropped`). The
 /// worker carries on. A native extension like [`FATAL_TAG`].
 pub const ERROR_TAG: &str = "\0forkrpc-error";
+
+/// The event a worker sends to ask its pool to retire it: `[RETIRE_TAG]`.
+pub const RETIRE_TAG: &str = "\0forkrpc-retire";
+
+/// First element of a *chunk* request: `[CHUNK_TAG, item, item, ...]`,
+/// each item being the octets encoding of one call's arguments. The worker
+/// runs the handler on each item in order and answers with one reply
+/// `[CHUNK_TAG, result, result, ...]`, each result one status byte then
+/// its body (see [`chunk`]). Pools use it for `map`; a Perl peer never
+/// sees it.
+pub const CHUNK_TAG: &str = "\0forkrpc-chunk";
+
+pub mod chunk;

@@ -80,10 +80,16 @@ impl Octets {
     /// assert_eq!(o, forkrpc::octets!["a", "bc"]);
     /// ```
     pub fn decode(payload: Bytes) -> Result<Octets, WireError> {
+        Octets::decode_in(&payload, 0..payload.len())
+    }
+
+    /// Decodes the encoding at `range` of `buf`; the strings are slices of
+    /// `buf` (no temporary slice of the range itself).
+    pub fn decode_in(buf: &Bytes, range: std::ops::Range<usize>) -> Result<Octets, WireError> {
         let mut items = Vec::new();
-        let mut pos = 0;
-        while pos < payload.len() {
-            let (len, used) = match ber::decode(&payload[pos..]) {
+        let (mut pos, stop) = (range.start, range.end.min(buf.len()));
+        while pos < stop {
+            let (len, used) = match ber::decode(&buf[pos..stop]) {
                 Varint::Value(n, used) => (n, used),
                 Varint::Incomplete => return Err(WireError::Truncated),
                 Varint::Overflow => return Err(WireError::VarintOverflow),
@@ -92,9 +98,9 @@ impl Octets {
             let end = usize::try_from(len)
                 .ok()
                 .and_then(|l| pos.checked_add(l))
-                .filter(|&e| e <= payload.len())
+                .filter(|&e| e <= stop)
                 .ok_or(WireError::Truncated)?;
-            items.push(payload.slice(pos..end));
+            items.push(buf.slice(pos..end));
             pos = end;
         }
         Ok(Octets(items))

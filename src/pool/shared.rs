@@ -1,0 +1,809 @@
+//! The pool's state under one lock, the scheduler's actions carried out,
+//! and the manager thread.
+//!
+//! Locking: the state lock is taken by callers (submit), by reply
+//! callbacks on the driver thread (once per finished batch; once per call
+//! when retries, timeouts or a memory ceiling need per-call bookkeeping)
+//! and by the manager thread. User code never runs under it: completions
+//! decided under the lock are collected and run after it is released.
+//! Forking a worker (a round trip to the template) happens on the manager
+//! thread without the lock.
+
+use super::{Admit, PoolOptions, PoolStats};
+use crate::error::{Error, Result};
+use crate::latch::Latch;
+use crate::registry::{self, Handler};
+use crate::rpc::{Call, Options, Rpc, Waiter};
+use crate::template::Template;
+use crate::wire::frame::MAX_PAYLOAD;
+use crate::wire::RETIRE_TAG;
+use crate::Octets;
+use forkrpc_pool::{Action, JobId, Scheduler, WorkerId};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::{Context, Waker};
+use std::time::{Duration, Instant};
+
+/// Where a job's outcome goes.
+pub(crate) enum Sink {
+    /// One call: its waiter.
+    One(Waiter),
+    /// A chunk of `n` calls of a `map`, starting at item `base`.
+    Chunk(super::map::ChunkSink),
+}
+
+/// A job in the scheduler's queue.
+pub(crate) struct Job {
+    args: Octets,
+    sink: Sink,
+}
+
+/// Per-call bookkeeping when retries, timeouts or a memory ceiling are on:
+/// the job's sink waits here (not in the reply callback) so that a timeout
+/// can take it first.
+struct Tracked {
+    sink: Sink,
+    /// A copy of the arguments, to resend.
+    args: Octets,
+    retries: u32,
+    worker: Option<WorkerId>,
+    /// When it times out (restarted when it is resent through no fault of
+    /// its own).
+    deadline: Option<Instant>,
+}
+
+/// Why the pool killed a worker.
+#[derive(Clone, Copy)]
+enum Killed {
+    /// Job `0` overran the timeout on it.
+    Timeout(JobId),
+    /// The close deadline passed.
+    Deadline,
+}
+
+struct Slot {
+    rpc: Option<Rpc>,
+    pid: i32,
+    killed: Option<Killed>,
+}
+
+/// One batch in flight: counts its calls down.
+struct Batch {
+    left: AtomicUsize,
+}
+
+pub(crate) struct State {
+    sched: Scheduler<Job>,
+    workers: HashMap<WorkerId, Slot>,
+    /// Workers whose connection ended before their slot was filled in.
+    ended_early: HashSet<WorkerId>,
+    to_start: Vec<WorkerId>,
+    timer: Option<Duration>,
+    tracked: HashMap<JobId, Tracked>,
+    deadlines: BinaryHeap<Reverse<(Instant, JobId)>>,
+    space_wakers: Vec<Waker>,
+    /// Why recently ended workers were killed (their failed calls are
+    /// handled after the worker is gone); the last few only.
+    killed: std::collections::VecDeque<(WorkerId, Killed)>,
+    manager_exit: bool,
+}
+
+impl State {
+    fn kill_reason(&self, w: WorkerId) -> Option<Killed> {
+        match self.workers.get(&w) {
+            Some(s) => s.killed,
+            None => self.killed.iter().find(|k| k.0 == w).map(|k| k.1),
+        }
+    }
+}
+
+pub(crate) struct Shared {
+    st: Mutex<State>,
+    /// Wakes the manager thread (starts to do, timer changed).
+    manager: Condvar,
+    /// Wakes callers blocked on a full queue.
+    space: Condvar,
+    template: Template,
+    handler: String,
+    opts: Options,
+    pub(crate) popts: PoolOptions,
+    /// Per-call bookkeeping needed (retries, timeout, memory ceiling).
+    tracking: bool,
+    /// Sync workers: `map` sends chunks.
+    pub(crate) chunks: bool,
+    epoch: Instant,
+    on_destroy: Option<Arc<dyn Fn() + Send + Sync>>,
+    pub(crate) end: Arc<Latch<Result<()>>>,
+}
+
+/// A batch to hand to a worker's connection.
+struct Outgoing {
+    rpc: Rpc,
+    worker: WorkerId,
+    jobs: Vec<(JobId, Job)>,
+}
+
+/// What to do once the lock is released.
+#[derive(Default)]
+struct Deferred {
+    sends: Vec<Outgoing>,
+    done: Vec<(Sink, Result<Octets>, i32)>,
+    destroyed: bool,
+    wake_space: bool,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        template: &Template,
+        handler: &str,
+        mut opts: Options,
+        popts: PoolOptions,
+    ) -> Result<Arc<Shared>> {
+        match registry::handler(handler)? {
+            Handler::Async(_) if !opts.asynchronous => {
+                return Err(Error::NeedsAsync {
+                    name: handler.to_owned(),
+                })
+            }
+            _ => {}
+        }
+        if let Some(init) = &opts.init {
+            registry::init(init)?;
+        }
+        let epoch = Instant::now();
+        let sched = Scheduler::new(popts.cfg.clone(), Duration::ZERO);
+        let tracking = popts.retries > 0 || popts.timeout.is_some() || popts.max_rss.is_some();
+        let on_destroy = opts.on_destroy.take();
+        let shared = Arc::new(Shared {
+            st: Mutex::new(State {
+                sched,
+                workers: HashMap::new(),
+                ended_early: HashSet::new(),
+                to_start: Vec::new(),
+                timer: None,
+                tracked: HashMap::new(),
+                deadlines: BinaryHeap::new(),
+                space_wakers: Vec::new(),
+                killed: std::collections::VecDeque::new(),
+                manager_exit: false,
+            }),
+            manager: Condvar::new(),
+            space: Condvar::new(),
+            template: template.clone(),
+            handler: handler.to_owned(),
+            chunks: !opts.asynchronous,
+            opts,
+            popts,
+            tracking,
+            epoch,
+            on_destroy,
+            end: Latch::new(),
+        });
+        let sh = shared.clone();
+        std::thread::Builder::new()
+            .name("forkrpc-pool".into())
+            .spawn(move || sh.manage())
+            .map_err(|e| Error::io("starting the pool's manager thread", e))?;
+        shared.with(|_, _| {}); // carry out the scheduler's first actions
+        Ok(shared)
+    }
+
+    fn now(&self) -> Duration {
+        self.epoch.elapsed()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` under the lock, carries out the scheduler's actions, then
+    /// runs what was deferred after unlocking.
+    fn with<R>(self: &Arc<Self>, f: impl FnOnce(&mut State, &mut Deferred) -> R) -> R {
+        let mut d = Deferred::default();
+        let r = {
+            let mut st = self.lock();
+            let r = f(&mut st, &mut d);
+            self.execute(&mut st, &mut d);
+            r
+        };
+        self.finish(d);
+        r
+    }
+
+    fn finish(self: &Arc<Self>, d: Deferred) {
+        for s in d.sends {
+            self.send(s);
+        }
+        if d.wake_space {
+            self.space.notify_all();
+        }
+        for (sink, r, pid) in d.done {
+            complete(sink, r, pid);
+        }
+        if d.destroyed {
+            if let Some(f) = &self.on_destroy {
+                f();
+            }
+            self.end.set(Ok(()));
+        }
+    }
+
+    /// Queues a call; returns its job id.
+    pub(crate) fn submit(
+        self: &Arc<Self>,
+        args: Octets,
+        waiter: Waiter,
+        admit: Admit,
+    ) -> Result<JobId> {
+        let size = args.encoded_len();
+        if size > MAX_PAYLOAD {
+            waiter.complete(Err(Error::PayloadTooLarge { size }));
+            return Err(Error::PayloadTooLarge { size });
+        }
+        self.submit_job(args, Sink::One(waiter), admit)
+    }
+
+    pub(crate) fn submit_job(
+        self: &Arc<Self>,
+        args: Octets,
+        sink: Sink,
+        admit: Admit,
+    ) -> Result<JobId> {
+        let admit = if crate::engine::on_driver_thread() {
+            Admit::Force
+        } else {
+            admit
+        };
+        let mut d = Deferred::default();
+        let r = {
+            let mut st = self.lock();
+            if let Some(limit) = self.popts.queue_limit {
+                while st.sched.queued() >= limit && !st.sched.is_closing() {
+                    match admit {
+                        Admit::Force => break,
+                        Admit::Fail => {
+                            drop(st);
+                            fail_sink(sink, Error::QueueFull { limit }, 0);
+                            return Err(Error::QueueFull { limit });
+                        }
+                        Admit::Block => st = self.space.wait(st).unwrap_or_else(|p| p.into_inner()),
+                    }
+                }
+            }
+            if st.sched.is_closing() {
+                drop(st);
+                fail_sink(sink, Error::Closed, 0);
+                return Err(Error::Closed);
+            }
+            // A job joining a non-empty queue only waits: the scheduler's
+            // last time is good enough, and reading the clock is not free.
+            let now = if st.sched.queued() == 0 {
+                self.now()
+            } else {
+                st.sched.now()
+            };
+            let r = if self.tracking {
+                let retries = self.popts.retries;
+                let deadline = self.popts.timeout.map(|t| Instant::now() + t);
+                let tracked = Tracked {
+                    sink,
+                    args: args.clone(),
+                    retries,
+                    worker: None,
+                    deadline,
+                };
+                let id = st.sched.submit(
+                    now,
+                    Job {
+                        args,
+                        sink: Sink::One(Waiter::Callback(Box::new(|_| {}))),
+                    },
+                );
+                st.tracked.insert(id, tracked);
+                if let Some(d) = deadline {
+                    st.deadlines.push(Reverse((d, id)));
+                    self.manager.notify_one();
+                }
+                id
+            } else {
+                st.sched.submit(now, Job { args, sink })
+            };
+            self.execute(&mut st, &mut d);
+            r
+        };
+        self.finish(d);
+        Ok(r)
+    }
+
+    /// True when a queue limit is set and reached.
+    pub(crate) fn queue_full(&self) -> bool {
+        match self.popts.queue_limit {
+            Some(limit) if !crate::engine::on_driver_thread() => {
+                let st = self.lock();
+                st.sched.queued() >= limit && !st.sched.is_closing()
+            }
+            _ => false,
+        }
+    }
+
+    /// Room in the queue (registers the waker if there is none).
+    pub(crate) fn has_room(&self, cx: &mut Context<'_>) -> bool {
+        let Some(limit) = self.popts.queue_limit else {
+            return true;
+        };
+        if crate::engine::on_driver_thread() {
+            return true;
+        }
+        let mut st = self.lock();
+        if st.sched.queued() < limit || st.sched.is_closing() {
+            return true;
+        }
+        st.space_wakers.push(cx.waker().clone());
+        false
+    }
+
+    /// The caller gave up on job `id`: take it out of the queue if it is
+    /// still there.
+    pub(crate) fn cancel(self: &Arc<Self>, id: JobId) {
+        self.with(|st, d| {
+            let now = self.now();
+            if st.sched.cancel(now, id).is_some() {
+                st.tracked.remove(&id);
+                d.wake_space = true;
+            }
+        });
+    }
+
+    pub(crate) fn stats(&self) -> PoolStats {
+        let st = self.lock();
+        PoolStats {
+            active: st.sched.active(),
+            workers: st.sched.workers().count(),
+            queued: st.sched.queued(),
+            pids: st.workers.values().map(|s| s.pid).collect(),
+        }
+    }
+
+    pub(crate) fn close(self: &Arc<Self>, deadline: Option<Duration>) {
+        self.with(|st, _| {
+            let now = self.now();
+            st.sched.close(now, deadline.map(|d| now + d));
+        });
+    }
+
+    /// Carries out the scheduler's actions (under the lock).
+    fn execute(self: &Arc<Self>, st: &mut State, d: &mut Deferred) {
+        loop {
+            let actions = st.sched.actions();
+            if actions.is_empty() {
+                return;
+            }
+            for a in actions {
+                match a {
+                    Action::Start(w) => {
+                        st.to_start.push(w);
+                        self.manager.notify_one();
+                    }
+                    Action::Send { worker, jobs } => {
+                        d.wake_space = self.popts.queue_limit.is_some();
+                        match st.workers.get(&worker).and_then(|s| s.rpc.clone()) {
+                            Some(rpc) => {
+                                if self.tracking {
+                                    for (id, _) in &jobs {
+                                        if let Some(t) = st.tracked.get_mut(id) {
+                                            t.worker = Some(worker);
+                                        }
+                                    }
+                                }
+                                d.sends.push(Outgoing { rpc, worker, jobs });
+                            }
+                            // Cannot happen: the scheduler sends only to
+                            // started workers, and stops them only idle.
+                            None => {
+                                for (_, job) in jobs {
+                                    d.done.push((job.sink, Err(Error::Closed), 0));
+                                }
+                            }
+                        }
+                    }
+                    Action::Stop(w) => {
+                        if let Some(s) = st.workers.get_mut(&w) {
+                            s.rpc = None; // closing drains it
+                        }
+                    }
+                    Action::Kill(w) => {
+                        if let Some(s) = st.workers.get_mut(&w) {
+                            s.killed = Some(Killed::Deadline);
+                            let e = Error::Shutdown {
+                                detail: format!(
+                                    "worker {} was killed when the close deadline passed",
+                                    s.pid
+                                ),
+                            };
+                            match s.rpc.take() {
+                                Some(rpc) => rpc.kill_with(e),
+                                None => crate::process::kill(s.pid),
+                            }
+                        }
+                    }
+                    Action::Fail(jobs) => {
+                        for (id, job) in jobs {
+                            let sink = match st.tracked.remove(&id) {
+                                Some(t) => t.sink,
+                                None => job.sink,
+                            };
+                            let e = Error::Shutdown {
+                                detail: "it was still queued when the close deadline passed".into(),
+                            };
+                            d.done.push((sink, Err(e), 0));
+                        }
+                    }
+                    Action::Timer(t) => {
+                        st.timer = t;
+                        self.manager.notify_one();
+                    }
+                    Action::Destroyed => {
+                        d.destroyed = true;
+                        st.manager_exit = true;
+                        d.wake_space = true;
+                        self.manager.notify_one();
+                    }
+                }
+            }
+            if d.wake_space {
+                for w in st.space_wakers.drain(..) {
+                    w.wake();
+                }
+            }
+        }
+    }
+
+    /// Hands a batch to worker `w`'s connection (without the lock).
+    fn send(self: &Arc<Self>, s: Outgoing) {
+        let Outgoing {
+            rpc,
+            worker: w,
+            jobs,
+        } = s;
+        let pid = rpc.pid();
+        let n = jobs.len();
+        let in_order = !self.opts.asynchronous;
+        let batch = (self.tracking || !in_order).then(|| {
+            Arc::new(Batch {
+                left: AtomicUsize::new(n),
+            })
+        });
+        let mut calls = Vec::with_capacity(n);
+        for (i, (id, job)) in jobs.into_iter().enumerate() {
+            let sh = self.clone();
+            let done = match &batch {
+                Some(batch) if self.tracking => {
+                    let batch = batch.clone();
+                    Waiter::Callback(Box::new(move |r| sh.tracked_reply(w, pid, id, r, &batch)))
+                }
+                Some(batch) => {
+                    let (batch, sink) = (batch.clone(), job.sink);
+                    Waiter::Callback(Box::new(move |r| {
+                        complete(sink, r, pid);
+                        if batch.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+                            sh.batch_done(w, pid);
+                        }
+                    }))
+                }
+                // A sync worker answers in order: the batch is done when
+                // its last call is, and the others need no wrapper.
+                None if i + 1 < n => into_waiter(job.sink, pid),
+                None => {
+                    let sink = job.sink;
+                    Waiter::Callback(Box::new(move |r| {
+                        complete(sink, r, pid);
+                        sh.batch_done(w, pid);
+                    }))
+                }
+            };
+            calls.push(Call {
+                args: job.args,
+                done,
+            });
+        }
+        rpc.submit_batch(calls);
+    }
+
+    fn batch_done(self: &Arc<Self>, w: WorkerId, pid: i32) {
+        let over = self
+            .popts
+            .max_rss
+            .is_some_and(|limit| rss_bytes(pid).is_some_and(|rss| rss > limit));
+        self.with(|st, _| {
+            let now = self.now();
+            st.sched.batch_done(now, w);
+            if over {
+                st.sched.retire(now, w);
+            }
+        });
+    }
+
+    /// A reply on the tracked path: resolve, resend or drop (timed out).
+    fn tracked_reply(
+        self: &Arc<Self>,
+        w: WorkerId,
+        pid: i32,
+        id: JobId,
+        r: Result<Octets>,
+        batch: &Batch,
+    ) {
+        let last = batch.left.fetch_sub(1, Ordering::AcqRel) == 1;
+        let over = last
+            && self
+                .popts
+                .max_rss
+                .is_some_and(|limit| rss_bytes(pid).is_some_and(|rss| rss > limit));
+        self.with(|st, d| {
+            let now = self.now();
+            if let Some(mut t) = st.tracked.remove(&id) {
+                let killed = st.kill_reason(w);
+                let died = matches!(r, Err(Error::WorkerExited { .. }));
+                let behind_timeout = matches!(killed, Some(Killed::Timeout(j)) if j != id) && died;
+                if behind_timeout
+                    || (died && t.retries > 0 && !matches!(killed, Some(Killed::Deadline)))
+                {
+                    // Resend: it never started (queued behind a call that
+                    // overran), or retries are allowed.
+                    if behind_timeout {
+                        // Its time restarts: it waited for someone else.
+                        if let Some(to) = self.popts.timeout {
+                            let d = Instant::now() + to;
+                            t.deadline = Some(d);
+                            st.deadlines.push(Reverse((d, id)));
+                            self.manager.notify_one();
+                        }
+                    } else {
+                        t.retries -= 1;
+                    }
+                    t.worker = None;
+                    let args = t.args.clone();
+                    st.tracked.insert(id, t);
+                    st.sched.requeue(
+                        now,
+                        vec![(
+                            id,
+                            Job {
+                                args,
+                                sink: Sink::One(Waiter::Callback(Box::new(|_| {}))),
+                            },
+                        )],
+                    );
+                } else {
+                    d.done.push((t.sink, r, pid));
+                }
+            }
+            if last {
+                st.sched.batch_done(now, w);
+                if over {
+                    st.sched.retire(now, w);
+                }
+            }
+        });
+    }
+
+    /// The options of worker `w`: the user's, with the pool's hooks.
+    fn worker_opts(self: &Arc<Self>, w: WorkerId) -> Options {
+        let mut o = self.opts.clone();
+        let user_event = o.on_event.take();
+        let weak = Arc::downgrade(self);
+        o.on_event = Some(Arc::new(move |ev: Octets| {
+            if ev.len() == 1 && ev[0][..] == *RETIRE_TAG.as_bytes() {
+                if let Some(sh) = weak.upgrade() {
+                    sh.with(|st, _| {
+                        let now = sh.now();
+                        st.sched.retire(now, w)
+                    });
+                }
+            } else if let Some(f) = &user_event {
+                f(ev)
+            }
+        }));
+        let weak = Arc::downgrade(self);
+        o.on_fatal = Some(Arc::new(move || {
+            // It is about to exit: no new jobs for it.
+            if let Some(sh) = weak.upgrade() {
+                sh.with(|st, _| {
+                    let now = sh.now();
+                    st.sched.retire(now, w)
+                });
+            }
+        }));
+        let weak = Arc::downgrade(self);
+        o.on_end = Some(Arc::new(move |_| {
+            if let Some(sh) = weak.upgrade() {
+                sh.worker_ended(w);
+            }
+        }));
+        o
+    }
+
+    fn worker_ended(self: &Arc<Self>, w: WorkerId) {
+        self.with(|st, _| {
+            match st.workers.remove(&w) {
+                None => {
+                    st.ended_early.insert(w);
+                }
+                Some(Slot {
+                    killed: Some(k), ..
+                }) => {
+                    if st.killed.len() >= 64 {
+                        st.killed.pop_front();
+                    }
+                    st.killed.push_back((w, k));
+                }
+                Some(_) => {}
+            }
+            let now = self.now();
+            st.sched.exited(now, w);
+        });
+    }
+
+    /// The manager thread: forks workers and fires timers.
+    fn manage(self: Arc<Self>) {
+        loop {
+            let starts = {
+                let mut st = self.lock();
+                loop {
+                    if !st.to_start.is_empty() {
+                        break;
+                    }
+                    if st.manager_exit {
+                        return;
+                    }
+                    let now = Instant::now();
+                    let timer = st.timer.map(|t| self.epoch + t);
+                    let next = [timer, st.deadlines.peek().map(|r| r.0 .0)]
+                        .into_iter()
+                        .flatten()
+                        .min();
+                    match next {
+                        Some(t) if t <= now => break,
+                        Some(t) => {
+                            st = self
+                                .manager
+                                .wait_timeout(st, t - now)
+                                .unwrap_or_else(|p| p.into_inner())
+                                .0;
+                        }
+                        None => st = self.manager.wait(st).unwrap_or_else(|p| p.into_inner()),
+                    }
+                }
+                std::mem::take(&mut st.to_start)
+            };
+            self.with(|st, d| self.fire(st, d));
+            for w in starts {
+                let r = self.template.fork().run(&self.handler, self.worker_opts(w));
+                self.started(w, r);
+            }
+        }
+    }
+
+    /// Fires the timer and the call deadlines that are due.
+    fn fire(self: &Arc<Self>, st: &mut State, d: &mut Deferred) {
+        let now = self.now();
+        if st.timer.is_some_and(|t| t <= now) {
+            st.sched.tick(now);
+        }
+        let Some(timeout) = self.popts.timeout else {
+            return;
+        };
+        let instant = Instant::now();
+        while let Some(&Reverse((t, id))) = st.deadlines.peek() {
+            if t > instant {
+                break;
+            }
+            st.deadlines.pop();
+            let Some(tracked) = st.tracked.get(&id) else {
+                continue;
+            };
+            if tracked.deadline.is_some_and(|d| d > instant) {
+                continue; // restarted; a later entry stands for it
+            }
+            let worker = tracked.worker;
+            let behind_killed = worker
+                .and_then(|w| st.kill_reason(w))
+                .is_some_and(|k| matches!(k, Killed::Timeout(j) if j != id));
+            if behind_killed {
+                continue; // it never started; it is resent with a new deadline
+            }
+            match worker {
+                None => {
+                    st.sched.cancel(now, id);
+                }
+                Some(w) => {
+                    if !self.opts.asynchronous {
+                        if let Some(s) = st.workers.get_mut(&w) {
+                            if s.killed.is_none() {
+                                s.killed = Some(Killed::Timeout(id));
+                                crate::process::kill(s.pid);
+                            }
+                        }
+                    }
+                }
+            }
+            let t = st.tracked.remove(&id).unwrap();
+            d.done
+                .push((t.sink, Err(Error::Timeout { after: timeout }), 0));
+        }
+    }
+
+    /// A worker's fork finished.
+    fn started(self: &Arc<Self>, w: WorkerId, r: Result<Rpc>) {
+        let mut report = None;
+        self.with(|st, d| {
+            let now = self.now();
+            match r {
+                Ok(rpc) => {
+                    if st.ended_early.remove(&w) {
+                        return; // it died at once; `exited` was reported
+                    }
+                    let pid = rpc.pid();
+                    st.workers.insert(
+                        w,
+                        Slot {
+                            rpc: Some(rpc),
+                            pid,
+                            killed: None,
+                        },
+                    );
+                    st.sched.started(now, w);
+                }
+                Err(e) => {
+                    st.sched.start_failed(now, w);
+                    if st.sched.active() == 0 {
+                        // Nothing can run the queue: fail it rather than
+                        // let it wait for ever.
+                        for (id, job) in st.sched.take_queue(now) {
+                            let sink = st.tracked.remove(&id).map_or(job.sink, |t| t.sink);
+                            d.done.push((sink, Err(e.clone()), 0));
+                        }
+                    }
+                    report = Some(e);
+                }
+            }
+        });
+        if let Some(e) = report {
+            if let Some(f) = &self.opts.on_error {
+                f(e)
+            } else {
+                eprintln!("forkrpc: pool could not start a worker: {e}");
+            }
+        }
+    }
+}
+
+/// The waiter a call's reply completes directly.
+fn into_waiter(sink: Sink, pid: i32) -> Waiter {
+    match sink {
+        Sink::One(w) => w,
+        Sink::Chunk(c) => Waiter::Callback(Box::new(move |r| c.deliver(r, pid))),
+    }
+}
+
+/// Delivers a job's outcome.
+fn complete(sink: Sink, r: Result<Octets>, pid: i32) {
+    match sink {
+        Sink::One(w) => w.complete(r),
+        Sink::Chunk(c) => c.deliver(r, pid),
+    }
+}
+
+fn fail_sink(sink: Sink, e: Error, pid: i32) {
+    complete(sink, Err(e), pid)
+}
+
+/// Resident memory of `pid` in bytes, from /proc/PID/statm.
+fn rss_bytes(pid: i32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = s.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf takes an integer and has no other preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * page.max(4096) as u64)
+}

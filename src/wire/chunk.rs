@@ -1,0 +1,172 @@
+//! Chunk requests and replies (see [`CHUNK_TAG`]): many calls in one frame,
+//! for bulk `map`. Only the encoding lives here.
+//!
+//! Both are octets `[CHUNK_TAG, blob]`, so the frame stays an ordinary
+//! `N/a*` request or reply:
+//! - request blob: for each call, the BER length of its arguments'
+//!   octets encoding, then that encoding;
+//! - reply blob: for each call, one status byte, the BER length of a body,
+//!   then the body: `r` the reply's octets encoding, `e` the handler's
+//!   error message, `p` its panic message (the sync worker exits after the
+//!   chunk's reply), `n` nothing (not run: an earlier call panicked).
+//!
+//! Items are parsed straight out of the blob: each string is a slice of it.
+
+use super::ber::{self, Varint};
+use super::{Octets, WireError, CHUNK_TAG};
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// One call's outcome inside a chunk reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ItemResult {
+    /// The handler's reply.
+    Reply(Octets),
+    /// The handler's error message.
+    Error(String),
+    /// The handler's panic message.
+    Panic(String),
+    /// Not run: an earlier call of the chunk panicked.
+    NotRun,
+}
+
+/// True if `args` is a chunk request or reply.
+#[inline]
+pub fn is_chunk(args: &Octets) -> bool {
+    args.len() == 2 && args[0][..] == *CHUNK_TAG.as_bytes()
+}
+
+fn tagged(blob: Bytes) -> Octets {
+    Octets(vec![Bytes::from_static(CHUNK_TAG.as_bytes()), blob])
+}
+
+/// Builds a chunk request from argument lists.
+///
+/// ```
+/// use forkrpc::{octets, wire::chunk};
+/// let req = chunk::request([octets!["a"], octets!["b", "c"]].iter());
+/// assert!(chunk::is_chunk(&req));
+/// assert_eq!(chunk::items(&req).unwrap(), [octets!["a"], octets!["b", "c"]]);
+/// ```
+pub fn request<'a>(calls: impl Iterator<Item = &'a Octets> + Clone) -> Octets {
+    let total: u64 = calls
+        .clone()
+        .map(|a| {
+            let n = a.encoded_len();
+            ber::encoded_len(n) as u64 + n
+        })
+        .sum();
+    let mut blob = BytesMut::with_capacity(total as usize);
+    for a in calls {
+        ber::encode(a.encoded_len(), &mut blob);
+        a.encode(&mut blob);
+    }
+    tagged(blob.freeze())
+}
+
+/// Reads one BER length at `*pos` of `buf` and returns the range of the
+/// `len` bytes after it.
+fn next_field(buf: &[u8], pos: &mut usize) -> Result<std::ops::Range<usize>, WireError> {
+    let (len, used) = match ber::decode(&buf[*pos..]) {
+        Varint::Value(n, used) => (n, used),
+        Varint::Incomplete => return Err(WireError::Truncated),
+        Varint::Overflow => return Err(WireError::VarintOverflow),
+    };
+    let start = *pos + used;
+    let end = usize::try_from(len)
+        .ok()
+        .and_then(|l| start.checked_add(l))
+        .filter(|&e| e <= buf.len())
+        .ok_or(WireError::Truncated)?;
+    *pos = end;
+    Ok(start..end)
+}
+
+/// The argument lists of a chunk request (slices of its blob).
+pub fn items(req: &Octets) -> Result<Vec<Octets>, WireError> {
+    let blob = &req[1];
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < blob.len() {
+        let r = next_field(blob, &mut pos)?;
+        out.push(Octets::decode_in(blob, r)?);
+    }
+    Ok(out)
+}
+
+/// Writes a chunk reply, one call's outcome at a time.
+pub struct ReplyWriter {
+    blob: BytesMut,
+}
+
+impl ReplyWriter {
+    /// An empty reply.
+    pub fn new() -> Self {
+        ReplyWriter {
+            blob: BytesMut::new(),
+        }
+    }
+
+    /// Appends one outcome.
+    pub fn push(&mut self, r: &ItemResult) {
+        match r {
+            ItemResult::Reply(o) => {
+                self.blob.put_u8(b'r');
+                ber::encode(o.encoded_len(), &mut self.blob);
+                o.encode(&mut self.blob);
+            }
+            ItemResult::Error(m) => self.text(b'e', m),
+            ItemResult::Panic(m) => self.text(b'p', m),
+            ItemResult::NotRun => {
+                self.blob.put_u8(b'n');
+                ber::encode(0, &mut self.blob);
+            }
+        }
+    }
+
+    fn text(&mut self, status: u8, m: &str) {
+        self.blob.put_u8(status);
+        ber::encode(m.len() as u64, &mut self.blob);
+        self.blob.put_slice(m.as_bytes());
+    }
+
+    /// The reply octets.
+    pub fn finish(self) -> Octets {
+        tagged(self.blob.freeze())
+    }
+}
+
+impl Default for ReplyWriter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The outcomes of a chunk reply, in call order; strings are slices of
+/// `blob` (the reply's second element).
+///
+/// ```
+/// use forkrpc::{octets, wire::chunk::{self, ItemResult}};
+/// let items = [ItemResult::Reply(octets!["x"]), ItemResult::Error("bad".into()), ItemResult::NotRun];
+/// let mut w = chunk::ReplyWriter::new();
+/// items.iter().for_each(|i| w.push(i));
+/// let reply = w.finish();
+/// assert_eq!(chunk::results(&reply[1]).unwrap(), items);
+/// ```
+pub fn results(blob: &Bytes) -> Result<Vec<ItemResult>, WireError> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < blob.len() {
+        let status = blob[pos];
+        pos += 1;
+        let r = next_field(blob, &mut pos)?;
+        let text = || String::from_utf8_lossy(&blob[r.clone()]).into_owned();
+        out.push(match status {
+            b'r' => ItemResult::Reply(Octets::decode_in(blob, r.clone())?),
+            b'e' => ItemResult::Error(text()),
+            b'p' => ItemResult::Panic(text()),
+            b'n' => ItemResult::NotRun,
+            _ => return Err(WireError::BadChunkItem),
+        });
+    }
+    Ok(out)
+}
