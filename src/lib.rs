@@ -58,7 +58,9 @@ pub use engine::EngineKind;
 pub use error::{Error, ExitStatus, Result};
 pub use pool::{ncpu, Map, Ncpu, Pool, PoolCall, PoolConfig, PoolOptions, PoolStats};
 pub use process::{template_mode, TemplateMode, MARKER};
-pub use registry::{AsyncHandler, InitFn, IntoReply, SyncHandler, WorkerArgs, ECHO, SLEEP};
+pub use registry::{
+    AsyncHandler, InitFn, IntoReply, SyncHandler, WorkerArgs, BURN, ECHO, SLEEP, SLEEP_BLOCKING,
+};
 pub use rpc::{CallFuture, Closing, Options, Rpc};
 pub use template::{init, Builder, Fork, Template};
 #[doc(hidden)]

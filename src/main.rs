@@ -25,6 +25,9 @@ struct Cli {
 enum Command {
     /// Run the benchmark workloads (W1..W7) with raw baselines.
     Bench(cli::bench::BenchArgs),
+    /// Offer calls at a fixed rate to a pool (open loop) and report latency
+    /// from the intended send times; exits non-zero if any call failed.
+    Load(cli::load::LoadArgs),
 }
 
 fn main() {
@@ -35,10 +38,15 @@ fn main() {
     }
     let cli = Cli::parse();
     let r = match cli.command {
-        Command::Bench(a) => cli::bench::run(a),
+        Command::Bench(a) => cli::bench::run(a).map(|()| true),
+        Command::Load(a) => cli::load::run(a),
     };
-    if let Err(e) = r {
-        eprintln!("forkrpc: {e}");
-        std::process::exit(1);
+    match r {
+        Ok(true) => {}
+        Ok(false) => std::process::exit(2),
+        Err(e) => {
+            eprintln!("forkrpc: {e}");
+            std::process::exit(1);
+        }
     }
 }

@@ -77,6 +77,12 @@ pub const ECHO: &str = "forkrpc::echo";
 /// milliseconds in its first argument on a timer, then returns its
 /// arguments. Needs [`Options::asynchronous`](crate::Options::asynchronous).
 pub const SLEEP: &str = "forkrpc::sleep";
+/// Name of the built-in blocking sleeping handler: as [`SLEEP`], but the
+/// worker sleeps (any backend; the async one stalls while it does).
+pub const SLEEP_BLOCKING: &str = "forkrpc::sleep-blocking";
+/// Name of the built-in CPU-burning handler: spins for the number of
+/// microseconds in its first argument, then returns its arguments.
+pub const BURN: &str = "forkrpc::burn";
 pub(crate) const RAW_ECHO: &str = "forkrpc::raw-echo";
 
 static REGISTRY: Mutex<Option<Registry>> = Mutex::new(None);
@@ -88,6 +94,24 @@ fn with<R>(f: impl FnOnce(&mut Registry) -> R) -> R {
         r.handlers.insert(ECHO.into(), Handler::Sync(Arc::new(Ok)));
         r.handlers
             .insert(SLEEP.into(), Handler::Async(Arc::new(sleep_handler)));
+        r.handlers.insert(
+            SLEEP_BLOCKING.into(),
+            Handler::Sync(Arc::new(|args| {
+                std::thread::sleep(std::time::Duration::from_millis(first_number(&args)?));
+                Ok(args)
+            })),
+        );
+        r.handlers.insert(
+            BURN.into(),
+            Handler::Sync(Arc::new(|args| {
+                let us = first_number(&args)?;
+                let until = std::time::Instant::now() + std::time::Duration::from_micros(us);
+                while std::time::Instant::now() < until {
+                    std::hint::spin_loop();
+                }
+                Ok(args)
+            })),
+        );
         r.handlers.insert(RAW_ECHO.into(), Handler::RawEcho);
         r
     });
@@ -124,10 +148,17 @@ fn lookup<T: Clone>(
         })
 }
 
+/// The first argument as a number, or the error the built-ins give.
+fn first_number(args: &Octets) -> Result<u64, String> {
+    args.str(0)
+        .and_then(|s| s.parse::<u64>().ok())
+        .ok_or_else(|| "the first argument must be a number".to_owned())
+}
+
 fn sleep_handler(done: Done, args: Octets) {
-    let ms = args.str(0).and_then(|s| s.parse::<u64>().ok());
-    let Some(ms) = ms else {
-        return done.fail("forkrpc::sleep wants a number of milliseconds as its first argument");
+    let ms = match first_number(&args) {
+        Ok(ms) => ms,
+        Err(e) => return done.fail(e),
     };
     tokio::task::spawn_local(async move {
         tokio::time::sleep(std::time::Duration::from_millis(ms)).await;

@@ -79,3 +79,66 @@ fn async_backend_and_w5() {
     // 1,000 calls each sleeping 100 ms cannot finish sooner than one sleep.
     assert!(rows[1]["value"].as_f64().unwrap() >= 100.0, "{text}");
 }
+
+fn load(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_forkrpc"))
+        .arg("load")
+        .args(args)
+        .output()
+        .expect("forkrpc runs")
+}
+
+#[test]
+fn load_prints_one_json_line_and_succeeds() {
+    let out = load(&["--rate", "2000", "--duration", "300ms", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    let r: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(r["offered_rate"].as_f64(), Some(2000.0));
+    assert_eq!(r["calls"].as_u64(), Some(600), "2000/s for 0.3 s");
+    assert_eq!(r["errors"].as_u64(), Some(0));
+    assert!(r["achieved_rate"].as_f64().unwrap() > 0.0);
+    let p = |k: &str| r[k].as_f64().unwrap();
+    assert!(p("p50_us") > 0.0);
+    assert!(p("p50_us") <= p("p90_us") && p("p90_us") <= p("p99_us"));
+    assert!(p("p99_us") <= p("p999_us") && p("p999_us") <= p("max_us"));
+}
+
+#[test]
+fn load_fails_when_calls_fail() {
+    // One worker sleeping 50 ms per call cannot answer 200 calls within
+    // 0.2 s plus 0.1 s of grace: the unanswered ones are errors.
+    let out = load(&[
+        "--rate",
+        "1000",
+        "--duration",
+        "0.2",
+        "--grace",
+        "100ms",
+        "--workers",
+        "1",
+        "--load",
+        "1",
+        "--handler",
+        "sleep:50",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let r: serde_json::Value =
+        serde_json::from_str(String::from_utf8(out.stdout).unwrap().trim()).unwrap();
+    assert_eq!(r["calls"].as_u64(), Some(200));
+    assert!(r["errors"].as_u64().unwrap() > 100, "{r}");
+    assert_eq!(r["errors"], r["unanswered"]);
+}
+
+#[test]
+fn load_rejects_bad_arguments() {
+    let out = load(&["--duration", "soon"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a duration"));
+    let out = load(&["--handler", "nap:1"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown handler"));
+}

@@ -36,7 +36,7 @@ pub struct BenchArgs {
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-enum Backend {
+pub enum Backend {
     Sync,
     Async,
 }
@@ -58,9 +58,7 @@ const ALL: [&str; 9] = ["W1", "W2", "W2f", "W3", "W4", "W5", "W6", "W7", "W3-map
 pub fn run(args: BenchArgs) -> BenchResult<()> {
     let engine = match args.engine.as_deref() {
         None => EngineKind::from_env(),
-        Some("uring") => EngineKind::Uring,
-        Some("epoll") => EngineKind::Epoll,
-        Some(o) => return Err(format!("unknown engine {o:?} (uring or epoll)").into()),
+        Some(e) => parse_engine(e)?,
     };
     let runs = args.runs.max(1);
     let template = Template::root()?;
@@ -89,35 +87,51 @@ pub fn run(args: BenchArgs) -> BenchResult<()> {
             "id", "name", "value", "raw", "ratio", "unit"
         );
     }
-    let emit = |row: Row| print_row(&row, args.json, backend_name);
-    if wanted("W1") {
-        emit(w1(&template, &opts, runs, args.calls)?);
+    type Step<'a> = Box<dyn FnOnce() -> BenchResult<Row> + 'a>;
+    let (t, o) = (&template, &opts);
+    let steps: Vec<(&str, Step)> = vec![
+        ("W1", Box::new(|| w1(t, o, runs, args.calls))),
+        ("W2", Box::new(|| w2(t, o, runs, args.pings, false))),
+        ("W2f", Box::new(|| w2(t, o, runs, args.pings, true))),
+        ("W3", Box::new(|| w3(t, o, runs, args.calls, false))),
+        ("W3-map", Box::new(|| w3(t, o, runs, args.calls, true))),
+        ("W4", Box::new(|| w4(t, o, runs))),
+        ("W5", Box::new(|| w5(t, engine, runs))),
+        ("W6", Box::new(|| w6(t, o, runs))),
+        ("W7", Box::new(|| w7(t, o))),
+    ];
+    let steps: Vec<_> = steps.into_iter().filter(|(id, _)| wanted(id)).collect();
+    // On a terminal, a bar on stderr says which workload runs; it stays
+    // out of pipes and files, and away from --json.
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(steps.len() as u64),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    if args.json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    if wanted("W2") {
-        emit(w2(&template, &opts, runs, args.pings, false)?);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} ({elapsed})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.enable_steady_tick(std::time::Duration::from_millis(250));
+    for (id, step) in steps {
+        bar.set_message(format!("running {id}"));
+        let row = step()?;
+        bar.suspend(|| print_row(&row, args.json, backend_name));
+        bar.inc(1);
     }
-    if wanted("W2f") {
-        emit(w2(&template, &opts, runs, args.pings, true)?);
-    }
-    if wanted("W3") {
-        emit(w3(&template, &opts, runs, args.calls, false)?);
-    }
-    if wanted("W3-map") {
-        emit(w3(&template, &opts, runs, args.calls, true)?);
-    }
-    if wanted("W4") {
-        emit(w4(&template, &opts, runs)?);
-    }
-    if wanted("W5") {
-        emit(w5(&template, engine, runs)?);
-    }
-    if wanted("W6") {
-        emit(w6(&template, &opts, runs)?);
-    }
-    if wanted("W7") {
-        emit(w7(&template, &opts)?);
-    }
+    bar.finish_and_clear();
     Ok(())
+}
+
+/// `uring` or `epoll`.
+pub fn parse_engine(e: &str) -> BenchResult<EngineKind> {
+    match e {
+        "uring" => Ok(EngineKind::Uring),
+        "epoll" => Ok(EngineKind::Epoll),
+        o => Err(format!("unknown engine {o:?} (uring or epoll)").into()),
+    }
 }
 
 fn print_row(r: &Row, json: bool, backend: &str) {

@@ -1,5 +1,6 @@
 //! Subcommands of the `forkrpc` binary.
 
 pub mod bench;
+pub mod load;
 pub mod raw;
 pub mod stats;
