@@ -148,7 +148,6 @@ pub fn run(args: LoadArgs) -> Result<bool, Box<dyn std::error::Error>> {
         while issued < total && start + interval.mul_f64(issued as f64) <= now {
             let intended = start + interval.mul_f64(issued as f64);
             let r = rec.clone();
-            let total = total;
             pool.call_with(call_args.clone(), move |res| {
                 match res {
                     Ok(_) => stats::record(&mut r.hist.lock().unwrap(), intended.elapsed()),
