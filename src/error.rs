@@ -112,6 +112,13 @@ pub enum Error {
         /// The earlier item's panic message.
         message: String,
     },
+    /// A value could not be frozen into a payload, or a payload could not
+    /// be thawed (malformed, or failed validation).
+    #[error("serialiser: {detail}")]
+    Codec {
+        /// What went wrong.
+        detail: String,
+    },
     /// An async handler was asked to run on the sync backend.
     #[error("handler {name:?} is asynchronous; run it with Options::asynchronous(true)")]
     NeedsAsync {

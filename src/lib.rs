@@ -24,6 +24,7 @@
 //! # Layout
 //!
 //! - [`wire`]: the byte layout (BER varints, octets, frames). No I/O.
+//! - [`serial`]: serialisers (octets, JSON, rkyv, your own) for typed calls.
 //! - `process`: fork, exec, descriptor passing and reaping; the template
 //!   process and its client. The only place that forks.
 //! - `engine`: the parent's driver thread and its backends (io_uring,
@@ -47,22 +48,26 @@ mod pool;
 mod process;
 mod registry;
 mod rpc;
+pub mod serial;
 mod sys;
 mod template;
+mod typed;
 pub mod wire;
 
 pub use child::asynchronous::{Done, DEFAULT_CONCURRENCY, OUT_HIGH};
 pub use child::runtime::{async_runtime, uring, AsyncRuntime};
-pub use child::{event, retire, PANIC_EXIT_CODE, PROTOCOL_EXIT_CODE};
+pub use child::{event, event_with, retire, PANIC_EXIT_CODE, PROTOCOL_EXIT_CODE};
 pub use engine::EngineKind;
 pub use error::{Error, ExitStatus, Result};
 pub use pool::{ncpu, Map, Ncpu, Pool, PoolCall, PoolConfig, PoolOptions, PoolStats};
 pub use process::{template_mode, TemplateMode, MARKER};
 pub use registry::{
-    AsyncHandler, InitFn, IntoReply, SyncHandler, WorkerArgs, BURN, ECHO, SLEEP, SLEEP_BLOCKING,
+    AsyncHandler, InitFn, IntoReply, SyncHandler, WorkerArgs, BURN, ECHO, ECHO_JSON, ECHO_RKYV,
+    SLEEP, SLEEP_BLOCKING,
 };
 pub use rpc::{CallFuture, Closing, Options, Rpc};
 pub use template::{init, Builder, Fork, Template};
+pub use typed::{Typed, TypedCall, TypedPool};
 #[doc(hidden)]
 pub use wire::octets::__to_bytes;
 pub use wire::Octets;

@@ -57,10 +57,18 @@ pub struct WorkerArgs {
     pub fds: Vec<OwnedFd>,
 }
 
+/// A typed sync handler: thaws the request payload (which had the given
+/// header size in front of it) and returns the frozen reply payload.
+pub(crate) type RawHandler = Arc<dyn Fn(Bytes, usize) -> Result<Bytes, String> + Send + Sync>;
+/// A typed async handler: as [`RawHandler`], replying through `Done`.
+pub(crate) type RawAsyncHandler = Arc<dyn Fn(Done, Bytes, usize) + Send + Sync>;
+
 #[derive(Clone)]
 pub(crate) enum Handler {
     Sync(SyncHandler),
     Async(AsyncHandler),
+    Raw(RawHandler),
+    RawAsync(RawAsyncHandler),
     /// Bench baseline: echoes raw bytes, no framing.
     RawEcho,
 }
@@ -80,6 +88,13 @@ pub const SLEEP: &str = "forkrpc::sleep";
 /// Name of the built-in blocking sleeping handler: as [`SLEEP`], but the
 /// worker sleeps (any backend; the async one stalls while it does).
 pub const SLEEP_BLOCKING: &str = "forkrpc::sleep-blocking";
+/// Name of the built-in JSON echo handler (typed with
+/// [`Json`](crate::serial::Json)): returns the value it gets.
+pub const ECHO_JSON: &str = "forkrpc::echo-json";
+/// Name of the built-in rkyv echo handler (typed with
+/// [`Rkyv`](crate::serial::Rkyv), request and reply `Vec<u8>`): reads the
+/// request in place and returns its bytes.
+pub const ECHO_RKYV: &str = "forkrpc::echo-rkyv";
 /// Name of the built-in CPU-burning handler: spins for the number of
 /// microseconds in its first argument, then returns its arguments.
 pub const BURN: &str = "forkrpc::burn";
@@ -102,6 +117,21 @@ fn with<R>(f: impl FnOnce(&mut Registry) -> R) -> R {
             })),
         );
         r.handlers.insert(
+            ECHO_JSON.into(),
+            Handler::Raw(crate::typed::raw_sync::<
+                _,
+                serde_json::Value,
+                serde_json::Value,
+            >(crate::serial::Json, |v| v)),
+        );
+        r.handlers.insert(
+            ECHO_RKYV.into(),
+            Handler::Raw(crate::typed::raw_sync::<_, Vec<u8>, Vec<u8>>(
+                crate::serial::Rkyv::checked(),
+                |v: crate::serial::Archived<Vec<u8>>| v.as_slice().to_vec(),
+            )),
+        );
+        r.handlers.insert(
             BURN.into(),
             Handler::Sync(Arc::new(|args| {
                 let us = first_number(&args)?;
@@ -116,6 +146,13 @@ fn with<R>(f: impl FnOnce(&mut Registry) -> R) -> R {
         r
     });
     f(reg)
+}
+
+impl Handler {
+    /// Needs the async backend.
+    pub(crate) fn is_async(&self) -> bool {
+        matches!(self, Handler::Async(_) | Handler::RawAsync(_))
+    }
 }
 
 pub(crate) fn add_handler(name: String, h: Handler) {

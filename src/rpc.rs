@@ -10,7 +10,7 @@ use crate::wire::frame::{
 };
 use crate::wire::{ERROR_TAG, FATAL_TAG};
 use crate::{octets, Octets};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -44,6 +44,8 @@ pub struct Options {
     pub(crate) asynchronous: bool,
     pub(crate) concurrency: Option<usize>,
     pub(crate) on_end: Option<EndFn>,
+    /// A typed `on_event`: gets event payloads undecoded.
+    pub(crate) on_event_raw: Option<Arc<dyn Fn(Bytes) + Send + Sync>>,
     /// Internal: the worker announced it is about to exit.
     pub(crate) on_fatal: Option<Arc<dyn Fn() + Send + Sync>>,
 }
@@ -67,6 +69,21 @@ impl Options {
     /// Called with every `forkrpc::event(...)` of the child, in order.
     pub fn on_event(mut self, f: impl Fn(Octets) + Send + Sync + 'static) -> Self {
         self.on_event = Some(Arc::new(f));
+        self
+    }
+
+    /// Called with every typed event of the child
+    /// ([`event_with`](crate::event_with)), thawed with `codec` (an event
+    /// that does not thaw arrives as the error). Replaces `on_event`;
+    /// errors then go to `on_error` or stderr.
+    pub fn on_event_with<T, C: crate::serial::Codec<T>>(
+        mut self,
+        codec: C,
+        f: impl Fn(Result<C::Thawed>) + Send + Sync + 'static,
+    ) -> Self {
+        self.on_event_raw = Some(Arc::new(move |p: Bytes| {
+            f(codec.thaw(p, crate::typed::REPLY_OFFSET))
+        }));
         self
     }
 
@@ -110,9 +127,39 @@ impl Options {
     }
 }
 
+/// A call's arguments: octets, encoded by the engine, or a payload a
+/// serialiser already froze on the caller's thread.
+#[derive(Clone)]
+pub(crate) enum Payload {
+    Octets(Octets),
+    Frozen(Bytes),
+}
+
+impl Payload {
+    pub(crate) fn len(&self) -> u64 {
+        match self {
+            Payload::Octets(o) => o.encoded_len(),
+            Payload::Frozen(b) => b.len() as u64,
+        }
+    }
+
+    fn write(self, out: &mut BytesMut) {
+        match self {
+            Payload::Octets(o) => o.encode(out),
+            Payload::Frozen(b) => out.extend_from_slice(&b),
+        }
+    }
+}
+
+impl From<Octets> for Payload {
+    fn from(o: Octets) -> Self {
+        Payload::Octets(o)
+    }
+}
+
 /// One call on its way: its arguments and who wants the reply.
 pub(crate) struct Call {
-    pub args: Octets,
+    pub args: Payload,
     pub done: Waiter,
 }
 
@@ -120,6 +167,8 @@ pub(crate) struct Call {
 pub(crate) enum Waiter {
     Callback(Box<dyn FnOnce(Result<Octets>) + Send>),
     Latch(Arc<Latch<Result<Octets>>>),
+    /// Gets the reply's payload undecoded (typed calls thaw it themselves).
+    Raw(Box<dyn FnOnce(Result<Bytes>) + Send>),
 }
 
 impl Waiter {
@@ -127,6 +176,32 @@ impl Waiter {
         match self {
             Waiter::Callback(f) => guard("a reply callback", || f(r)),
             Waiter::Latch(l) => l.set(r),
+            Waiter::Raw(f) => guard("a reply callback", || f(r.map(|o| o.to_bytes()))),
+        }
+    }
+
+    /// Completes with a reply payload: decoded as octets unless the waiter
+    /// wants it raw. A payload that is not octets fails the call.
+    fn complete_payload(self, pid: i32, payload: Bytes) -> Result<(), String> {
+        match self {
+            Waiter::Raw(f) => {
+                guard("a reply callback", || f(Ok(payload)));
+                Ok(())
+            }
+            w => match Octets::decode(payload) {
+                Ok(o) => {
+                    w.complete(Ok(o));
+                    Ok(())
+                }
+                Err(e) => {
+                    let detail = format!("malformed reply: {e}");
+                    w.complete(Err(Error::Protocol {
+                        pid,
+                        detail: detail.clone(),
+                    }));
+                    Err(detail)
+                }
+            },
         }
     }
 }
@@ -157,6 +232,7 @@ pub struct Rpc {
 struct Inner {
     id: u64,
     pid: i32,
+    asynchronous: bool,
     engine: &'static Engine,
     end: Arc<Latch<Result<()>>>,
     stats: Arc<ConnStats>,
@@ -178,6 +254,7 @@ impl Rpc {
         let id = Engine::next_id();
         let end = Latch::new();
         let stats = Arc::new(ConnStats::default());
+        let asynchronous = opts.asynchronous;
         let session = Session {
             pid,
             calls: if opts.asynchronous {
@@ -205,6 +282,7 @@ impl Rpc {
             inner: Arc::new(Inner {
                 id,
                 pid,
+                asynchronous,
                 engine,
                 end,
                 stats,
@@ -212,8 +290,9 @@ impl Rpc {
         }
     }
 
-    fn submit(&self, args: Octets, done: Waiter) {
-        let size = args.encoded_len();
+    pub(crate) fn submit(&self, args: impl Into<Payload>, done: Waiter) {
+        let args = args.into();
+        let size = args.len();
         if size > MAX_PAYLOAD {
             return done.complete(Err(Error::PayloadTooLarge { size }));
         }
@@ -222,6 +301,16 @@ impl Rpc {
             id: self.inner.id,
             call: Call { args, done },
         });
+    }
+
+    /// The size of the frame header in front of a request payload: 4 on
+    /// the sync backend, 8 on the async one (codecs align to it).
+    pub(crate) fn request_offset(&self) -> usize {
+        if self.inner.asynchronous {
+            8
+        } else {
+            4
+        }
     }
 
     /// Kills the worker on purpose; its outstanding calls fail with `e`.
@@ -337,6 +426,11 @@ impl Future for Closing {
     }
 }
 
+/// True if an event payload's first octet string is `tag`.
+fn has_tag(payload: &[u8], tag: &str) -> bool {
+    payload.first() == Some(&(tag.len() as u8)) && payload[1..].starts_with(tag.as_bytes())
+}
+
 /// Hashes call ids (small, distinct `u32`s) with one multiplication; the
 /// map's control bytes use the high bits, which the product fills.
 #[derive(Default)]
@@ -444,6 +538,39 @@ impl Session {
         Err(detail)
     }
 
+    /// An event frame: a note of ours (fatal, per-call error), or the
+    /// user's event (raw to a typed `on_event`, else decoded as octets).
+    fn event(&mut self, payload: Bytes) -> Result<(), String> {
+        let ours = has_tag(&payload, FATAL_TAG) || has_tag(&payload, ERROR_TAG);
+        if !ours {
+            if let Some(f) = &self.opts.on_event_raw {
+                guard("on_event", || f(payload));
+                return Ok(());
+            }
+        }
+        let ev = match Octets::decode(payload) {
+            Ok(ev) => ev,
+            Err(e) => return self.violation(format!("malformed event: {e}")),
+        };
+        let tag = ev.first().map(|t| &t[..]);
+        if tag == Some(FATAL_TAG.as_bytes()) {
+            self.fatal = Some((
+                ev.str(1).unwrap_or("").to_owned(),
+                ev.get(2)
+                    .map(|m| String::from_utf8_lossy(m).into_owned())
+                    .unwrap_or_default(),
+            ));
+            if let Some(f) = &self.opts.on_fatal {
+                f();
+            }
+        } else if tag == Some(ERROR_TAG.as_bytes()) {
+            return self.call_failed(&ev);
+        } else if let Some(f) = &self.opts.on_event {
+            guard("on_event", || f(ev));
+        }
+        Ok(())
+    }
+
     /// `[ERROR_TAG, id, kind, message]`: the call `id` failed.
     fn call_failed(&mut self, ev: &Octets) -> Result<(), String> {
         let id = ev.str(1).and_then(|s| s.parse::<u32>().ok());
@@ -469,7 +596,7 @@ impl Session {
 
 impl Protocol for Session {
     fn encode(&mut self, call: Call, out: &mut BytesMut) {
-        let len = call.args.encoded_len();
+        let len = call.args.len();
         match &mut self.calls {
             Calls::Sync(q) => {
                 out.reserve(4 + len as usize);
@@ -483,33 +610,12 @@ impl Protocol for Session {
                 waiting.insert(id, call.done);
             }
         }
-        call.args.encode(out);
+        call.args.write(out);
     }
 
     fn frame(&mut self, frame: Frame) -> Result<(), String> {
-        let decoded = Octets::decode(frame.payload);
         if frame.id == EVENT_ID {
-            let ev = match decoded {
-                Ok(ev) => ev,
-                Err(e) => return self.violation(format!("malformed event: {e}")),
-            };
-            let tag = ev.first().map(|t| &t[..]);
-            if tag == Some(FATAL_TAG.as_bytes()) {
-                self.fatal = Some((
-                    ev.str(1).unwrap_or("").to_owned(),
-                    ev.get(2)
-                        .map(|m| String::from_utf8_lossy(m).into_owned())
-                        .unwrap_or_default(),
-                ));
-                if let Some(f) = &self.opts.on_fatal {
-                    f();
-                }
-            } else if tag == Some(ERROR_TAG.as_bytes()) {
-                return self.call_failed(&ev);
-            } else if let Some(f) = &self.opts.on_event {
-                guard("on_event", || f(ev));
-            }
-            return Ok(());
+            return self.event(frame.payload);
         }
         let Some(w) = self.calls.take(frame.id) else {
             return self.violation(match self.calls {
@@ -525,23 +631,10 @@ impl Protocol for Session {
                 }
             });
         };
-        match decoded {
-            Ok(r) => {
-                self.resolve(w, Ok(r));
-                Ok(())
-            }
-            Err(e) => {
-                let detail = format!("malformed reply: {e}");
-                let pid = self.pid;
-                self.resolve(
-                    w,
-                    Err(Error::Protocol {
-                        pid,
-                        detail: detail.clone(),
-                    }),
-                );
-                self.violation(detail)
-            }
+        self.stats.answered.fetch_add(1, Ordering::Relaxed);
+        match w.complete_payload(self.pid, frame.payload) {
+            Ok(()) => Ok(()),
+            Err(detail) => self.violation(detail),
         }
     }
 

@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::process::{self, Backend, TemplateClient};
 use crate::registry::{self, Handler, IntoReply, WorkerArgs};
 use crate::rpc::{Options, Rpc};
+use crate::serial::Codec;
 use crate::Octets;
 use bytes::Bytes;
 use std::os::fd::OwnedFd;
@@ -79,6 +80,56 @@ impl Builder {
         self.handlers.push((
             name.into(),
             Handler::Sync(Arc::new(move |args| f(args).into_reply())),
+        ));
+        self
+    }
+
+    /// Registers a typed sync handler: requests are thawed and replies
+    /// frozen with `codec` (the parent calls it through
+    /// [`Rpc::typed`](crate::Rpc::typed) with the same codec). It runs on
+    /// either backend. Put errors in `Resp` (e.g. a `Result`), or panic.
+    ///
+    /// ```no_run
+    /// use forkrpc::serial::Json;
+    /// # fn main() -> Result<(), forkrpc::Error> {
+    /// forkrpc::Template::builder()
+    ///     .sync_with("len", Json, |(s,): (String,)| s.len())
+    ///     .start()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn sync_with<C, Req, Resp>(
+        mut self,
+        name: impl Into<String>,
+        codec: C,
+        f: impl Fn(<C as Codec<Req>>::Thawed) -> Resp + Send + Sync + 'static,
+    ) -> Self
+    where
+        C: Codec<Req> + Codec<Resp>,
+    {
+        self.handlers.push((
+            name.into(),
+            Handler::Raw(crate::typed::raw_sync::<C, Req, Resp>(codec, f)),
+        ));
+        self
+    }
+
+    /// Registers a typed async handler, an `async fn` from the thawed
+    /// request to the reply, frozen with `codec`. Needs
+    /// [`Options::asynchronous`].
+    pub fn async_fn_with<C, Req, Resp, F, Fut>(
+        mut self,
+        name: impl Into<String>,
+        codec: C,
+        f: F,
+    ) -> Self
+    where
+        C: Codec<Req> + Codec<Resp>,
+        F: Fn(<C as Codec<Req>>::Thawed) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Resp> + 'static,
+    {
+        self.handlers.push((
+            name.into(),
+            Handler::RawAsync(crate::typed::raw_async::<C, Req, Resp, F, Fut>(codec, f)),
         ));
         self
     }

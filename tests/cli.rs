@@ -142,3 +142,26 @@ fn load_rejects_bad_arguments() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown handler"));
 }
+
+#[test]
+fn serialiser_switch_for_w1() {
+    for ser in ["json", "rkyv"] {
+        let out = bench(&[
+            "--json",
+            "--only",
+            "W1",
+            "--runs",
+            "1",
+            "--calls",
+            "2000",
+            "--serialiser",
+            ser,
+        ]);
+        assert!(out.status.success(), "{out:?}");
+        let r: serde_json::Value =
+            serde_json::from_str(String::from_utf8(out.stdout).unwrap().trim()).unwrap();
+        assert_eq!(r["workload"], "W1");
+        assert_eq!(r["serialiser"], ser);
+        assert!(r["value"].as_f64().unwrap() > 0.0);
+    }
+}

@@ -74,6 +74,22 @@ impl Done {
         complete(id, reply.into_reply().map_err(|m| ("error", m)));
     }
 
+    /// Sends a frozen reply (typed handlers), or fails the call.
+    pub(crate) fn reply_raw(self, reply: Result<bytes::Bytes, String>) {
+        let id = self.id;
+        std::mem::forget(self);
+        OUT.with(|cell| {
+            let Ok(mut o) = cell.try_borrow_mut() else {
+                return;
+            };
+            let Some(o) = o.as_mut() else { return };
+            o.put_raw_reply(id, reply.map_err(|m| ("error", m)));
+            if let Some(st) = o.wake.clone() {
+                st.call_done();
+            }
+        })
+    }
+
     /// Fails the call with [`Error::Handler`](crate::Error::Handler).
     pub fn fail(self, message: impl std::fmt::Display) {
         self.reply(Err::<Octets, _>(message))
@@ -223,10 +239,12 @@ async fn run(sock: OwnedFd, handler: Handler, st: Rc<State>) -> i32 {
                 Decoded::Frame(f) => f,
                 Decoded::Incomplete { needed } => break read_want(needed, &inbuf, READ_CHUNK),
             };
-            let args = match (frame.id, Octets::decode(frame.payload)) {
+            let args = match (frame.id, &handler) {
                 (0, _) => Err("request with id 0 (ids start at 1)".to_owned()),
-                (_, Err(e)) => Err(format!("malformed request {}: {e}", frame.id)),
-                (_, Ok(a)) => Ok(a),
+                (_, Handler::Raw(_) | Handler::RawAsync(_)) => Ok(Request::Raw(frame.payload)),
+                (_, _) => Octets::decode(frame.payload)
+                    .map(Request::Octets)
+                    .map_err(|e| format!("malformed request {}: {e}", frame.id)),
             };
             let args = match args {
                 Ok(a) => a,
@@ -268,13 +286,22 @@ async fn run(sock: OwnedFd, handler: Handler, st: Rc<State>) -> i32 {
     code
 }
 
+/// A request as its handler takes it.
+enum Request {
+    Octets(Octets),
+    /// A typed handler's payload (an 8-byte `NN` header preceded it).
+    Raw(bytes::Bytes),
+}
+
 /// Starts one call. A panic in the handler drops its `Done`, which fails
 /// the call; the worker carries on.
-fn start(handler: &Handler, done: Done, args: Octets) {
-    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || match handler {
-        Handler::Async(h) => h(done, args),
-        Handler::Sync(h) => done.reply(h(args)),
-        Handler::RawEcho => unreachable!("raw echo has its own loop"),
+fn start(handler: &Handler, done: Done, req: Request) {
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || match (handler, req) {
+        (Handler::Async(h), Request::Octets(args)) => h(done, args),
+        (Handler::Sync(h), Request::Octets(args)) => done.reply(h(args)),
+        (Handler::Raw(h), Request::Raw(p)) => done.reply_raw(h(p, 8)),
+        (Handler::RawAsync(h), Request::Raw(p)) => h(done, p, 8),
+        _ => unreachable!("requests are decoded for their handler's kind"),
     }));
 }
 

@@ -5,11 +5,13 @@ pub(crate) mod asynchronous;
 pub(crate) mod runtime;
 pub(crate) mod sync;
 
+use crate::serial::Codec;
 use crate::sys::{self, exit_now};
 use crate::wire::chunk::{self, ItemResult};
 use crate::wire::frame::{put_id_header, EVENT_ID, MAX_PAYLOAD};
 use crate::wire::{ERROR_TAG, FATAL_TAG, RETIRE_TAG};
 use crate::{octets, Octets};
+use bytes::Bytes;
 use std::cell::RefCell;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
@@ -71,6 +73,36 @@ impl Out {
         );
     }
 
+    /// Queues a frame whose payload is already frozen.
+    pub(crate) fn put_raw(&mut self, id: u32, payload: &[u8]) -> bool {
+        if payload.len() as u64 > MAX_PAYLOAD {
+            return false;
+        }
+        self.buf.reserve(8 + payload.len());
+        put_id_header(&mut self.buf, id, payload.len() as u32);
+        self.buf.extend_from_slice(payload);
+        true
+    }
+
+    /// Queues the reply of a typed call: its frozen payload, or an error
+    /// note.
+    pub(crate) fn put_raw_reply(&mut self, id: u32, r: Result<Bytes, (&str, String)>) {
+        match r {
+            Ok(p) if self.put_raw(id, &p) => {}
+            Ok(p) => self.put_reply(
+                id,
+                Err((
+                    "error",
+                    format!(
+                        "reply of {} bytes exceeds the 4 GiB - 1 frame limit",
+                        p.len()
+                    ),
+                )),
+            ),
+            Err(e) => self.put_reply(id, Err(e)),
+        }
+    }
+
     /// Writes everything buffered; exits if the parent is gone.
     pub(crate) fn flush(&mut self) {
         if self.buf.is_empty() {
@@ -100,6 +132,32 @@ pub fn event(args: Octets) -> bool {
     OUT.with_borrow_mut(|o| match o {
         Some(o) => {
             let ok = o.put_frame(EVENT_ID, &args);
+            match &o.wake {
+                Some(st) => st.output_queued(),
+                None if o.immediate || o.buf.len() >= sync::FLUSH_AT => o.flush(),
+                None => {}
+            }
+            ok
+        }
+        None => false,
+    })
+}
+
+/// Sends a typed event, frozen with `codec`, to the parent's
+/// [`Options::on_event_with`](crate::Options::on_event_with). Same rules
+/// as [`event`]; returns false if it could not be sent (or frozen).
+///
+/// ```
+/// assert!(!forkrpc::event_with(&forkrpc::serial::Json, &("progress", 50)));
+/// ```
+pub fn event_with<T, C: Codec<T>>(codec: &C, value: &T) -> bool {
+    let mut buf = bytes::BytesMut::new();
+    if codec.freeze(value, &mut buf, 8).is_err() {
+        return false;
+    }
+    OUT.with_borrow_mut(|o| match o {
+        Some(o) => {
+            let ok = o.put_raw(EVENT_ID, &buf);
             match &o.wake {
                 Some(st) => st.output_queued(),
                 None if o.immediate || o.buf.len() >= sync::FLUSH_AT => o.flush(),

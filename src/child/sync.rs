@@ -7,7 +7,7 @@ use super::{
     PROTOCOL_EXIT_CODE,
 };
 use crate::octets;
-use crate::registry::SyncHandler;
+use crate::registry::{Handler, RawHandler};
 use crate::sys;
 use crate::wire::chunk;
 use crate::wire::frame::EVENT_ID;
@@ -24,7 +24,7 @@ const READ_CHUNK: usize = 64 * 1024;
 
 /// Serves requests on `sock` until the parent shuts its side; returns the
 /// exit code.
-pub(crate) fn serve(sock: OwnedFd, handler: SyncHandler) -> i32 {
+pub(crate) fn serve(sock: OwnedFd, handler: Handler) -> i32 {
     capture_panics();
     let fd = sock.as_raw_fd();
     OUT.with_borrow_mut(|o| {
@@ -51,6 +51,14 @@ pub(crate) fn serve(sock: OwnedFd, handler: SyncHandler) -> i32 {
                     break;
                 }
             };
+            let handler = match &handler {
+                Handler::Sync(h) => h,
+                Handler::Raw(h) => {
+                    typed_call(fd, h, frame.payload, !has_len_frame(&inbuf));
+                    continue;
+                }
+                _ => unreachable!("the template refuses async handlers on the sync backend"),
+            };
             let args = match Octets::decode(frame.payload) {
                 Ok(a) => a,
                 Err(e) => fatal(
@@ -63,7 +71,7 @@ pub(crate) fn serve(sock: OwnedFd, handler: SyncHandler) -> i32 {
             let last = !has_len_frame(&inbuf);
             OUT.with_borrow_mut(|o| o.as_mut().unwrap().immediate = last);
             if chunk::is_chunk(&args) {
-                let (reply, panicked) = run_chunk(fd, &args, &handler);
+                let (reply, panicked) = run_chunk(fd, &args, handler);
                 OUT.with_borrow_mut(|o| {
                     let o = o.as_mut().unwrap();
                     if let Some(m) = &panicked {
@@ -100,4 +108,21 @@ pub(crate) fn serve(sock: OwnedFd, handler: SyncHandler) -> i32 {
     OUT.with_borrow_mut(|o| o.as_mut().unwrap().flush());
     let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Write);
     0
+}
+
+/// One call of a typed handler: its payload thawed, its reply frozen by the
+/// handler's codec (a 4-byte `N` header preceded the request).
+fn typed_call(fd: std::os::fd::RawFd, h: &RawHandler, payload: bytes::Bytes, last: bool) {
+    OUT.with_borrow_mut(|o| o.as_mut().unwrap().immediate = last);
+    let reply = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| h(payload, 4))) {
+        Ok(r) => r,
+        Err(_) => fatal(fd, "panic", take_panic_message(), PANIC_EXIT_CODE),
+    };
+    OUT.with_borrow_mut(|o| {
+        let o = o.as_mut().unwrap();
+        o.put_raw_reply(SYNC_REPLY_ID, reply.map_err(|m| ("error", m)));
+        if o.buf.len() >= FLUSH_AT {
+            o.flush();
+        }
+    });
 }

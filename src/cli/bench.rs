@@ -4,7 +4,11 @@
 
 use super::raw;
 use super::stats::{self, latency, summarize, Latency};
-use forkrpc::{octets, EngineKind, Octets, Options, Pool, PoolOptions, Template, ECHO, SLEEP};
+use forkrpc::serial::{Json, Rkyv};
+use forkrpc::{
+    octets, EngineKind, Octets, Options, Pool, PoolOptions, Template, Typed, ECHO, ECHO_JSON,
+    ECHO_RKYV, SLEEP,
+};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -33,6 +37,108 @@ pub struct BenchArgs {
     /// Backend of the echo worker in W1, W2, W2f and W4: sync or async.
     #[arg(long, default_value = "sync")]
     backend: Backend,
+    /// Serialiser of W1 and W4: octets (Perl's default), json or rkyv.
+    #[arg(long, default_value = "octets")]
+    serialiser: Serialiser,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Serialiser {
+    Octets,
+    Json,
+    Rkyv,
+}
+
+/// The echo worker of W1 and W4 through the chosen serialiser.
+enum Echo {
+    Octets(forkrpc::Rpc),
+    Json(Typed<Json, serde_json::Value, serde_json::Value>),
+    Rkyv(Typed<Rkyv, Vec<u8>, Vec<u8>>),
+}
+
+impl Echo {
+    fn new(t: &Template, opts: &Options, ser: Serialiser) -> BenchResult<Echo> {
+        Ok(match ser {
+            Serialiser::Octets => Echo::Octets(t.fork().run(ECHO, opts.clone())?),
+            Serialiser::Json => Echo::Json(t.fork().run(ECHO_JSON, opts.clone())?.typed(Json)),
+            Serialiser::Rkyv => Echo::Rkyv(
+                t.fork()
+                    .run(ECHO_RKYV, opts.clone())?
+                    .typed(Rkyv::checked()),
+            ),
+        })
+    }
+
+    /// `calls` echoes of a 16-byte string, all queued at once; calls/s.
+    fn pipelined(&self, calls: usize) -> BenchResult<f64> {
+        let cd = Countdown::new(calls);
+        let t = Instant::now();
+        match self {
+            Echo::Octets(rpc) => {
+                let arg = arg16();
+                for _ in 0..calls {
+                    let cd = cd.clone();
+                    rpc.call_with(arg.clone(), move |r| cd.hit(r.is_ok()));
+                }
+            }
+            Echo::Json(typed) => {
+                let arg = serde_json::json!(["0123456789abcdef"]);
+                for _ in 0..calls {
+                    let cd = cd.clone();
+                    typed.call_with(&arg, move |r| cd.hit(r.is_ok()));
+                }
+            }
+            Echo::Rkyv(typed) => {
+                let arg = b"0123456789abcdef".to_vec();
+                for _ in 0..calls {
+                    let cd = cd.clone();
+                    typed.call_with(&arg, move |r| cd.hit(r.is_ok()));
+                }
+            }
+        }
+        cd.wait()?;
+        Ok(calls as f64 / t.elapsed().as_secs_f64())
+    }
+
+    /// One echo of `size` bytes, blocking; checks the size that came back.
+    fn big(&self, payload: &BigPayload) -> BenchResult<()> {
+        let n = match (self, payload) {
+            (Echo::Octets(rpc), BigPayload::Octets(p)) => rpc.call_blocking(p.clone())?[0].len(),
+            (Echo::Json(typed), BigPayload::Json(p)) => {
+                typed.call_blocking(p)?.as_str().map_or(0, str::len)
+            }
+            (Echo::Rkyv(typed), BigPayload::Rkyv(p)) => typed.call_blocking(p)?.len(),
+            _ => unreachable!("payload made for this serialiser"),
+        };
+        if n != BIG {
+            return Err(format!("W4: echo came back with {n} bytes, not {BIG}").into());
+        }
+        Ok(())
+    }
+
+    fn payload(&self) -> BigPayload {
+        match self {
+            Echo::Octets(_) => BigPayload::Octets(octets![vec![0x42u8; BIG]]),
+            Echo::Json(_) => BigPayload::Json(serde_json::Value::String("B".repeat(BIG))),
+            Echo::Rkyv(_) => BigPayload::Rkyv(vec![0x42u8; BIG]),
+        }
+    }
+
+    fn close(self) -> BenchResult<()> {
+        let rpc = match self {
+            Echo::Octets(rpc) => rpc,
+            Echo::Json(t) => t.rpc().clone(),
+            Echo::Rkyv(t) => t.rpc().clone(),
+        };
+        rpc.close_blocking()?;
+        Ok(())
+    }
+}
+
+enum BigPayload {
+    Octets(Octets),
+    Json(serde_json::Value),
+    Rkyv(Vec<u8>),
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,8 +185,9 @@ pub fn run(args: BenchArgs) -> BenchResult<()> {
     }
     if !args.json {
         println!(
-            "forkrpc bench — engine {}, {backend_name} backend, {runs} runs each (median [min..max]); ratio = value / raw baseline of the same run",
-            engine.name()
+            "forkrpc bench — engine {}, {backend_name} backend, {} serialiser (W1, W4), {runs} runs each (median [min..max]); ratio = value / raw baseline of the same run",
+            engine.name(),
+            format!("{:?}", args.serialiser).to_lowercase()
         );
         println!(
             "{:<5} {:<18} {:>14} {:>14} {:>9}  {:<10} details",
@@ -88,14 +195,19 @@ pub fn run(args: BenchArgs) -> BenchResult<()> {
         );
     }
     type Step<'a> = Box<dyn FnOnce() -> BenchResult<Row> + 'a>;
-    let (t, o) = (&template, &opts);
+    let (t, o, ser) = (&template, &opts, args.serialiser);
+    let ser_name = match ser {
+        Serialiser::Octets => "octets",
+        Serialiser::Json => "json",
+        Serialiser::Rkyv => "rkyv",
+    };
     let steps: Vec<(&str, Step)> = vec![
-        ("W1", Box::new(|| w1(t, o, runs, args.calls))),
+        ("W1", Box::new(|| w1(t, o, runs, args.calls, ser))),
         ("W2", Box::new(|| w2(t, o, runs, args.pings, false))),
         ("W2f", Box::new(|| w2(t, o, runs, args.pings, true))),
         ("W3", Box::new(|| w3(t, o, runs, args.calls, false))),
         ("W3-map", Box::new(|| w3(t, o, runs, args.calls, true))),
-        ("W4", Box::new(|| w4(t, o, runs))),
+        ("W4", Box::new(|| w4(t, o, runs, ser))),
         ("W5", Box::new(|| w5(t, engine, runs))),
         ("W6", Box::new(|| w6(t, o, runs))),
         ("W7", Box::new(|| w7(t, o))),
@@ -118,7 +230,7 @@ pub fn run(args: BenchArgs) -> BenchResult<()> {
     for (id, step) in steps {
         bar.set_message(format!("running {id}"));
         let row = step()?;
-        bar.suspend(|| print_row(&row, args.json, backend_name));
+        bar.suspend(|| print_row(&row, args.json, backend_name, ser_name));
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -134,7 +246,7 @@ pub fn parse_engine(e: &str) -> BenchResult<EngineKind> {
     }
 }
 
-fn print_row(r: &Row, json: bool, backend: &str) {
+fn print_row(r: &Row, json: bool, backend: &str, ser: &str) {
     let ratio = r.raw.map(|raw| r.value.median / raw);
     if json {
         let mut s = format!(
@@ -150,6 +262,9 @@ fn print_row(r: &Row, json: bool, backend: &str) {
             r.value.max,
             if r.id == "W5" { "async" } else { backend }
         );
+        if matches!(r.id, "W1" | "W4") {
+            s.push_str(&format!(",\"serialiser\":\"{ser}\""));
+        }
         for (k, v) in &r.extra {
             s.push_str(&format!(",\"{k}\":{v:.3}"));
         }
@@ -223,31 +338,24 @@ fn arg16() -> Octets {
     octets![&b"0123456789abcdef"[..]]
 }
 
-/// W1: `calls` echo calls of 16 bytes queued at once; calls/s.
-fn pipelined(rpc: &forkrpc::Rpc, calls: usize) -> BenchResult<f64> {
-    let cd = Countdown::new(calls);
-    let arg = arg16();
-    let t = Instant::now();
-    for _ in 0..calls {
-        let cd = cd.clone();
-        rpc.call_with(arg.clone(), move |r| cd.hit(r.is_ok()));
-    }
-    cd.wait()?;
-    Ok(calls as f64 / t.elapsed().as_secs_f64())
-}
-
-fn w1(t: &Template, opts: &Options, runs: usize, calls: usize) -> BenchResult<Row> {
-    let rpc = t.fork().run(ECHO, opts.clone())?;
+fn w1(
+    t: &Template,
+    opts: &Options,
+    runs: usize,
+    calls: usize,
+    ser: Serialiser,
+) -> BenchResult<Row> {
+    let echo = Echo::new(t, opts, ser)?;
     let (rawfd, _) = t.spawn_raw_echo()?;
-    pipelined(&rpc, calls / 10)?;
+    echo.pipelined(calls / 10)?;
     raw::stream(&rawfd, calls / 10 * raw::FRAME, 64 * 1024)?;
     let (mut v, mut r) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         let d = raw::stream(&rawfd, calls * raw::FRAME, 64 * 1024)?;
         r.push(calls as f64 / d.as_secs_f64());
-        v.push(pipelined(&rpc, calls)?);
+        v.push(echo.pipelined(calls)?);
     }
-    rpc.close_blocking()?;
+    echo.close()?;
     Ok(Row {
         id: "W1",
         name: "echo-pipelined",
@@ -431,18 +539,15 @@ fn w3(t: &Template, opts: &Options, runs: usize, calls: usize, map: bool) -> Ben
 const BIG: usize = 16 << 20;
 const BIG_CALLS: usize = 32;
 
-fn w4(t: &Template, opts: &Options, runs: usize) -> BenchResult<Row> {
-    let rpc = t.fork().run(ECHO, opts.clone())?;
+fn w4(t: &Template, opts: &Options, runs: usize, ser: Serialiser) -> BenchResult<Row> {
+    let echo = Echo::new(t, opts, ser)?;
     let (rawfd, _) = t.spawn_raw_echo()?;
-    let payload = octets![vec![0x42u8; BIG]];
+    let payload = echo.payload();
     let moved = (2 * BIG * BIG_CALLS) as f64 / 1e6;
     let once = |calls: usize| -> BenchResult<f64> {
         let t = Instant::now();
         for _ in 0..calls {
-            let r = rpc.call_blocking(payload.clone())?;
-            if r[0].len() != BIG {
-                return Err("W4: echo came back with the wrong size".into());
-            }
+            echo.big(&payload)?;
         }
         Ok(t.elapsed().as_secs_f64())
     };
@@ -460,7 +565,7 @@ fn w4(t: &Template, opts: &Options, runs: usize) -> BenchResult<Row> {
         r.push(moved / raw_once(BIG_CALLS)?);
         v.push(moved / once(BIG_CALLS)?);
     }
-    rpc.close_blocking()?;
+    echo.close()?;
     Ok(Row {
         id: "W4",
         name: "big-payload",

@@ -192,7 +192,8 @@ impl<I: Iterator<Item = Octets>> Map<I> {
                     n,
                     out: self.arrivals.clone(),
                 });
-                let _ = shared.submit_job(chunk::request(items.iter()), sink, Admit::Force);
+                let args = chunk::request(items.iter()).into();
+                let _ = shared.submit_job(args, sink, Admit::Force);
             } else {
                 for (i, args) in items.into_iter().enumerate() {
                     let out = self.arrivals.clone();

@@ -277,6 +277,26 @@ impl Pool {
         Map::new(self.clone(), jobs.into_iter(), false)
     }
 
+    /// Queues a frozen payload (typed calls).
+    pub(crate) fn submit_payload(
+        &self,
+        args: crate::rpc::Payload,
+        w: Waiter,
+        admit: Admit,
+    ) -> Result<JobId> {
+        self.shared().submit(args, w, admit)
+    }
+
+    /// The header size in front of a request payload on this pool's
+    /// workers (4 sync, 8 async).
+    pub(crate) fn request_offset(&self) -> usize {
+        if self.shared().chunks {
+            4
+        } else {
+            8
+        }
+    }
+
     /// Counts and pids of the workers and the queue.
     pub fn stats(&self) -> PoolStats {
         self.shared().stats()

@@ -12,8 +12,8 @@
 use super::{Admit, PoolOptions, PoolStats};
 use crate::error::{Error, Result};
 use crate::latch::Latch;
-use crate::registry::{self, Handler};
-use crate::rpc::{Call, Options, Rpc, Waiter};
+use crate::registry;
+use crate::rpc::{Call, Options, Payload, Rpc, Waiter};
 use crate::template::Template;
 use crate::wire::frame::MAX_PAYLOAD;
 use crate::wire::RETIRE_TAG;
@@ -36,7 +36,7 @@ pub(crate) enum Sink {
 
 /// A job in the scheduler's queue.
 pub(crate) struct Job {
-    args: Octets,
+    args: Payload,
     sink: Sink,
 }
 
@@ -46,7 +46,7 @@ pub(crate) struct Job {
 struct Tracked {
     sink: Sink,
     /// A copy of the arguments, to resend.
-    args: Octets,
+    args: Payload,
     retries: u32,
     worker: Option<WorkerId>,
     /// When it times out (restarted when it is resent through no fault of
@@ -141,13 +141,10 @@ impl Shared {
         mut opts: Options,
         popts: PoolOptions,
     ) -> Result<Arc<Shared>> {
-        match registry::handler(handler)? {
-            Handler::Async(_) if !opts.asynchronous => {
-                return Err(Error::NeedsAsync {
-                    name: handler.to_owned(),
-                })
-            }
-            _ => {}
+        if registry::handler(handler)?.is_async() && !opts.asynchronous {
+            return Err(Error::NeedsAsync {
+                name: handler.to_owned(),
+            });
         }
         if let Some(init) = &opts.init {
             registry::init(init)?;
@@ -233,11 +230,12 @@ impl Shared {
     /// Queues a call; returns its job id.
     pub(crate) fn submit(
         self: &Arc<Self>,
-        args: Octets,
+        args: impl Into<Payload>,
         waiter: Waiter,
         admit: Admit,
     ) -> Result<JobId> {
-        let size = args.encoded_len();
+        let args = args.into();
+        let size = args.len();
         if size > MAX_PAYLOAD {
             waiter.complete(Err(Error::PayloadTooLarge { size }));
             return Err(Error::PayloadTooLarge { size });
@@ -247,7 +245,7 @@ impl Shared {
 
     pub(crate) fn submit_job(
         self: &Arc<Self>,
-        args: Octets,
+        args: Payload,
         sink: Sink,
         admit: Admit,
     ) -> Result<JobId> {

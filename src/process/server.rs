@@ -135,7 +135,7 @@ impl Server {
         let Some(backend) = msg.str(4).and_then(|m| m.parse::<Backend>().ok()) else {
             return Err(octets!["other", "spawn request without a valid backend"]);
         };
-        if backend == Backend::Sync && matches!(handler, Handler::Async(_)) {
+        if backend == Backend::Sync && handler.is_async() {
             return Err(octets!["needs-async", name.to_owned()]);
         }
         if fds.is_empty() {
@@ -155,8 +155,7 @@ impl Server {
                 (h, Backend::Async { limit, uring }) => {
                     crate::child::asynchronous::serve(sock, h, limit, uring)
                 }
-                (Handler::Sync(h), Backend::Sync) => crate::child::sync::serve(sock, h),
-                (Handler::Async(_), Backend::Sync) => unreachable!("refused above"),
+                (h, Backend::Sync) => crate::child::sync::serve(sock, h),
             };
             exit_now(code)
         })

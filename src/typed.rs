@@ -1,0 +1,267 @@
+//! Typed calls: a [`Codec`] freezes the request on the caller's thread and
+//! thaws the reply, over an RPC handle ([`Rpc::typed`]) or a pool
+//! ([`Pool::typed`]). The worker's handler is registered with the same
+//! codec ([`Builder::sync_with`](crate::Builder::sync_with),
+//! [`Builder::async_fn_with`](crate::Builder::async_fn_with)).
+//!
+//! ```no_run
+//! use forkrpc::serial::Json;
+//! use forkrpc::{Options, Template};
+//!
+//! fn main() -> Result<(), forkrpc::Error> {
+//!     let t = Template::builder()
+//!         .sync_with("add", Json, |(a, b): (i64, i64)| a + b)
+//!         .start()?;
+//!     let rpc = t.fork().run("add", Options::default())?;
+//!     let add = rpc.typed::<(i64, i64), i64, _>(Json);
+//!     assert_eq!(add.call_blocking(&(2, 3))?, 5);
+//!     Ok(())
+//! }
+//! ```
+
+use crate::error::{Error, Result};
+use crate::latch::{Latch, Take};
+use crate::pool::{Admit, Pool};
+use crate::rpc::{Payload, Rpc, Waiter};
+use crate::serial::Codec;
+use bytes::{Bytes, BytesMut};
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+/// The header in front of every reply and event payload (`NN`).
+pub(crate) const REPLY_OFFSET: usize = 8;
+
+type Thawed<C, T> = <C as Codec<T>>::Thawed;
+
+fn freeze<C: Codec<T>, T>(codec: &C, value: &T, offset: usize) -> Result<Bytes> {
+    let mut buf = BytesMut::new();
+    codec.freeze(value, &mut buf, offset)?;
+    Ok(buf.freeze())
+}
+
+/// A waiter that thaws the reply with `codec`, then hands it on.
+fn thawing<C, Resp>(
+    codec: Arc<C>,
+    deliver: impl FnOnce(Result<Thawed<C, Resp>>) + Send + 'static,
+) -> Waiter
+where
+    C: Codec<Resp>,
+{
+    Waiter::Raw(Box::new(move |r: Result<Bytes>| {
+        deliver(r.and_then(|p| <C as Codec<Resp>>::thaw(&codec, p, REPLY_OFFSET)))
+    }))
+}
+
+/// An RPC handle whose calls send `Req` and get `Resp` through codec `C`.
+pub struct Typed<C, Req, Resp> {
+    rpc: Rpc,
+    codec: Arc<C>,
+    _types: PhantomData<fn(&Req) -> Resp>,
+}
+
+impl<C, Req, Resp> Clone for Typed<C, Req, Resp> {
+    fn clone(&self) -> Self {
+        Typed {
+            rpc: self.rpc.clone(),
+            codec: self.codec.clone(),
+            _types: PhantomData,
+        }
+    }
+}
+
+impl Rpc {
+    /// This handle with typed calls: requests frozen and replies thawed by
+    /// `codec`. The worker's handler must use the same codec.
+    pub fn typed<Req, Resp, C>(&self, codec: C) -> Typed<C, Req, Resp>
+    where
+        C: Codec<Req> + Codec<Resp>,
+    {
+        Typed {
+            rpc: self.clone(),
+            codec: Arc::new(codec),
+            _types: PhantomData,
+        }
+    }
+}
+
+impl<C, Req, Resp> Typed<C, Req, Resp>
+where
+    C: Codec<Req> + Codec<Resp>,
+{
+    /// Calls the handler; the future resolves with the thawed reply.
+    pub fn call(&self, req: &Req) -> TypedCall<Thawed<C, Resp>> {
+        let latch = Latch::new();
+        let l = latch.clone();
+        self.submit(req, move |r| l.set(r));
+        TypedCall(Take(latch))
+    }
+
+    /// Calls the handler; `f` runs with the thawed reply on the driver
+    /// thread (or at once, on this thread, if the request cannot be
+    /// frozen).
+    pub fn call_with(&self, req: &Req, f: impl FnOnce(Result<Thawed<C, Resp>>) + Send + 'static) {
+        self.submit(req, f)
+    }
+
+    /// Calls the handler and blocks until the reply arrives.
+    pub fn call_blocking(&self, req: &Req) -> Result<Thawed<C, Resp>> {
+        if crate::engine::on_driver_thread() {
+            return Err(Error::WouldDeadlock);
+        }
+        let latch = Latch::new();
+        let l = latch.clone();
+        self.submit(req, move |r| l.set(r));
+        latch.wait()
+    }
+
+    /// The untyped handle underneath.
+    pub fn rpc(&self) -> &Rpc {
+        &self.rpc
+    }
+
+    fn submit(&self, req: &Req, deliver: impl FnOnce(Result<Thawed<C, Resp>>) + Send + 'static) {
+        match freeze(&*self.codec, req, self.rpc.request_offset()) {
+            Ok(p) => self.rpc.submit(
+                Payload::Frozen(p),
+                thawing::<C, Resp>(self.codec.clone(), deliver),
+            ),
+            Err(e) => deliver(Err(e)),
+        }
+    }
+}
+
+/// The reply of one typed call.
+pub struct TypedCall<T>(Take<Result<T>>);
+
+impl<T> Future for TypedCall<T> {
+    type Output = Result<T>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+/// A pool whose calls send `Req` and get `Resp` through codec `C`.
+pub struct TypedPool<C, Req, Resp> {
+    pool: Pool,
+    codec: Arc<C>,
+    _types: PhantomData<fn(&Req) -> Resp>,
+}
+
+impl<C, Req, Resp> Clone for TypedPool<C, Req, Resp> {
+    fn clone(&self) -> Self {
+        TypedPool {
+            pool: self.pool.clone(),
+            codec: self.codec.clone(),
+            _types: PhantomData,
+        }
+    }
+}
+
+impl Pool {
+    /// This pool with typed calls (see [`Rpc::typed`]).
+    pub fn typed<Req, Resp, C>(&self, codec: C) -> TypedPool<C, Req, Resp>
+    where
+        C: Codec<Req> + Codec<Resp>,
+    {
+        TypedPool {
+            pool: self.clone(),
+            codec: Arc::new(codec),
+            _types: PhantomData,
+        }
+    }
+}
+
+impl<C, Req, Resp> TypedPool<C, Req, Resp>
+where
+    C: Codec<Req> + Codec<Resp>,
+{
+    fn frozen(&self, req: &Req) -> Result<Bytes> {
+        freeze(&*self.codec, req, self.pool.request_offset())
+    }
+
+    /// Calls the handler on some worker; the future resolves with the
+    /// thawed reply (queue limits as for [`Pool::call_blocking`]: the
+    /// call is queued at once, waiting for room if needed).
+    pub fn call(&self, req: &Req) -> TypedCall<Thawed<C, Resp>> {
+        let latch = Latch::new();
+        let l = latch.clone();
+        self.submit(req, Admit::Block, move |r| l.set(r));
+        TypedCall(Take(latch))
+    }
+
+    /// Calls the handler; `f` runs with the thawed reply.
+    pub fn call_with(&self, req: &Req, f: impl FnOnce(Result<Thawed<C, Resp>>) + Send + 'static) {
+        self.submit(req, Admit::Block, f)
+    }
+
+    /// Calls the handler and blocks until the reply arrives.
+    pub fn call_blocking(&self, req: &Req) -> Result<Thawed<C, Resp>> {
+        if crate::engine::on_driver_thread() {
+            return Err(Error::WouldDeadlock);
+        }
+        let latch = Latch::new();
+        let l = latch.clone();
+        self.submit(req, Admit::Block, move |r| l.set(r));
+        latch.wait()
+    }
+
+    /// The untyped pool underneath.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    fn submit(
+        &self,
+        req: &Req,
+        admit: Admit,
+        deliver: impl FnOnce(Result<Thawed<C, Resp>>) + Send + 'static,
+    ) {
+        match self.frozen(req) {
+            Ok(p) => {
+                let w = thawing::<C, Resp>(self.codec.clone(), deliver);
+                let _ = self.pool.submit_payload(Payload::Frozen(p), w, admit);
+            }
+            Err(e) => deliver(Err(e)),
+        }
+    }
+}
+
+/// Wraps a typed sync handler for the registry.
+pub(crate) fn raw_sync<C, Req, Resp>(
+    codec: C,
+    f: impl Fn(Thawed<C, Req>) -> Resp + Send + Sync + 'static,
+) -> crate::registry::RawHandler
+where
+    C: Codec<Req> + Codec<Resp>,
+{
+    Arc::new(move |payload: Bytes, offset: usize| {
+        let req = <C as Codec<Req>>::thaw(&codec, payload, offset).map_err(|e| e.to_string())?;
+        let resp = f(req);
+        freeze(&codec, &resp, REPLY_OFFSET).map_err(|e| e.to_string())
+    })
+}
+
+/// Wraps a typed async handler (an `async fn`) for the registry.
+pub(crate) fn raw_async<C, Req, Resp, F, Fut>(codec: C, f: F) -> crate::registry::RawAsyncHandler
+where
+    C: Codec<Req> + Codec<Resp>,
+    F: Fn(Thawed<C, Req>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Resp> + 'static,
+{
+    let codec = Arc::new(codec);
+    Arc::new(move |done, payload: Bytes, offset: usize| {
+        let req = match <C as Codec<Req>>::thaw(&codec, payload, offset) {
+            Ok(r) => r,
+            Err(e) => return done.fail(e),
+        };
+        let fut = f(req);
+        let codec = codec.clone();
+        tokio::task::spawn_local(async move {
+            let resp = fut.await;
+            done.reply_raw(freeze(&*codec, &resp, REPLY_OFFSET).map_err(|e| e.to_string()));
+        });
+    })
+}
