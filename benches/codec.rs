@@ -107,5 +107,67 @@ fn chunks(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, varint, octets, frames, chunks);
+/// Each serialiser freezing and thawing a byte payload of 16 B, 1 KiB and
+/// 1 MiB (for JSON a string of that many characters).
+fn serialisers(c: &mut Criterion) {
+    use forkrpc::serial::{Archived, Codec, Json, OctetsCodec, Rkyv};
+    let mut g = c.benchmark_group("serialiser");
+    for size in [16usize, 1024, 1 << 20] {
+        g.throughput(Throughput::Bytes(size as u64));
+        let oct = Octets(vec![Bytes::from(vec![b'x'; size])]);
+        let json = serde_json::Value::String("x".repeat(size));
+        let bin = vec![b'x'; size];
+        let frozen = |f: &dyn Fn(&mut BytesMut)| {
+            let mut b = BytesMut::new();
+            f(&mut b);
+            b.freeze()
+        };
+        g.bench_with_input(BenchmarkId::new("octets/freeze", size), &oct, |b, v| {
+            let mut out = BytesMut::new();
+            b.iter(|| {
+                out.clear();
+                OctetsCodec.freeze(v, &mut out, 8).unwrap()
+            })
+        });
+        let p = frozen(&|b| OctetsCodec.freeze(&oct, b, 8).unwrap());
+        g.bench_with_input(BenchmarkId::new("octets/thaw", size), &p, |b, p| {
+            b.iter(|| OctetsCodec.thaw(p.clone(), 8).unwrap())
+        });
+        g.bench_with_input(BenchmarkId::new("json/freeze", size), &json, |b, v| {
+            let mut out = BytesMut::new();
+            b.iter(|| {
+                out.clear();
+                Json.freeze(v, &mut out, 8).unwrap()
+            })
+        });
+        let p = frozen(&|b| Json.freeze(&json, b, 8).unwrap());
+        g.bench_with_input(BenchmarkId::new("json/thaw", size), &p, |b, p| {
+            b.iter(|| -> serde_json::Value { Json.thaw(p.clone(), 8).unwrap() })
+        });
+        g.bench_with_input(BenchmarkId::new("rkyv/freeze", size), &bin, |b, v| {
+            let mut out = BytesMut::new();
+            b.iter(|| {
+                out.clear();
+                Rkyv::checked().freeze(v, &mut out, 8).unwrap()
+            })
+        });
+        // Thaw from a 16-aligned payload, as in a receive buffer.
+        let p = frozen(&|b| Rkyv::checked().freeze(&bin, b, 8).unwrap());
+        let mut block = rkyv::util::AlignedVec::<16>::new();
+        block.extend_from_slice(&[0u8; 8]);
+        block.extend_from_slice(&p);
+        let block = Bytes::from(block.to_vec());
+        let aligned = if (block.as_ptr() as usize + 16) % 16 == 0 {
+            block.slice(8..)
+        } else {
+            p.clone()
+        };
+        g.bench_with_input(BenchmarkId::new("rkyv/thaw", size), &aligned, |b, p| {
+            b.iter(|| -> Archived<Vec<u8>> { Rkyv::checked().thaw(p.clone(), 8).unwrap() })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, varint, octets, frames, chunks, serialisers);
 criterion_main!(benches);
