@@ -2,7 +2,7 @@
 //! callbacks (on the driver thread) or blocking returns. Also the per-worker
 //! [`Protocol`] that gives frames their meaning (sync and async backends).
 
-use crate::engine::{Command, ConnStats, Engine, EngineKind, Protocol};
+use crate::engine::{Command, ConnStats, Engine, EngineKind, Protocol, SendQueue};
 use crate::error::{Error, ExitStatus, Result};
 use crate::latch::{Latch, Take};
 use crate::wire::frame::{
@@ -10,7 +10,7 @@ use crate::wire::frame::{
 };
 use crate::wire::{ERROR_TAG, FATAL_TAG};
 use crate::{octets, Octets};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -143,10 +143,17 @@ impl Payload {
         }
     }
 
-    fn write(self, out: &mut BytesMut) {
+    /// Appends the payload; big byte strings are queued in place, not
+    /// copied.
+    fn write(self, out: &mut SendQueue) {
         match self {
-            Payload::Octets(o) => o.encode(out),
-            Payload::Frozen(b) => out.extend_from_slice(&b),
+            Payload::Octets(o) => {
+                for b in o.0 {
+                    crate::wire::ber::encode(b.len() as u64, &mut out.buf);
+                    out.put_shared(b);
+                }
+            }
+            Payload::Frozen(b) => out.put_shared(b),
         }
     }
 }
@@ -595,18 +602,19 @@ impl Session {
 }
 
 impl Protocol for Session {
-    fn encode(&mut self, call: Call, out: &mut BytesMut) {
+    fn encode(&mut self, call: Call, out: &mut SendQueue) {
         let len = call.args.len();
+        let copied = (len as usize).min(crate::engine::SEND_IN_PLACE);
         match &mut self.calls {
             Calls::Sync(q) => {
-                out.reserve(4 + len as usize);
-                put_len_header(out, len as u32);
+                out.buf.reserve(4 + copied);
+                put_len_header(&mut out.buf, len as u32);
                 q.push_back(call.done);
             }
             Calls::Async { waiting, next } => {
                 let id = next_id(next, waiting);
-                out.reserve(8 + len as usize);
-                put_id_header(out, id, len as u32);
+                out.buf.reserve(8 + copied);
+                put_id_header(&mut out.buf, id, len as u32);
                 waiting.insert(id, call.done);
             }
         }

@@ -43,6 +43,24 @@ impl Out {
         if len > MAX_PAYLOAD {
             return false;
         }
+        // The sync backend writes big strings straight from where they lie
+        // (for an echo, the receive buffer) instead of copying them here.
+        let big = |b: &Bytes| b.len() >= crate::engine::SEND_IN_PLACE;
+        if self.wake.is_none() && payload.iter().any(big) {
+            put_id_header(&mut self.buf, id, len as u32);
+            for b in payload.iter() {
+                crate::wire::ber::encode(b.len() as u64, &mut self.buf);
+                if big(b) {
+                    self.flush();
+                    if sys::send_all(self.fd, b).is_err() {
+                        exit_now(0); // the parent went away
+                    }
+                } else {
+                    self.buf.extend_from_slice(b);
+                }
+            }
+            return true;
+        }
         self.buf.reserve(8 + len as usize);
         put_id_header(&mut self.buf, id, len as u32);
         payload.encode(&mut self.buf);

@@ -12,6 +12,25 @@
 //! batch, for all workers). A buffer handed to `read` or `send` stays valid
 //! and untouched until its completion has been returned by `wait`.
 //!
+//! # Copies of a big payload
+//!
+//! - Send: a byte string of 64 KiB or more ([`SEND_IN_PLACE`]) in a call's
+//!   arguments is sent from the caller's own buffer (the `Bytes` inside its
+//!   `Octets`, or a serialiser's frozen payload): no copy in user space,
+//!   one by the kernel into the socket. Smaller pieces are copied once into
+//!   the connection's send buffer, so that many frames leave in one send.
+//! - Receive: the kernel copies into the connection's receive buffer (each
+//!   read goes straight into its spare capacity), and a reply's strings
+//!   are slices of that buffer: no copy in user space. While a frame larger
+//!   than the buffer arrives, the buffer grows by at most doubling (so an
+//!   announced length allocates only as its bytes arrive), copying what
+//!   came so far: at most about one copy of the frame, amortised; a buffer
+//!   that is big enough already is reused without copying.
+//! - The sync worker reads the same way, and writes a reply's strings of
+//!   64 KiB or more straight from where they lie (for an echo, from its
+//!   receive buffer). The async worker copies replies once into its output
+//!   buffer.
+//!
 //! # Wake-ups
 //!
 //! Callers on any thread push [`Command`]s to a queue and write an eventfd
@@ -25,7 +44,7 @@ use crate::error::{Error, ExitStatus};
 use crate::rpc::Call;
 use crate::wire::frame::{read_want, split_id_frame, Frame};
 use crate::wire::Decoded;
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -106,10 +125,55 @@ pub(crate) trait Io {
     fn wait(&mut self, out: &mut Vec<Completion>, timeout: Option<Duration>) -> io::Result<()>;
 }
 
+/// Bytes waiting to go to one worker, in order: small writes are copied
+/// into one buffer (one send for many frames); a large shared buffer (a
+/// big argument) is queued as it is and sent from where it lies, with no
+/// staging copy.
+#[derive(Default)]
+pub(crate) struct SendQueue {
+    /// The frames being built (headers, small payloads).
+    pub buf: BytesMut,
+    /// Finished pieces, oldest first, before `buf`.
+    ready: VecDeque<Bytes>,
+}
+
+/// Buffers at least this big are sent in place rather than copied.
+pub(crate) const SEND_IN_PLACE: usize = 64 * 1024;
+
+impl SendQueue {
+    /// Appends bytes that may be shared: big ones are queued in place.
+    pub(crate) fn put_shared(&mut self, b: Bytes) {
+        if b.len() < SEND_IN_PLACE {
+            self.buf.extend_from_slice(&b);
+            return;
+        }
+        if !self.buf.is_empty() {
+            self.ready.push_back(self.buf.split().freeze());
+        }
+        self.ready.push_back(b);
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.buf.is_empty() && self.ready.is_empty()
+    }
+
+    /// The next piece to send, if any.
+    fn next(&mut self) -> Option<Bytes> {
+        self.ready
+            .pop_front()
+            .or_else(|| (!self.buf.is_empty()).then(|| self.buf.split().freeze()))
+    }
+
+    fn clear(&mut self) {
+        self.buf.clear();
+        self.ready.clear();
+    }
+}
+
 /// The RPC layer's side of one worker connection; runs on the driver thread.
 pub(crate) trait Protocol: Send {
     /// Appends the request frame for `call` to `out` and remembers `call`.
-    fn encode(&mut self, call: Call, out: &mut BytesMut);
+    fn encode(&mut self, call: Call, out: &mut SendQueue);
     /// Handles one reply or event. An error is a protocol violation.
     fn frame(&mut self, frame: Frame) -> Result<(), String>;
     /// The connection ended: EOF (or a read error), and `status` if known.
@@ -306,9 +370,9 @@ struct Conn {
     proto: Box<dyn Protocol>,
     stats: Arc<ConnStats>,
     /// Frames not yet handed to the kernel.
-    out: BytesMut,
+    out: SendQueue,
     /// The buffer of the send in flight, and how much of it went already.
-    sending: Option<(BytesMut, usize)>,
+    sending: Option<(Bytes, usize)>,
     inbuf: BytesMut,
     want: usize,
     reading: bool,
@@ -426,7 +490,10 @@ impl<I: Io> Driver<I> {
                         pid,
                         proto,
                         stats,
-                        out: BytesMut::with_capacity(READ_CHUNK),
+                        out: SendQueue {
+                            buf: BytesMut::with_capacity(READ_CHUNK),
+                            ready: VecDeque::new(),
+                        },
                         sending: None,
                         inbuf: BytesMut::with_capacity(READ_CHUNK),
                         want: READ_CHUNK,
@@ -482,15 +549,14 @@ impl<I: Io> Driver<I> {
         if c.sending.is_some() || c.shut {
             return;
         }
-        if c.out.is_empty() {
+        let Some(buf) = c.out.next() else {
             if c.closing && !c.eof {
                 c.shut = true;
                 let _ =
                     nix::sys::socket::shutdown(c.fd.as_raw_fd(), nix::sys::socket::Shutdown::Write);
             }
             return;
-        }
-        let buf = c.out.split();
+        };
         let (ptr, len) = (buf.as_ptr(), buf.len());
         c.sending = Some((buf, 0));
         c.stats.sends.fetch_add(1, Ordering::Relaxed);
@@ -591,7 +657,7 @@ impl<I: Io> Driver<I> {
             return calls.for_each(|c| c.fail(Error::Closed));
         };
         if c.eof || c.shut {
-            let mut discard = BytesMut::new();
+            let mut discard = SendQueue::default();
             for call in calls {
                 c.proto.encode(call, &mut discard);
                 discard.clear();
