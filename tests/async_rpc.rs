@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::engines;
+use common::{block, check, destroy_channel, engines, eq, recv};
 use forkrpc::{octets, AsyncRuntime, Done, EngineKind, Error, Octets, Options, Template};
 use libtest_mimic::{Arguments, Failed, Trial};
 use std::cell::Cell;
@@ -163,40 +163,8 @@ fn main() {
 
 type AsyncTest = fn(&Template, EngineKind) -> Result<(), Failed>;
 
-fn check(cond: bool, msg: impl Into<String>) -> Result<(), Failed> {
-    if cond {
-        Ok(())
-    } else {
-        Err(msg.into().into())
-    }
-}
-
-fn eq<T: PartialEq + std::fmt::Debug>(a: T, b: T) -> Result<(), Failed> {
-    check(a == b, format!("expected {b:?}, got {a:?}"))
-}
-
 fn opts(kind: EngineKind) -> Options {
     Options::default().engine(kind).asynchronous(true)
-}
-
-fn destroy_channel() -> (impl Fn() + Send + Sync + 'static, mpsc::Receiver<()>) {
-    let (tx, rx) = mpsc::channel();
-    let tx = Mutex::new(tx);
-    (move || tx.lock().unwrap().send(()).unwrap(), rx)
-}
-
-/// Waits for a worker's answer (or fails after 20 s rather than hang).
-fn recv<T>(rx: &mpsc::Receiver<T>) -> Result<T, Failed> {
-    rx.recv_timeout(Duration::from_secs(20))
-        .map_err(|_| Failed::from("timed out waiting for the worker"))
-}
-
-fn block<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
 }
 
 fn runtime_choice(t: &Template, kind: EngineKind) -> Result<(), Failed> {

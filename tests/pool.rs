@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::wait_gone;
+use common::{block, check, destroy_channel, eq, recv, wait_gone};
 use forkrpc::{octets, Error, Octets, Options, Pool, PoolOptions, Template};
 use libtest_mimic::{Arguments, Failed, Trial};
 use std::collections::BTreeSet;
@@ -128,37 +128,6 @@ fn main() {
         })
         .collect();
     libtest_mimic::run(&args, trials).exit();
-}
-
-fn check(cond: bool, msg: impl Into<String>) -> Result<(), Failed> {
-    if cond {
-        Ok(())
-    } else {
-        Err(msg.into().into())
-    }
-}
-
-fn eq<T: PartialEq + std::fmt::Debug>(a: T, b: T) -> Result<(), Failed> {
-    check(a == b, format!("expected {b:?}, got {a:?}"))
-}
-
-fn recv<T>(rx: &mpsc::Receiver<T>) -> Result<T, Failed> {
-    rx.recv_timeout(Duration::from_secs(30))
-        .map_err(|_| Failed::from("timed out waiting for the pool"))
-}
-
-fn destroy_channel() -> (impl Fn() + Send + Sync + 'static, mpsc::Receiver<()>) {
-    let (tx, rx) = mpsc::channel();
-    let tx = Mutex::new(tx);
-    (move || tx.lock().unwrap().send(()).unwrap(), rx)
-}
-
-fn block<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
 }
 
 fn pid_of(r: &Octets, i: usize) -> i32 {

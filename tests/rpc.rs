@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{engines, proc_exists, wait_gone};
+use common::{check, destroy_channel, engines, eq, proc_exists, recv, wait_gone};
 use forkrpc::{octets, EngineKind, Error, ExitStatus, Octets, Options, Template, WorkerArgs};
 use libtest_mimic::{Arguments, Failed, Trial};
 use std::collections::BTreeSet;
@@ -201,32 +201,8 @@ fn main() {
 
 type RpcTest = fn(&Template, EngineKind) -> Result<(), Failed>;
 
-fn check(cond: bool, msg: impl Into<String>) -> Result<(), Failed> {
-    if cond {
-        Ok(())
-    } else {
-        Err(msg.into().into())
-    }
-}
-
-fn eq<T: PartialEq + std::fmt::Debug>(a: T, b: T) -> Result<(), Failed> {
-    check(a == b, format!("expected {b:?}, got {a:?}"))
-}
-
 fn opts(kind: EngineKind) -> Options {
     Options::default().engine(kind)
-}
-
-/// Waits for `on_destroy` (or fails after 20 s rather than hang the suite).
-fn destroy_channel() -> (impl Fn() + Send + Sync + 'static, mpsc::Receiver<()>) {
-    let (tx, rx) = mpsc::channel();
-    let tx = Mutex::new(tx);
-    (move || tx.lock().unwrap().send(()).unwrap(), rx)
-}
-
-fn recv<T>(rx: &mpsc::Receiver<T>) -> Result<T, Failed> {
-    rx.recv_timeout(Duration::from_secs(20))
-        .map_err(|_| Failed::from("timed out waiting for the worker"))
 }
 
 fn synopsis(t: &Template, kind: EngineKind) -> Result<(), Failed> {

@@ -9,6 +9,9 @@
 use bytes::{Bytes, BytesMut};
 use forkrpc::serial::{Archived, Codec, Json, Rkyv};
 use forkrpc::{Error, Options, Pool, PoolOptions, Template};
+mod common;
+
+use common::eq;
 use libtest_mimic::{Arguments, Failed, Trial};
 use std::sync::{mpsc, Mutex};
 use std::time::Duration;
@@ -123,14 +126,6 @@ fn main() {
         })
         .collect();
     libtest_mimic::run(&args, trials).exit();
-}
-
-fn eq<T: PartialEq + std::fmt::Debug>(a: T, b: T) -> Result<(), Failed> {
-    if a == b {
-        Ok(())
-    } else {
-        Err(format!("expected {b:?}, got {a:?}").into())
-    }
 }
 
 fn json_vectors(_t: &Template) -> Result<(), Failed> {

@@ -147,9 +147,15 @@ impl Out {
 /// assert!(!forkrpc::event(forkrpc::octets!["progress", "50%"]));
 /// ```
 pub fn event(args: Octets) -> bool {
+    queue_event(|o| o.put_frame(EVENT_ID, &args))
+}
+
+/// Queues an event frame with `put`, then wakes the async writer, or
+/// writes at once when no further request waits to be batched with it.
+fn queue_event(put: impl FnOnce(&mut Out) -> bool) -> bool {
     OUT.with_borrow_mut(|o| match o {
         Some(o) => {
-            let ok = o.put_frame(EVENT_ID, &args);
+            let ok = put(o);
             match &o.wake {
                 Some(st) => st.output_queued(),
                 None if o.immediate || o.buf.len() >= sync::FLUSH_AT => o.flush(),
@@ -166,25 +172,15 @@ pub fn event(args: Octets) -> bool {
 /// as [`event`]; returns false if it could not be sent (or frozen).
 ///
 /// ```
-/// assert!(!forkrpc::event_with(&forkrpc::serial::Json, &("progress", 50)));
+/// let progress = ("progress".to_owned(), 50);
+/// assert!(!forkrpc::event_with(&forkrpc::serial::Json, &progress));
 /// ```
 pub fn event_with<T, C: Codec<T>>(codec: &C, value: &T) -> bool {
     let mut buf = bytes::BytesMut::new();
     if codec.freeze(value, &mut buf, 8).is_err() {
         return false;
     }
-    OUT.with_borrow_mut(|o| match o {
-        Some(o) => {
-            let ok = o.put_raw(EVENT_ID, &buf);
-            match &o.wake {
-                Some(st) => st.output_queued(),
-                None if o.immediate || o.buf.len() >= sync::FLUSH_AT => o.flush(),
-                None => {}
-            }
-            ok
-        }
-        None => false,
-    })
+    queue_event(|o| o.put_raw(EVENT_ID, &buf))
 }
 
 /// Asks the pool this worker belongs to for retirement: it sends the worker

@@ -81,12 +81,14 @@ impl Codec<Octets> for OctetsCodec {
 
 /// JSON, as Perl's `JSON_SERIALISER`: the payload is `encode_json \@_`,
 /// the call's arguments as a JSON array. Use a tuple or a `Vec` for the
-/// arguments (they serialise as arrays); any `serde` type works.
+/// arguments (they serialise as arrays); any owned `serde` type works
+/// (`Serialize + DeserializeOwned`: a codec goes both ways).
 ///
 /// ```
 /// use forkrpc::serial::{Codec, Json};
 /// let mut out = bytes::BytesMut::new();
-/// Json.freeze(&("rmdir", "/tmp/x", 3), &mut out, 4).unwrap();
+/// let args = ("rmdir".to_owned(), "/tmp/x".to_owned(), 3);
+/// Json.freeze(&args, &mut out, 4).unwrap();
 /// assert_eq!(&out[..], br#"["rmdir","/tmp/x",3]"#);
 /// let back: (String, String, u32) = Json.thaw(out.freeze(), 4).unwrap();
 /// assert_eq!(back, ("rmdir".into(), "/tmp/x".into(), 3));

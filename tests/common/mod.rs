@@ -1,7 +1,9 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+use libtest_mimic::Failed;
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::sync::{mpsc, Mutex};
 use std::time::Duration;
 
 /// Waits until process `pid` (not necessarily our child) has exited, by
@@ -46,4 +48,41 @@ pub fn engines() -> Vec<(forkrpc::EngineKind, bool)> {
 
 fn io_uring_works() -> bool {
     io_uring::IoUring::new(2).is_ok()
+}
+
+/// `Ok` if `cond`, else a failure with `msg`.
+pub fn check(cond: bool, msg: impl Into<String>) -> Result<(), Failed> {
+    if cond {
+        Ok(())
+    } else {
+        Err(msg.into().into())
+    }
+}
+
+/// `Ok` if `a == b`, else a failure showing both.
+pub fn eq<T: PartialEq + std::fmt::Debug>(a: T, b: T) -> Result<(), Failed> {
+    check(a == b, format!("expected {b:?}, got {a:?}"))
+}
+
+/// An `on_destroy` callback and the channel it signals.
+pub fn destroy_channel() -> (impl Fn() + Send + Sync + 'static, mpsc::Receiver<()>) {
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    (move || tx.lock().unwrap().send(()).unwrap(), rx)
+}
+
+/// Waits for a worker's answer, or fails after 30 s rather than hang the
+/// suite.
+pub fn recv<T>(rx: &mpsc::Receiver<T>) -> Result<T, Failed> {
+    rx.recv_timeout(Duration::from_secs(30))
+        .map_err(|_| Failed::from("timed out waiting for the worker"))
+}
+
+/// Runs a future to completion on a fresh current-thread runtime.
+pub fn block<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
 }
