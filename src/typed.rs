@@ -42,9 +42,11 @@ fn freeze<C: Codec<T>, T>(codec: &C, value: &T, offset: usize) -> Result<Bytes> 
     Ok(buf.freeze())
 }
 
-/// A waiter that thaws the reply with `codec`, then hands it on.
+/// A waiter that thaws the reply with `codec`, then hands it on. The codec
+/// travels by value: a shared `Arc` would bounce its count between the
+/// caller's and the driver's threads on every call.
 fn thawing<C, Resp>(
-    codec: Arc<C>,
+    codec: C,
     deliver: impl FnOnce(Result<Thawed<C, Resp>>) + Send + 'static,
 ) -> Waiter
 where
@@ -56,13 +58,15 @@ where
 }
 
 /// An RPC handle whose calls send `Req` and get `Resp` through codec `C`.
+/// It holds a clone of the [`Rpc`]: like any clone, it keeps the worker
+/// open, so drop it before waiting on [`Rpc::close`].
 pub struct Typed<C, Req, Resp> {
     rpc: Rpc,
-    codec: Arc<C>,
+    codec: C,
     _types: PhantomData<fn(&Req) -> Resp>,
 }
 
-impl<C, Req, Resp> Clone for Typed<C, Req, Resp> {
+impl<C: Clone, Req, Resp> Clone for Typed<C, Req, Resp> {
     fn clone(&self) -> Self {
         Typed {
             rpc: self.rpc.clone(),
@@ -74,14 +78,15 @@ impl<C, Req, Resp> Clone for Typed<C, Req, Resp> {
 
 impl Rpc {
     /// This handle with typed calls: requests frozen and replies thawed by
-    /// `codec`. The worker's handler must use the same codec.
+    /// `codec`. The worker's handler must use the same codec. The codec is
+    /// cloned for every call (wrap a costly one in an `Arc`).
     pub fn typed<Req, Resp, C>(&self, codec: C) -> Typed<C, Req, Resp>
     where
-        C: Codec<Req> + Codec<Resp>,
+        C: Codec<Req> + Codec<Resp> + Clone,
     {
         Typed {
             rpc: self.clone(),
-            codec: Arc::new(codec),
+            codec,
             _types: PhantomData,
         }
     }
@@ -89,7 +94,7 @@ impl Rpc {
 
 impl<C, Req, Resp> Typed<C, Req, Resp>
 where
-    C: Codec<Req> + Codec<Resp>,
+    C: Codec<Req> + Codec<Resp> + Clone,
 {
     /// Calls the handler; the future resolves with the thawed reply.
     pub fn call(&self, req: &Req) -> TypedCall<Thawed<C, Resp>> {
@@ -123,7 +128,7 @@ where
     }
 
     fn submit(&self, req: &Req, deliver: impl FnOnce(Result<Thawed<C, Resp>>) + Send + 'static) {
-        match freeze(&*self.codec, req, self.rpc.request_offset()) {
+        match freeze(&self.codec, req, self.rpc.request_offset()) {
             Ok(p) => self.rpc.submit(
                 Payload::Frozen(p),
                 thawing::<C, Resp>(self.codec.clone(), deliver),
@@ -143,14 +148,15 @@ impl<T> Future for TypedCall<T> {
     }
 }
 
-/// A pool whose calls send `Req` and get `Resp` through codec `C`.
+/// A pool whose calls send `Req` and get `Resp` through codec `C`. It
+/// holds a clone of the [`Pool`], which keeps the pool open.
 pub struct TypedPool<C, Req, Resp> {
     pool: Pool,
-    codec: Arc<C>,
+    codec: C,
     _types: PhantomData<fn(&Req) -> Resp>,
 }
 
-impl<C, Req, Resp> Clone for TypedPool<C, Req, Resp> {
+impl<C: Clone, Req, Resp> Clone for TypedPool<C, Req, Resp> {
     fn clone(&self) -> Self {
         TypedPool {
             pool: self.pool.clone(),
@@ -164,11 +170,11 @@ impl Pool {
     /// This pool with typed calls (see [`Rpc::typed`]).
     pub fn typed<Req, Resp, C>(&self, codec: C) -> TypedPool<C, Req, Resp>
     where
-        C: Codec<Req> + Codec<Resp>,
+        C: Codec<Req> + Codec<Resp> + Clone,
     {
         TypedPool {
             pool: self.clone(),
-            codec: Arc::new(codec),
+            codec,
             _types: PhantomData,
         }
     }
@@ -176,10 +182,10 @@ impl Pool {
 
 impl<C, Req, Resp> TypedPool<C, Req, Resp>
 where
-    C: Codec<Req> + Codec<Resp>,
+    C: Codec<Req> + Codec<Resp> + Clone,
 {
     fn frozen(&self, req: &Req) -> Result<Bytes> {
-        freeze(&*self.codec, req, self.pool.request_offset())
+        freeze(&self.codec, req, self.pool.request_offset())
     }
 
     /// Calls the handler on some worker; the future resolves with the

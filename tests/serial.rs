@@ -317,6 +317,7 @@ fn custom_codec(t: &Template) -> Result<(), Failed> {
 }
 
 /// Sends JSON, reads a `Le64` reply.
+#[derive(Clone, Copy)]
 struct JsonThenLe64;
 
 impl Codec<serde_json::Value> for JsonThenLe64 {

@@ -70,6 +70,27 @@ fn lead(offset: usize) -> usize {
     }
 }
 
+thread_local! {
+    /// Where `freeze` serialises, reused from call to call.
+    static SCRATCH: std::cell::RefCell<AlignedVec> = std::cell::RefCell::new(AlignedVec::new());
+}
+
+/// Appends `[length, zeros][archive][zeros]` for an archive behind an
+/// `offset`-byte header (see the module docs).
+fn write_payload(archive: &[u8], out: &mut BytesMut, offset: usize) -> Result<()> {
+    let lead = lead(offset);
+    let len = u32::try_from(archive.len())
+        .map_err(|_| codec_error("rkyv encode", "archive over 4 GiB"))?;
+    let end = offset + lead + archive.len();
+    let tail = (ALIGN - end % ALIGN) % ALIGN;
+    out.reserve(lead + archive.len() + tail);
+    out.put_u32_le(len);
+    out.put_bytes(0, lead - 4);
+    out.put_slice(archive);
+    out.put_bytes(0, tail);
+    Ok(())
+}
+
 impl<T> Codec<T> for Rkyv
 where
     T: for<'a> rkyv::Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, rancor::Error>>
@@ -80,19 +101,20 @@ where
     type Thawed = Archived<T>;
 
     fn freeze(&self, value: &T, out: &mut BytesMut, offset: usize) -> Result<()> {
-        let archive =
-            rkyv::to_bytes::<rancor::Error>(value).map_err(|e| codec_error("rkyv encode", e))?;
-        let lead = lead(offset);
-        let len = u32::try_from(archive.len())
-            .map_err(|_| codec_error("rkyv encode", "archive over 4 GiB"))?;
-        let end = offset + lead + archive.len();
-        let tail = (ALIGN - end % ALIGN) % ALIGN;
-        out.reserve(lead + archive.len() + tail);
-        out.put_u32_le(len);
-        out.put_bytes(0, lead - 4);
-        out.put_slice(&archive);
-        out.put_bytes(0, tail);
-        Ok(())
+        // Serialise into this thread's scratch buffer (no allocation per
+        // call once it has grown), then copy into the payload.
+        SCRATCH.with_borrow_mut(|scratch| {
+            let mut buf = std::mem::take(scratch);
+            buf.clear();
+            match rkyv::api::high::to_bytes_in::<_, rancor::Error>(value, buf) {
+                Ok(archive) => {
+                    let done = write_payload(&archive, out, offset);
+                    *scratch = archive;
+                    done
+                }
+                Err(e) => Err(codec_error("rkyv encode", e)),
+            }
+        })
     }
 
     fn thaw(&self, payload: Bytes, offset: usize) -> Result<Archived<T>> {
