@@ -351,6 +351,34 @@ impl Fork {
     }
 }
 
+impl Fork {
+    /// Runs an external program as the worker instead of a registered
+    /// handler: the template forks and executes `program` (looked up in
+    /// `PATH`) with `args`, the worker's socket as its stdin and stdout,
+    /// and stderr shared. The program must speak the wire format (see
+    /// [`wire`](crate::wire)) for the backend `opts` selects — a worker in
+    /// another language, or a remote one through `ssh host command`. It
+    /// is reaped and reported like any worker. `send_arg` and `send_fh`
+    /// values are not passed to it (use `args`).
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), forkrpc::Error> {
+    /// let rpc = forkrpc::Fork::new()?.exec("perl", ["worker.pl"], forkrpc::Options::default())?;
+    /// # Ok(()) }
+    /// ```
+    pub fn exec<I, B>(self, program: &str, args: I, opts: Options) -> Result<Rpc>
+    where
+        I: IntoIterator<Item = B>,
+        B: Into<Bytes>,
+    {
+        let args: Vec<Bytes> = args.into_iter().map(Into::into).collect();
+        let engine = Engine::get(opts.engine.unwrap_or_else(default_engine))?;
+        let (mine, theirs) = process::worker_pair()?;
+        let pid = self.template.client.spawn_exec(program, &args, theirs)?;
+        Ok(Rpc::new(engine, mine, pid, opts))
+    }
+}
+
 impl std::fmt::Debug for Template {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Template(pid {})", self.pid())

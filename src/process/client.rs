@@ -89,6 +89,13 @@ impl TemplateClient {
         self.request(msg, &raw)
     }
 
+    /// Forks and execs `program` with `sock` as its stdin and stdout.
+    pub(crate) fn spawn_exec(&self, program: &str, args: &[Bytes], sock: OwnedFd) -> Result<i32> {
+        let mut msg = octets!["exec", "", program.to_owned()];
+        msg.extend(args.iter().cloned());
+        self.request(msg, &[sock.as_raw_fd()])
+    }
+
     /// Forks a derived template that runs `init` first; returns its client.
     pub(crate) fn derive(&self, init: &str, args: &[Bytes], fds: &[OwnedFd]) -> Result<Arc<Self>> {
         let (mine, theirs) = control_pair()?;

@@ -111,6 +111,7 @@ impl Server {
         let result = match &msg[0][..] {
             b"spawn" => self.spawn(&msg, fds),
             b"derive" => self.derive(&msg, fds),
+            b"exec" => self.exec(&msg, fds),
             _ => Err(octets!["other", "unknown template request"]),
         };
         match result {
@@ -176,6 +177,62 @@ impl Server {
             init(args);
             serve(ctl)
         })
+    }
+
+    /// `["exec", req, program, args...]`, fds `[socket]`: forks and runs
+    /// `program` with the socket as its stdin and stdout (a worker in any
+    /// language that speaks the wire format; or `ssh host cmd`).
+    fn exec(&mut self, msg: &Octets, mut fds: Vec<OwnedFd>) -> Result<i32, Octets> {
+        use std::ffi::CString;
+        let program = msg.get(2).cloned().unwrap_or_default();
+        let cstr = |b: &Bytes| CString::new(b.to_vec());
+        let Ok(prog) = cstr(&program) else {
+            return Err(octets!["other", "program name with a NUL byte"]);
+        };
+        let mut argv = vec![prog.clone()];
+        for a in &msg[3..] {
+            match cstr(a) {
+                Ok(c) => argv.push(c),
+                Err(_) => return Err(octets!["other", "program argument with a NUL byte"]),
+            }
+        }
+        if fds.is_empty() {
+            return Err(octets!["other", "exec request without a socket"]);
+        }
+        let sock = fds.remove(0);
+        // A close-on-exec pipe says whether exec worked: it just closes on
+        // success; on failure the child writes errno into it.
+        let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| octets!["other", format!("pipe: {e}")])?;
+        let rd_raw = rd.as_raw_fd();
+        let pid = self.fork_child(|| {
+            close_raw(rd_raw);
+            let ok = nix::unistd::dup2(sock.as_raw_fd(), 0).is_ok()
+                && nix::unistd::dup2(sock.as_raw_fd(), 1).is_ok();
+            let errno = if ok {
+                nix::unistd::execvp(&prog, &argv).unwrap_err() as i32
+            } else {
+                libc::EBADF
+            };
+            let _ = nix::unistd::write(&wr, &errno.to_ne_bytes());
+            exit_now(127)
+        })?;
+        drop(wr);
+        drop(sock);
+        let mut buf = [0u8; 4];
+        match nix::unistd::read(rd.as_raw_fd(), &mut buf) {
+            Ok(4) => {
+                let e = std::io::Error::from_raw_os_error(i32::from_ne_bytes(buf));
+                Err(octets![
+                    "other",
+                    format!(
+                        "cannot execute {:?}: {e}",
+                        String::from_utf8_lossy(&program)
+                    )
+                ])
+            }
+            _ => Ok(pid),
+        }
     }
 
     /// Forks; the child drops the template's own descriptors, dies with
