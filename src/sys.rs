@@ -55,3 +55,15 @@ pub(crate) fn exit_now(code: i32) -> ! {
     // SAFETY: _exit has no preconditions; it never returns.
     unsafe { libc::_exit(code) }
 }
+
+/// One non-blocking send (MSG_DONTWAIT, no SIGPIPE); returns what went.
+pub(crate) fn send_nonblocking(fd: RawFd, data: &[u8]) -> io::Result<usize> {
+    use nix::sys::socket::MsgFlags;
+    loop {
+        match nix::sys::socket::send(fd, data, MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT) {
+            Ok(n) => return Ok(n),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
