@@ -43,6 +43,7 @@
 mod child;
 pub mod engine;
 mod error;
+mod idmap;
 mod latch;
 mod pool;
 mod process;

@@ -11,9 +11,8 @@ use crate::wire::frame::{
 use crate::wire::{ERROR_TAG, FATAL_TAG};
 use crate::{octets, Octets};
 use bytes::Bytes;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -266,7 +265,7 @@ impl Rpc {
             pid,
             calls: if opts.asynchronous {
                 Calls::Async {
-                    waiting: HashMap::default(),
+                    waiting: IdMap::default(),
                     next: 1,
                 }
             } else {
@@ -438,26 +437,7 @@ fn has_tag(payload: &[u8], tag: &str) -> bool {
     payload.first() == Some(&(tag.len() as u8)) && payload[1..].starts_with(tag.as_bytes())
 }
 
-/// Hashes call ids (small, distinct `u32`s) with one multiplication; the
-/// map's control bytes use the high bits, which the product fills.
-#[derive(Default)]
-struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 << 8 | b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-    fn write_u32(&mut self, n: u32) {
-        self.0 = (n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
-
-type IdMap<V> = HashMap<u32, V, BuildHasherDefault<IdHasher>>;
+type IdMap<V> = crate::idmap::IdMap<u32, V>;
 
 /// The calls a connection waits for.
 enum Calls {

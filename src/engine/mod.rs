@@ -47,12 +47,13 @@ pub(crate) mod epoll;
 pub(crate) mod uring;
 
 use crate::error::{Error, ExitStatus};
+use crate::idmap::IdMap;
 use crate::rpc::Call;
 use crate::wire::frame::{read_want, split_id_frame, Frame};
 use crate::wire::Decoded;
 use bytes::{Bytes, BytesMut};
 use std::cell::Cell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -408,8 +409,8 @@ struct Conn {
 struct Driver<I: Io> {
     io: I,
     shared: Arc<Shared>,
-    conns: HashMap<u64, Conn>,
-    by_pid: HashMap<i32, u64>,
+    conns: IdMap<u64, Conn>,
+    by_pid: IdMap<i32, u64>,
     early_exits: VecDeque<(i32, ExitStatus)>,
     dirty: Vec<u64>,
     /// Connections at EOF whose exit is not reported yet (they have a
@@ -425,8 +426,8 @@ impl<I: Io> Driver<I> {
         Driver {
             io,
             shared,
-            conns: HashMap::new(),
-            by_pid: HashMap::new(),
+            conns: IdMap::default(),
+            by_pid: IdMap::default(),
             early_exits: VecDeque::new(),
             dirty: Vec::new(),
             awaiting_exit: 0,
