@@ -1,20 +1,20 @@
 //! The parent engine: one driver thread owns every worker socket and moves
 //! bytes between per-worker buffers and the sockets. It knows frames only to
-//! split them; what a frame means is the [`Protocol`]'s business.
+//! split them; what a frame means is the `Protocol`'s business.
 //!
 //! # Backend contract
 //!
-//! A backend ([`Io`]) runs operations on descriptors and reports their
-//! completions, like io_uring does; [`uring`] is io_uring itself, [`epoll`]
+//! A backend (`Io`) runs operations on descriptors and reports their
+//! completions, like io_uring does; `uring` is io_uring itself, `epoll`
 //! emulates it with readiness. At most one read and one send are in flight
-//! per descriptor. Operations queued between two [`Io::wait`] calls are
+//! per descriptor. Operations queued between two `Io::wait` calls are
 //! submitted together by that `wait` (one `io_uring_enter` for the whole
 //! batch, for all workers). A buffer handed to `read` or `send` stays valid
 //! and untouched until its completion has been returned by `wait`.
 //!
 //! # Copies of a big payload
 //!
-//! - Send: a byte string of 64 KiB or more ([`SEND_IN_PLACE`]) in a call's
+//! - Send: a byte string of 64 KiB or more (`SEND_IN_PLACE`) in a call's
 //!   arguments is sent from the caller's own buffer (the `Bytes` inside its
 //!   `Octets`, or a serialiser's frozen payload): no copy in user space,
 //!   one by the kernel into the socket. Smaller pieces are copied once into
@@ -39,7 +39,7 @@
 //! the wait early). Several connections' sends, and big ones, are submitted
 //! together through the backend.
 //!
-//! Callers on any thread push [`Command`]s to a queue and write an eventfd
+//! Callers on any thread push `Command`s to a queue and write an eventfd
 //! only when the driver is asleep; the driver drains the queue once per
 //! loop. Code running on the driver thread (callbacks) never wakes it.
 
@@ -63,7 +63,7 @@ use std::time::{Duration, Instant};
 /// Which I/O backend drives the worker sockets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EngineKind {
-    /// io_uring (Linux 5.11+; see [`uring`] for the features used).
+    /// io_uring (Linux 5.11+; see `uring` for the features used).
     Uring,
     /// epoll, where io_uring is missing or forbidden.
     Epoll,
@@ -120,12 +120,12 @@ pub(crate) trait Io {
     ///
     /// # Safety
     /// `ptr..ptr+len` stays valid and is not otherwise accessed until the
-    /// completion of this read has been returned by [`Io::wait`].
+    /// completion of this read has been returned by `Io::wait`.
     unsafe fn read(&mut self, fd: RawFd, id: u64, ptr: *mut u8, len: usize);
     /// Queues a send (MSG_NOSIGNAL) of `len` bytes from `ptr`.
     ///
     /// # Safety
-    /// As for [`Io::read`]: the bytes stay valid until the completion.
+    /// As for `Io::read`: the bytes stay valid until the completion.
     unsafe fn send(&mut self, fd: RawFd, id: u64, ptr: *const u8, len: usize);
     /// Submits what is queued and waits for at least one completion, or
     /// until `timeout` passes (`None` = no limit). Appends to `out`.
