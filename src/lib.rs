@@ -53,6 +53,7 @@ pub mod serial;
 mod sys;
 mod template;
 mod typed;
+mod window;
 pub mod wire;
 
 pub use child::asynchronous::{Done, DEFAULT_CONCURRENCY, OUT_HIGH};

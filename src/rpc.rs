@@ -5,6 +5,7 @@
 use crate::engine::{Command, ConnStats, Engine, EngineKind, Protocol, SendQueue};
 use crate::error::{Error, ExitStatus, Result};
 use crate::latch::{Latch, Take};
+use crate::window::Window;
 use crate::wire::frame::{
     put_id_header, put_len_header, Frame, EVENT_ID, MAX_PAYLOAD, SYNC_REPLY_ID,
 };
@@ -264,10 +265,7 @@ impl Rpc {
         let session = Session {
             pid,
             calls: if opts.asynchronous {
-                Calls::Async {
-                    waiting: IdMap::default(),
-                    next: 1,
-                }
+                Calls::Async(Window::starting_at(1))
             } else {
                 Calls::Sync(VecDeque::new())
             },
@@ -437,34 +435,19 @@ fn has_tag(payload: &[u8], tag: &str) -> bool {
     payload.first() == Some(&(tag.len() as u8)) && payload[1..].starts_with(tag.as_bytes())
 }
 
-type IdMap<V> = crate::idmap::IdMap<u32, V>;
-
 /// The calls a connection waits for.
 enum Calls {
     /// Sync backend: replies come in request order.
     Sync(VecDeque<Waiter>),
     /// Async backend: replies carry the request's id.
-    Async { waiting: IdMap<Waiter>, next: u32 },
-}
-
-/// The next free request id at or after `*next`: ids run 1 ..= 0xffffffff,
-/// wrap to 1, and skip ids still in flight (as Perl's async backend does).
-/// Terminates because fewer than 2^32 - 1 calls can be in flight.
-fn next_id<V>(next: &mut u32, waiting: &IdMap<V>) -> u32 {
-    loop {
-        let id = *next;
-        *next = if id == u32::MAX { 1 } else { id + 1 };
-        if !waiting.contains_key(&id) {
-            return id;
-        }
-    }
+    Async(Window<Waiter>),
 }
 
 impl Calls {
     fn len(&self) -> usize {
         match self {
             Calls::Sync(q) => q.len(),
-            Calls::Async { waiting, .. } => waiting.len(),
+            Calls::Async(w) => w.len(),
         }
     }
 
@@ -473,7 +456,7 @@ impl Calls {
         match self {
             Calls::Sync(q) if id == SYNC_REPLY_ID => q.pop_front(),
             Calls::Sync(_) => None,
-            Calls::Async { waiting, .. } => waiting.remove(&id),
+            Calls::Async(w) => w.remove(id),
         }
     }
 
@@ -481,13 +464,7 @@ impl Calls {
     fn drain(&mut self) -> Vec<Waiter> {
         match self {
             Calls::Sync(q) => q.drain(..).collect(),
-            Calls::Async { waiting, next } => {
-                // Oldest first: ids below `next` were issued after a wrap.
-                let start = *next;
-                let mut all: Vec<(u32, Waiter)> = waiting.drain().collect();
-                all.sort_by_key(|(id, _)| id.wrapping_sub(start));
-                all.into_iter().map(|(_, w)| w).collect()
-            }
+            Calls::Async(w) => w.drain(),
         }
     }
 }
@@ -591,11 +568,10 @@ impl Protocol for Session {
                 put_len_header(&mut out.buf, len as u32);
                 q.push_back(call.done);
             }
-            Calls::Async { waiting, next } => {
-                let id = next_id(next, waiting);
+            Calls::Async(w) => {
+                let id = w.insert(call.done);
                 out.buf.reserve(8 + copied);
                 put_id_header(&mut out.buf, id, len as u32);
-                waiting.insert(id, call.done);
             }
         }
         call.args.write(out);
@@ -614,7 +590,7 @@ impl Protocol for Session {
                     )
                 }
                 Calls::Sync(_) => "a reply arrived with no call outstanding".to_owned(),
-                Calls::Async { .. } => {
+                Calls::Async(_) => {
                     format!("a reply with id {}, which is not in flight", frame.id)
                 }
             });
@@ -703,50 +679,5 @@ impl Protocol for Session {
             w.complete(Err(err.clone()));
         }
         self.end.set(end);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ids_wrap_to_one_and_skip_ids_in_flight() {
-        let mut waiting: IdMap<()> = IdMap::default();
-        waiting.insert(1, ());
-        waiting.insert(3, ());
-        let mut next = u32::MAX - 1;
-        let got: Vec<u32> = (0..4)
-            .map(|_| {
-                let id = next_id(&mut next, &waiting);
-                waiting.insert(id, ());
-                id
-            })
-            .collect();
-        assert_eq!(got, [u32::MAX - 1, u32::MAX, 2, 4]);
-        assert_eq!(next, 5);
-    }
-
-    #[test]
-    fn drain_is_oldest_first_across_a_wrap() {
-        let mut calls = Calls::Async {
-            waiting: IdMap::default(),
-            next: u32::MAX,
-        };
-        let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        for _ in 0..3 {
-            let o = order.clone();
-            if let Calls::Async { waiting, next } = &mut calls {
-                let id = next_id(next, waiting);
-                waiting.insert(
-                    id,
-                    Waiter::Callback(Box::new(move |_| o.lock().unwrap().push(id))),
-                );
-            }
-        }
-        for w in calls.drain() {
-            w.complete(Err(Error::Closed));
-        }
-        assert_eq!(*order.lock().unwrap(), [u32::MAX, 1, 2]);
     }
 }

@@ -359,7 +359,7 @@ impl Fork {
     /// [`wire`](crate::wire)) for the backend `opts` selects — a worker in
     /// another language, or a remote one through `ssh host command`. It
     /// is reaped and reported like any worker. `send_arg` and `send_fh`
-    /// values are not passed to it (use `args`).
+    /// values and [`Options::init`] do not apply to it (use `args`).
     ///
     /// ```no_run
     /// # fn main() -> Result<(), forkrpc::Error> {
