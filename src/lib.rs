@@ -31,12 +31,15 @@
 //!   epoll) behind one contract.
 //! - `child`: what runs in a worker: the sync backend, the async backend
 //!   ([`Done`]) and its runtime (tokio-uring, else tokio), [`event`].
-//! - `rpc`: the RPC handle ([`Rpc`]) and the protocol of a connection.
+//! - `rpc`: the RPC handle ([`Rpc`]) and the protocol of a connection;
+//!   `window`: async calls in flight by id.
+//! - `typed`: typed handles ([`Typed`], [`TypedPool`]) over a codec.
 //! - `pool`: [`Pool`], acting on the decisions of `forkrpc-pool`'s
 //!   scheduler; bulk [`Pool::map`].
 //! - `template`: [`Template`], [`Builder`], [`Fork`], [`init`].
 //! - `registry`: handlers and init functions by name.
-//! - `sys`: the few raw syscalls outside the backends.
+//! - `sys`: the few raw syscalls outside the backends; `idmap`: maps keyed
+//!   by our own ids.
 
 #![warn(missing_docs)]
 
