@@ -1,14 +1,20 @@
-//! The `forkrpc bench` contract: `--json` prints one object per workload
-//! with the documented fields, `--only` selects, unknown workloads fail.
+//! The CLI contract: `forkrpc bench --json` prints one object per workload
+//! with the documented fields, `--only` selects, unknown workloads fail;
+//! `forkrpc load --json` prints one final line and fails when calls fail.
 
 use std::process::Command;
 
-fn bench(args: &[&str]) -> std::process::Output {
+/// Runs `forkrpc <sub> <args>` and collects its output.
+fn forkrpc(sub: &str, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_forkrpc"))
-        .arg("bench")
+        .arg(sub)
         .args(args)
         .output()
         .expect("forkrpc runs")
+}
+
+fn bench(args: &[&str]) -> std::process::Output {
+    forkrpc("bench", args)
 }
 
 #[test]
@@ -81,11 +87,7 @@ fn async_backend_and_w5() {
 }
 
 fn load(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_forkrpc"))
-        .arg("load")
-        .args(args)
-        .output()
-        .expect("forkrpc runs")
+    forkrpc("load", args)
 }
 
 #[test]
