@@ -258,14 +258,21 @@ impl<I: Iterator<Item = Octets>> Map<I> {
         self.jobs.is_none() && self.in_flight == 0
     }
 
+    /// Submits what the window allows, then `Some` with the next result
+    /// (or `Some(None)` at the end), or `None` if the caller must wait.
+    #[allow(clippy::option_option)]
+    fn step(&mut self) -> Option<Option<(usize, Result<Octets>)>> {
+        self.refill();
+        if let Some(r) = self.take_ready() {
+            return Some(Some(r));
+        }
+        self.finished().then_some(None)
+    }
+
     fn next_raw(&mut self) -> Option<(usize, Result<Octets>)> {
         loop {
-            self.refill();
-            if let Some(r) = self.take_ready() {
-                return Some(r);
-            }
-            if self.finished() {
-                return None;
+            if let Some(r) = self.step() {
+                return r;
             }
             if crate::engine::on_driver_thread() {
                 // Results are delivered by this very thread: waiting
@@ -287,12 +294,8 @@ impl<I: Iterator<Item = Octets>> Map<I> {
 
     fn poll_raw(&mut self, cx: &mut Context<'_>) -> Poll<Option<(usize, Result<Octets>)>> {
         loop {
-            self.refill();
-            if let Some(r) = self.take_ready() {
-                return Poll::Ready(Some(r));
-            }
-            if self.finished() {
-                return Poll::Ready(None);
+            if let Some(r) = self.step() {
+                return Poll::Ready(r);
             }
             let mut g = self
                 .arrivals
