@@ -260,7 +260,6 @@ impl<I: Iterator<Item = Octets>> Map<I> {
 
     /// Submits what the window allows, then `Some` with the next result
     /// (or `Some(None)` at the end), or `None` if the caller must wait.
-    #[allow(clippy::option_option)]
     fn step(&mut self) -> Option<Option<(usize, Result<Octets>)>> {
         self.refill();
         if let Some(r) = self.take_ready() {
