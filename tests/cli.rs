@@ -17,17 +17,21 @@ fn bench(args: &[&str]) -> std::process::Output {
     forkrpc("bench", args)
 }
 
+/// The JSON objects of a successful run's stdout, a line each.
+fn json_rows(out: std::process::Output) -> Vec<serde_json::Value> {
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
 #[test]
 fn json_lines_follow_the_schema() {
     let out = bench(&[
         "--json", "--only", "W1,W2", "--runs", "1", "--calls", "2000", "--pings", "200",
     ]);
-    assert!(out.status.success(), "{out:?}");
-    let text = String::from_utf8(out.stdout).unwrap();
-    let rows: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = json_rows(out);
     let ids: Vec<&str> = rows
         .iter()
         .map(|r| r["workload"].as_str().unwrap())
@@ -69,13 +73,8 @@ fn async_backend_and_w5() {
         "--calls",
         "2000",
     ]);
-    assert!(out.status.success(), "{out:?}");
-    let text = String::from_utf8(out.stdout).unwrap();
-    let rows: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(rows.len(), 2, "{text}");
+    let rows = json_rows(out);
+    assert_eq!(rows.len(), 2, "{rows:?}");
     assert_eq!(rows[0]["workload"], "W1");
     assert_eq!(rows[0]["backend"], "async");
     assert_eq!(rows[1]["workload"], "W5");
@@ -83,7 +82,7 @@ fn async_backend_and_w5() {
     assert_eq!(rows[1]["unit"], "ms");
     assert_eq!(rows[1]["raw"].as_f64(), Some(100.0));
     // 1,000 calls each sleeping 100 ms cannot finish sooner than one sleep.
-    assert!(rows[1]["value"].as_f64().unwrap() >= 100.0, "{text}");
+    assert!(rows[1]["value"].as_f64().unwrap() >= 100.0, "{rows:?}");
 }
 
 fn load(args: &[&str]) -> std::process::Output {
@@ -93,11 +92,9 @@ fn load(args: &[&str]) -> std::process::Output {
 #[test]
 fn load_prints_one_json_line_and_succeeds() {
     let out = load(&["--rate", "2000", "--duration", "300ms", "--json"]);
-    assert!(out.status.success(), "{out:?}");
-    let text = String::from_utf8(out.stdout).unwrap();
-    let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 1, "{text}");
-    let r: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    let rows = json_rows(out);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let r = &rows[0];
     assert_eq!(r["offered_rate"].as_f64(), Some(2000.0));
     assert_eq!(r["calls"].as_u64(), Some(600), "2000/s for 0.3 s");
     assert_eq!(r["errors"].as_u64(), Some(0));
@@ -159,9 +156,8 @@ fn serialiser_switch_for_w1() {
             "--serialiser",
             ser,
         ]);
-        assert!(out.status.success(), "{out:?}");
-        let r: serde_json::Value =
-            serde_json::from_str(String::from_utf8(out.stdout).unwrap().trim()).unwrap();
+        let rows = json_rows(out);
+        let r = &rows[0];
         assert_eq!(r["workload"], "W1");
         assert_eq!(r["serialiser"], ser);
         assert!(r["value"].as_f64().unwrap() > 0.0);
