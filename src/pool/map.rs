@@ -157,7 +157,7 @@ impl<I: Iterator<Item = Octets>> Map<I> {
     fn settle_sizes(&mut self) -> (usize, usize) {
         let cfg = self.pool.shared().popts.cfg.clone();
         let chunk = *self.chunk.get_or_insert_with(|| {
-            if !self.pool.shared().chunks {
+            if !self.pool.shared().sync_workers() {
                 return 1;
             }
             let hint = self.jobs.as_ref().map_or(0, |j| j.size_hint().0);

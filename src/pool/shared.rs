@@ -32,6 +32,9 @@ pub(crate) enum Sink {
     One(Waiter),
     /// A chunk of `n` calls of a `map`, starting at item `base`.
     Chunk(super::map::ChunkSink),
+    /// The real sink waits in `State::tracked` (retries, timeouts, memory
+    /// ceiling): whoever resolves the job takes it from there.
+    Tracked,
 }
 
 /// A job in the scheduler's queue.
@@ -111,8 +114,6 @@ pub(crate) struct Shared {
     pub(crate) popts: PoolOptions,
     /// Per-call bookkeeping needed (retries, timeout, memory ceiling).
     tracking: bool,
-    /// Sync workers: `map` sends chunks.
-    pub(crate) chunks: bool,
     epoch: Instant,
     on_destroy: Option<Arc<dyn Fn() + Send + Sync>>,
     pub(crate) end: Arc<Latch<Result<()>>>,
@@ -170,7 +171,6 @@ impl Shared {
             space: Condvar::new(),
             template: template.clone(),
             handler: handler.to_owned(),
-            chunks: !opts.asynchronous,
             opts,
             popts,
             tracking,
@@ -296,7 +296,7 @@ impl Shared {
                     now,
                     Job {
                         args,
-                        sink: Sink::One(Waiter::Callback(Box::new(|_| {}))),
+                        sink: Sink::Tracked,
                     },
                 );
                 st.tracked.insert(id, tracked);
@@ -313,6 +313,11 @@ impl Shared {
         };
         self.finish(d);
         Ok(r)
+    }
+
+    /// Sync workers: they answer in order and take `map`'s chunk frames.
+    pub(crate) fn sync_workers(&self) -> bool {
+        !self.opts.asynchronous
     }
 
     /// True when a queue limit is set and reached.
@@ -467,7 +472,7 @@ impl Shared {
         } = s;
         let pid = rpc.pid();
         let n = jobs.len();
-        let in_order = !self.opts.asynchronous;
+        let in_order = self.sync_workers();
         let batch = (self.tracking || !in_order).then(|| {
             Arc::new(Batch {
                 left: AtomicUsize::new(n),
@@ -569,7 +574,7 @@ impl Shared {
                             id,
                             Job {
                                 args,
-                                sink: Sink::One(Waiter::Callback(Box::new(|_| {}))),
+                                sink: Sink::Tracked,
                             },
                         )],
                     );
@@ -716,7 +721,7 @@ impl Shared {
                     st.sched.cancel(now, id);
                 }
                 Some(w) => {
-                    if !self.opts.asynchronous {
+                    if self.sync_workers() {
                         if let Some(s) = st.workers.get_mut(&w) {
                             if s.killed.is_none() {
                                 s.killed = Some(Killed::Timeout(id));
@@ -782,6 +787,7 @@ fn into_waiter(sink: Sink, pid: i32) -> Waiter {
     match sink {
         Sink::One(w) => w,
         Sink::Chunk(c) => Waiter::Callback(Box::new(move |r| c.deliver(r, pid))),
+        Sink::Tracked => unreachable!("tracked jobs get a tracking waiter"),
     }
 }
 
@@ -790,6 +796,8 @@ fn complete(sink: Sink, r: Result<Octets>, pid: i32) {
     match sink {
         Sink::One(w) => w.complete(r),
         Sink::Chunk(c) => c.deliver(r, pid),
+        // Resolved through `State::tracked`, never directly.
+        Sink::Tracked => debug_assert!(false, "a tracked job completed without its entry"),
     }
 }
 
