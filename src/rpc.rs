@@ -6,9 +6,7 @@ use crate::engine::{Command, ConnStats, Engine, EngineKind, Protocol, SendQueue}
 use crate::error::{Error, ExitStatus, Result};
 use crate::latch::{Latch, Take};
 use crate::window::Window;
-use crate::wire::frame::{
-    put_id_header, put_len_header, Frame, EVENT_ID, MAX_PAYLOAD, SYNC_REPLY_ID,
-};
+use crate::wire::frame::{put_id_header, put_len_header, Frame, EVENT_ID, SYNC_REPLY_ID};
 use crate::wire::{ERROR_TAG, FATAL_TAG};
 use crate::{octets, Octets};
 use bytes::Bytes;
@@ -130,37 +128,61 @@ impl Options {
 /// A call's arguments: octets, encoded by the engine, or a payload a
 /// serialiser already froze on the caller's thread.
 #[derive(Clone)]
-pub(crate) enum Payload {
+pub(crate) enum Body {
     Octets(Octets),
     Frozen(Bytes),
 }
 
+impl From<Octets> for Body {
+    fn from(o: Octets) -> Self {
+        Body::Octets(o)
+    }
+}
+
+impl From<Bytes> for Body {
+    fn from(b: Bytes) -> Self {
+        Body::Frozen(b)
+    }
+}
+
+/// A call's arguments with their encoded size, measured once when the call
+/// is made: the one place where a payload too big for a frame is refused,
+/// whatever path the call takes.
+#[derive(Clone)]
+pub(crate) struct Payload {
+    body: Body,
+    len: u32,
+}
+
 impl Payload {
-    pub(crate) fn len(&self) -> u64 {
-        match self {
-            Payload::Octets(o) => o.encoded_len(),
-            Payload::Frozen(b) => b.len() as u64,
-        }
+    /// Fails with [`Error::PayloadTooLarge`] beyond 4 GiB - 1.
+    pub(crate) fn new(body: impl Into<Body>) -> Result<Payload> {
+        let body = body.into();
+        let size = match &body {
+            Body::Octets(o) => o.encoded_len(),
+            Body::Frozen(b) => b.len() as u64,
+        };
+        let len = u32::try_from(size).map_err(|_| Error::PayloadTooLarge { size })?;
+        Ok(Payload { body, len })
+    }
+
+    /// Encoded size in bytes.
+    pub(crate) fn len(&self) -> u32 {
+        self.len
     }
 
     /// Appends the payload; big byte strings are queued in place, not
     /// copied.
     fn write(self, out: &mut SendQueue) {
-        match self {
-            Payload::Octets(o) => {
+        match self.body {
+            Body::Octets(o) => {
                 for b in o.0 {
                     crate::wire::ber::encode(b.len() as u64, &mut out.buf);
                     out.put_shared(b);
                 }
             }
-            Payload::Frozen(b) => out.put_shared(b),
+            Body::Frozen(b) => out.put_shared(b),
         }
-    }
-}
-
-impl From<Octets> for Payload {
-    fn from(o: Octets) -> Self {
-        Payload::Octets(o)
     }
 }
 
@@ -294,12 +316,11 @@ impl Rpc {
         }
     }
 
-    pub(crate) fn submit(&self, args: impl Into<Payload>, done: Waiter) {
-        let args = args.into();
-        let size = args.len();
-        if size > MAX_PAYLOAD {
-            return done.complete(Err(Error::PayloadTooLarge { size }));
-        }
+    pub(crate) fn submit(&self, args: impl Into<Body>, done: Waiter) {
+        let args = match Payload::new(args) {
+            Ok(p) => p,
+            Err(e) => return done.complete(Err(e)),
+        };
         self.inner.stats.submitted.fetch_add(1, Ordering::Relaxed);
         self.inner.engine.push(Command::Call {
             id: self.inner.id,
@@ -565,13 +586,13 @@ impl Protocol for Session {
         match &mut self.calls {
             Calls::Sync(q) => {
                 out.buf.reserve(4 + copied);
-                put_len_header(&mut out.buf, len as u32);
+                put_len_header(&mut out.buf, len);
                 q.push_back(call.done);
             }
             Calls::Async(w) => {
                 let id = w.insert(call.done);
                 out.buf.reserve(8 + copied);
-                put_id_header(&mut out.buf, id, len as u32);
+                put_id_header(&mut out.buf, id, len);
             }
         }
         call.args.write(out);

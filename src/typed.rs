@@ -22,7 +22,7 @@
 use crate::error::{Error, Result};
 use crate::latch::{Latch, Take};
 use crate::pool::{Admit, Pool};
-use crate::rpc::{Payload, Rpc, Waiter};
+use crate::rpc::{Rpc, Waiter};
 use crate::serial::Codec;
 use bytes::{Bytes, BytesMut};
 use std::future::Future;
@@ -129,10 +129,9 @@ where
 
     fn submit(&self, req: &Req, deliver: impl FnOnce(Result<Thawed<C, Resp>>) + Send + 'static) {
         match freeze(&self.codec, req, self.rpc.request_offset()) {
-            Ok(p) => self.rpc.submit(
-                Payload::Frozen(p),
-                thawing::<C, Resp>(self.codec.clone(), deliver),
-            ),
+            Ok(p) => self
+                .rpc
+                .submit(p, thawing::<C, Resp>(self.codec.clone(), deliver)),
             Err(e) => deliver(Err(e)),
         }
     }
@@ -228,7 +227,7 @@ where
         match self.frozen(req) {
             Ok(p) => {
                 let w = thawing::<C, Resp>(self.codec.clone(), deliver);
-                let _ = self.pool.submit_payload(Payload::Frozen(p), w, admit);
+                let _ = self.pool.submit_payload(p, w, admit);
             }
             Err(e) => deliver(Err(e)),
         }

@@ -12,7 +12,7 @@
 use super::shared::Sink;
 use super::{Admit, Pool};
 use crate::error::{Error, Result};
-use crate::rpc::Waiter;
+use crate::rpc::{Payload, Waiter};
 use crate::wire::chunk::{self, ItemResult};
 use crate::Octets;
 use std::collections::VecDeque;
@@ -192,8 +192,16 @@ impl<I: Iterator<Item = Octets>> Map<I> {
                     n,
                     out: self.arrivals.clone(),
                 });
-                let args = chunk::request(items.iter()).into();
-                let _ = shared.submit_job(args, sink, Admit::Force);
+                match Payload::new(chunk::request(items.iter())) {
+                    Ok(args) => {
+                        let _ = shared.submit_job(args, sink, Admit::Force);
+                    }
+                    Err(e) => {
+                        if let Sink::Chunk(c) = sink {
+                            c.deliver(Err(e), 0);
+                        }
+                    }
+                }
             } else {
                 for (i, args) in items.into_iter().enumerate() {
                     let out = self.arrivals.clone();

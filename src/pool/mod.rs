@@ -280,7 +280,7 @@ impl Pool {
     /// Queues a frozen payload (typed calls).
     pub(crate) fn submit_payload(
         &self,
-        args: crate::rpc::Payload,
+        args: bytes::Bytes,
         w: Waiter,
         admit: Admit,
     ) -> Result<JobId> {

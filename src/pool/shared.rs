@@ -13,9 +13,8 @@ use super::{Admit, PoolOptions, PoolStats};
 use crate::error::{Error, Result};
 use crate::latch::Latch;
 use crate::registry;
-use crate::rpc::{Call, Options, Payload, Rpc, Waiter};
+use crate::rpc::{Body, Call, Options, Payload, Rpc, Waiter};
 use crate::template::Template;
-use crate::wire::frame::MAX_PAYLOAD;
 use crate::wire::RETIRE_TAG;
 use crate::Octets;
 use forkrpc_pool::{Action, JobId, Scheduler, WorkerId};
@@ -230,17 +229,17 @@ impl Shared {
     /// Queues a call; returns its job id.
     pub(crate) fn submit(
         self: &Arc<Self>,
-        args: impl Into<Payload>,
+        args: impl Into<Body>,
         waiter: Waiter,
         admit: Admit,
     ) -> Result<JobId> {
-        let args = args.into();
-        let size = args.len();
-        if size > MAX_PAYLOAD {
-            waiter.complete(Err(Error::PayloadTooLarge { size }));
-            return Err(Error::PayloadTooLarge { size });
+        match Payload::new(args) {
+            Ok(p) => self.submit_job(p, Sink::One(waiter), admit),
+            Err(e) => {
+                waiter.complete(Err(e.clone()));
+                Err(e)
+            }
         }
-        self.submit_job(args, Sink::One(waiter), admit)
     }
 
     pub(crate) fn submit_job(
