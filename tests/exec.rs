@@ -28,6 +28,7 @@ fn main() {
         Trial::test("perl_worker_speaks_the_wire_format", perl_worker).with_ignored_flag(!perl),
         Trial::test("unexecutable_program_is_an_error", unexecutable),
         Trial::test("exec_worker_exit_status_fails_calls", exit_status),
+        Trial::test("huge_announced_frame_allocates_as_bytes_arrive", huge_frame),
     ];
     libtest_mimic::run(&args, trials).exit();
 }
@@ -104,4 +105,38 @@ fn exit_status() -> Result<(), Failed> {
         }) => Ok(()),
         other => Err(format!("expected WorkerExited(code 5), got {other:?}").into()),
     }
+}
+
+/// Peak virtual size of this process, in KiB.
+fn vm_peak_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmPeak:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+fn huge_frame() -> Result<(), Failed> {
+    // A worker that announces a reply of 4 GiB - 1, sends 1 MiB of it and
+    // exits. Had the parent allocated what was announced, its peak virtual
+    // size would have grown by 4 GiB; it grows only with what arrives.
+    let before = vm_peak_kib();
+    let rpc = Fork::new()?.exec(
+        "sh",
+        [
+            "-c",
+            "head -c 4 >/dev/null; printf '\\000\\000\\000\\001\\377\\377\\377\\377'; head -c 1048576 /dev/zero",
+        ],
+        Options::default().on_error(|_| {}),
+    )?;
+    match rpc.call_blocking(octets!["give me everything"]) {
+        Err(Error::WorkerExited { outstanding: 1, .. }) => {}
+        other => return Err(format!("expected WorkerExited, got {other:?}").into()),
+    }
+    let grown = vm_peak_kib().saturating_sub(before);
+    check(
+        grown < 512 * 1024,
+        format!("peak virtual size grew by {grown} KiB for 1 MiB received"),
+    )
 }
