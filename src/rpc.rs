@@ -331,11 +331,7 @@ impl Rpc {
     /// The size of the frame header in front of a request payload: 4 on
     /// the sync backend, 8 on the async one (codecs align to it).
     pub(crate) fn request_offset(&self) -> usize {
-        if self.inner.asynchronous {
-            8
-        } else {
-            4
-        }
+        crate::wire::frame::request_header(self.inner.asynchronous)
     }
 
     /// Kills the worker on purpose; its outstanding calls fail with `e`.

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 /// The header in front of every reply and event payload (`NN`).
-pub(crate) const REPLY_OFFSET: usize = 8;
+pub(crate) const REPLY_OFFSET: usize = crate::wire::frame::ID_HEADER;
 
 type Thawed<C, T> = <C as Codec<T>>::Thawed;
 

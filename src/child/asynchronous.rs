@@ -24,7 +24,7 @@ use super::runtime;
 use super::{capture_panics, take_panic_message, Out, OUT, PROTOCOL_EXIT_CODE};
 use crate::registry::{Handler, IntoReply};
 use crate::sys::exit_now;
-use crate::wire::frame::{read_want, split_id_frame, EVENT_ID};
+use crate::wire::frame::{read_want, split_id_frame, EVENT_ID, ID_HEADER};
 use crate::wire::{Decoded, FATAL_TAG};
 use crate::{octets, Octets};
 use bytes::BytesMut;
@@ -299,8 +299,8 @@ fn start(handler: &Handler, done: Done, req: Request) {
     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || match (handler, req) {
         (Handler::Async(h), Request::Octets(args)) => h(done, args),
         (Handler::Sync(h), Request::Octets(args)) => done.reply(h(args)),
-        (Handler::Raw(h), Request::Raw(p)) => done.reply_raw(h(p, 8)),
-        (Handler::RawAsync(h), Request::Raw(p)) => h(done, p, 8),
+        (Handler::Raw(h), Request::Raw(p)) => done.reply_raw(h(p, ID_HEADER)),
+        (Handler::RawAsync(h), Request::Raw(p)) => h(done, p, ID_HEADER),
         _ => unreachable!("requests are decoded for their handler's kind"),
     }));
 }

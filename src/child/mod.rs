@@ -177,7 +177,10 @@ fn queue_event(put: impl FnOnce(&mut Out) -> bool) -> bool {
 /// ```
 pub fn event_with<T, C: Codec<T>>(codec: &C, value: &T) -> bool {
     let mut buf = bytes::BytesMut::new();
-    if codec.freeze(value, &mut buf, 8).is_err() {
+    if codec
+        .freeze(value, &mut buf, crate::wire::frame::ID_HEADER)
+        .is_err()
+    {
         return false;
     }
     queue_event(|o| o.put_raw(EVENT_ID, &buf))

@@ -114,7 +114,9 @@ pub(crate) fn serve(sock: OwnedFd, handler: Handler) -> i32 {
 /// handler's codec (a 4-byte `N` header preceded the request).
 fn typed_call(fd: std::os::fd::RawFd, h: &RawHandler, payload: bytes::Bytes, last: bool) {
     OUT.with_borrow_mut(|o| o.as_mut().unwrap().immediate = last);
-    let reply = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| h(payload, 4))) {
+    let reply = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        h(payload, crate::wire::frame::LEN_HEADER)
+    })) {
         Ok(r) => r,
         Err(_) => fatal(fd, "panic", take_panic_message(), PANIC_EXIT_CODE),
     };

@@ -290,11 +290,7 @@ impl Pool {
     /// The header size in front of a request payload on this pool's
     /// workers (4 sync, 8 async).
     pub(crate) fn request_offset(&self) -> usize {
-        if self.shared().sync_workers() {
-            4
-        } else {
-            8
-        }
+        crate::wire::frame::request_header(!self.shared().sync_workers())
     }
 
     /// Counts and pids of the workers and the queue.

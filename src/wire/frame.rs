@@ -9,6 +9,16 @@ pub const MAX_PAYLOAD: u64 = u32::MAX as u64;
 pub const ID_HEADER: usize = 8;
 /// Size of an `N` header (length).
 pub const LEN_HEADER: usize = 4;
+
+/// Size of the header in front of a request payload: `NN` on the async
+/// backend, `N` on the sync one (serialisers that align need it).
+pub const fn request_header(asynchronous: bool) -> usize {
+    if asynchronous {
+        ID_HEADER
+    } else {
+        LEN_HEADER
+    }
+}
 /// Id of an event frame (child → parent).
 pub const EVENT_ID: u32 = 0;
 /// Id of every reply of the sync backend.
