@@ -32,7 +32,8 @@
 //! - `child`: what runs in a worker: the sync backend, the async backend
 //!   ([`Done`]) and its runtime (tokio-uring, else tokio), [`event`].
 //! - `rpc`: the RPC handle ([`Rpc`]) and the protocol of a connection;
-//!   `window`: async calls in flight by id.
+//!   `window`: async calls in flight by id; `leftovers`: spent arguments
+//!   and callbacks freed on a caller's thread, not the driver's.
 //! - `typed`: typed handles ([`Typed`], [`TypedPool`]) over a codec.
 //! - `pool`: [`Pool`], acting on the decisions of `forkrpc-pool`'s
 //!   scheduler; bulk [`Pool::map`].
@@ -48,6 +49,7 @@ pub mod engine;
 mod error;
 mod idmap;
 mod latch;
+mod leftovers;
 mod pool;
 mod process;
 mod registry;

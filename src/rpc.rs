@@ -5,6 +5,7 @@
 use crate::engine::{Command, ConnStats, Engine, EngineKind, Protocol, SendQueue};
 use crate::error::{Error, ExitStatus, Result};
 use crate::latch::{Latch, Take};
+use crate::leftovers::{self, Callback, RawCallback, Spent};
 use crate::window::Window;
 use crate::wire::frame::{put_id_header, put_len_header, Frame, EVENT_ID, SYNC_REPLY_ID};
 use crate::wire::{ERROR_TAG, FATAL_TAG};
@@ -173,10 +174,10 @@ impl Payload {
 
     /// Appends the payload; big byte strings are queued in place, not
     /// copied.
-    fn write(self, out: &mut SendQueue) {
-        match self.body {
+    fn write(&self, out: &mut SendQueue) {
+        match &self.body {
             Body::Octets(o) => {
-                for b in o.0 {
+                for b in &o.0 {
                     crate::wire::ber::encode(b.len() as u64, &mut out.buf);
                     out.put_shared(b);
                 }
@@ -192,20 +193,37 @@ pub(crate) struct Call {
     pub done: Waiter,
 }
 
-/// Who waits for a reply.
+/// Who waits for a reply. Callback boxes outlive their call, to be freed
+/// on a caller's thread (see [`leftovers`](crate::leftovers)).
 pub(crate) enum Waiter {
-    Callback(Box<dyn FnOnce(Result<Octets>) + Send>),
+    Callback(Callback),
     Latch(Arc<Latch<Result<Octets>>>),
     /// Gets the reply's payload undecoded (typed calls thaw it themselves).
-    Raw(Box<dyn FnOnce(Result<Bytes>) + Send>),
+    Raw(RawCallback),
 }
 
 impl Waiter {
+    /// A waiter that runs `f` with the reply.
+    pub(crate) fn callback(f: impl FnOnce(Result<Octets>) + Send + 'static) -> Waiter {
+        Waiter::Callback(Box::new(Some(f)))
+    }
+
+    /// A waiter that runs `f` with the reply's payload, undecoded.
+    pub(crate) fn raw(f: impl FnOnce(Result<Bytes>) + Send + 'static) -> Waiter {
+        Waiter::Raw(Box::new(Some(f)))
+    }
+
     pub(crate) fn complete(self, r: Result<Octets>) {
         match self {
-            Waiter::Callback(f) => guard("a reply callback", || f(r)),
+            Waiter::Callback(mut f) => {
+                guard("a reply callback", || f.reply(r));
+                leftovers::keep(Spent::Callback(f));
+            }
             Waiter::Latch(l) => l.set(r),
-            Waiter::Raw(f) => guard("a reply callback", || f(r.map(|o| o.to_bytes()))),
+            Waiter::Raw(mut f) => {
+                guard("a reply callback", || f.reply(r.map(|o| o.to_bytes())));
+                leftovers::keep(Spent::Raw(f));
+            }
         }
     }
 
@@ -213,8 +231,9 @@ impl Waiter {
     /// wants it raw. A payload that is not octets fails the call.
     fn complete_payload(self, pid: i32, payload: Bytes) -> Result<(), String> {
         match self {
-            Waiter::Raw(f) => {
-                guard("a reply callback", || f(Ok(payload)));
+            Waiter::Raw(mut f) => {
+                guard("a reply callback", || f.reply(Ok(payload)));
+                leftovers::keep(Spent::Raw(f));
                 Ok(())
             }
             w => match Octets::decode(payload) {
@@ -366,7 +385,7 @@ impl Rpc {
     /// Calls the handler; `f` runs with the reply on the driver thread, as
     /// Perl's callbacks do. `f` may issue further calls.
     pub fn call_with(&self, args: Octets, f: impl FnOnce(Result<Octets>) + Send + 'static) {
-        self.submit(args, Waiter::Callback(Box::new(f)));
+        self.submit(args, Waiter::callback(f));
     }
 
     /// Calls the handler and blocks this thread until the reply arrives.
@@ -592,6 +611,11 @@ impl Protocol for Session {
             }
         }
         call.args.write(out);
+        // Big arguments are let go at once: they are sent in place (the
+        // send queue holds them), and the caller may want them back.
+        if call.args.len() < crate::engine::SEND_IN_PLACE as u32 {
+            leftovers::keep(Spent::Payload(call.args));
+        }
     }
 
     fn frame(&mut self, frame: Frame) -> Result<(), String> {

@@ -52,9 +52,9 @@ fn thawing<C, Resp>(
 where
     C: Codec<Resp>,
 {
-    Waiter::Raw(Box::new(move |r: Result<Bytes>| {
+    Waiter::raw(move |r: Result<Bytes>| {
         deliver(r.and_then(|p| <C as Codec<Resp>>::thaw(&codec, p, REPLY_OFFSET)))
-    }))
+    })
 }
 
 /// An RPC handle whose calls send `Req` and get `Resp` through codec `C`.

@@ -176,6 +176,7 @@ fn main() {
             ("big_arguments_round_trip_in_order", big_arguments),
             ("small_calls_survive_full_socket_buffers", full_buffers),
             ("calls_queued_together_go_out_in_one_send", batched_sends),
+            ("spent_arguments_are_released_when_idle", spent_arguments),
         ];
         for (name, f) in rpc_tests {
             let t = t.clone();
@@ -855,6 +856,34 @@ fn full_buffers(t: &Template, kind: EngineKind) -> Result<(), Failed> {
         good += recv(&rx)? as usize;
     }
     eq(good, 20_000)?;
+    rpc.close_blocking()?;
+    Ok(())
+}
+
+/// A call's arguments and callback are freed on a caller's thread, the next
+/// time one queues a call; with no further call, the driver frees them
+/// itself soon after (within `leftovers::IDLE_FREE`, 50 ms). Either way they
+/// are released: the owner of an argument's bytes signals when it drops.
+fn spent_arguments(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    struct Owner(Vec<u8>, mpsc::Sender<()>);
+    impl AsRef<[u8]> for Owner {
+        fn as_ref(&self) -> &[u8] {
+            &self.0
+        }
+    }
+    impl Drop for Owner {
+        fn drop(&mut self) {
+            let _ = self.1.send(());
+        }
+    }
+    let rpc = t.fork().run(forkrpc::ECHO, opts(kind))?;
+    let (tx, freed) = mpsc::channel();
+    let arg = bytes::Bytes::from_owner(Owner(b"spent".to_vec(), tx));
+    let (done_tx, done) = mpsc::channel();
+    rpc.call_with(octets![arg], move |r| done_tx.send(r).unwrap());
+    eq(recv(&done)??, octets!["spent"])?;
+    // The reply is a copy: only the arguments hold the owner.
+    recv(&freed)?;
     rpc.close_blocking()?;
     Ok(())
 }

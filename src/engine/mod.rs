@@ -48,6 +48,7 @@ pub(crate) mod uring;
 
 use crate::error::{Error, ExitStatus};
 use crate::idmap::IdMap;
+use crate::leftovers::{Bin, IDLE_FREE};
 use crate::rpc::Call;
 use crate::wire::frame::{read_want, split_id_frame, Frame};
 use crate::wire::Decoded;
@@ -149,15 +150,15 @@ pub(crate) const SEND_IN_PLACE: usize = 64 * 1024;
 
 impl SendQueue {
     /// Appends bytes that may be shared: big ones are queued in place.
-    pub(crate) fn put_shared(&mut self, b: Bytes) {
+    pub(crate) fn put_shared(&mut self, b: &Bytes) {
         if b.len() < SEND_IN_PLACE {
-            self.buf.extend_from_slice(&b);
+            self.buf.extend_from_slice(b);
             return;
         }
         if !self.buf.is_empty() {
             self.ready.push_back(self.buf.split().freeze());
         }
-        self.ready.push_back(b);
+        self.ready.push_back(b.clone());
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -257,9 +258,25 @@ pub(crate) enum Command {
 }
 
 struct Shared {
-    queue: Mutex<Vec<Command>>,
+    queue: Mutex<Queue>,
     sleeping: AtomicBool,
     wake: OwnedFd,
+}
+
+/// What callers hand the driver, and what it hands back.
+#[derive(Default)]
+struct Queue {
+    commands: Vec<Command>,
+    /// Spent arguments and callbacks for a caller to free.
+    bin: Bin,
+    /// How many times a caller took `bin`.
+    collected: u64,
+}
+
+impl Queue {
+    fn is_empty(&self) -> bool {
+        self.commands.is_empty()
+    }
 }
 
 /// Handle to a running driver thread.
@@ -322,7 +339,7 @@ impl Engine {
         // SAFETY: `raw` is a fresh descriptor owned by nobody else.
         let wake = unsafe { OwnedFd::from_raw_fd(raw) };
         let shared = Arc::new(Shared {
-            queue: Mutex::new(Vec::new()),
+            queue: Mutex::new(Queue::default()),
             sleeping: AtomicBool::new(false),
             wake,
         });
@@ -370,9 +387,20 @@ impl Engine {
         NEXT_ID.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Queues a command and wakes the driver if it sleeps.
+    /// Queues a command and wakes the driver if it sleeps. Takes what
+    /// earlier calls left behind and frees it here, on the caller's thread.
     pub(crate) fn push(&self, cmd: Command) {
-        self.shared.queue.lock().unwrap().push(cmd);
+        let leftovers = {
+            let mut q = self.shared.queue.lock().unwrap();
+            q.commands.push(cmd);
+            if on_driver_thread() {
+                None
+            } else {
+                let bin = Bin::collect(&mut q.bin);
+                q.collected += bin.is_some() as u64;
+                bin
+            }
+        };
         // The queue's mutex orders this load after the driver's store of
         // `sleeping` whenever the driver could have missed our command, so
         // a plain load filters the common case without a locked RMW.
@@ -383,6 +411,7 @@ impl Engine {
             let one = 1u64.to_ne_bytes();
             let _ = nix::unistd::write(&self.shared.wake, &one);
         }
+        drop(leftovers);
     }
 }
 
@@ -419,6 +448,9 @@ struct Driver<I: Io> {
     done: Vec<Completion>,
     wake_buf: Box<[u8; 8]>,
     wake_armed: bool,
+    /// When the driver frees a bin no caller collected, and the count of
+    /// collections it saw when it set that time.
+    free_bin_at: Option<(Instant, u64)>,
 }
 
 impl<I: Io> Driver<I> {
@@ -434,6 +466,7 @@ impl<I: Io> Driver<I> {
             done: Vec::with_capacity(256),
             wake_buf: Box::new([0; 8]),
             wake_armed: false,
+            free_bin_at: None,
         }
     }
 
@@ -445,7 +478,7 @@ impl<I: Io> Driver<I> {
         }
         let mut batch = Vec::new();
         loop {
-            std::mem::swap(&mut batch, &mut *self.shared.queue.lock().unwrap());
+            std::mem::swap(&mut batch, &mut self.shared.queue.lock().unwrap().commands);
             for cmd in batch.drain(..) {
                 self.command(cmd);
             }
@@ -457,14 +490,20 @@ impl<I: Io> Driver<I> {
                 // only touched again after this read completes.
                 unsafe { self.io.read(wake_fd, WAKE_ID, p, 8) };
             }
-            let timeout = self
-                .next_deadline()
-                .map(|d| d.saturating_duration_since(Instant::now()));
             self.shared.sleeping.store(true, Ordering::SeqCst);
-            let timeout = if self.shared.queue.lock().unwrap().is_empty() {
-                timeout
-            } else {
-                Some(Duration::ZERO)
+            let timeout = {
+                let mut q = self.shared.queue.lock().unwrap();
+                // Nothing spent stays on this thread while it sleeps.
+                Bin::hand_over(&mut q.bin);
+                if self.free_bin_at.is_none() && !q.bin.is_empty() {
+                    self.free_bin_at = Some((Instant::now() + IDLE_FREE, q.collected));
+                }
+                match q.is_empty() {
+                    true => self
+                        .next_deadline()
+                        .map(|d| d.saturating_duration_since(Instant::now())),
+                    false => Some(Duration::ZERO),
+                }
             };
             let r = self.io.wait(&mut self.done, timeout);
             self.shared.sleeping.store(false, Ordering::SeqCst);
@@ -763,13 +802,39 @@ impl<I: Io> Driver<I> {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
+        let bin = self.free_bin_at.map(|(t, _)| t);
         if self.awaiting_exit == 0 {
-            return None;
+            return bin;
         }
-        self.conns.values().filter_map(|c| c.deadline).min()
+        let exits = self.conns.values().filter_map(|c| c.deadline).min();
+        exits.into_iter().chain(bin).min()
+    }
+
+    /// Frees the shared bin if no caller took it since the time was set;
+    /// else looks again later.
+    fn free_idle_bin(&mut self) {
+        let Some((at, seen)) = self.free_bin_at else {
+            return;
+        };
+        let now = Instant::now();
+        if now < at {
+            return;
+        }
+        let stale = {
+            let mut q = self.shared.queue.lock().unwrap();
+            self.free_bin_at = (!q.bin.is_empty()).then_some((now + IDLE_FREE, q.collected));
+            if q.collected == seen {
+                self.free_bin_at = None;
+                Bin::collect(&mut q.bin)
+            } else {
+                None
+            }
+        };
+        drop(stale);
     }
 
     fn expire(&mut self) {
+        self.free_idle_bin();
         if self.awaiting_exit == 0 {
             return;
         }

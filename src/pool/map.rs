@@ -205,9 +205,9 @@ impl<I: Iterator<Item = Octets>> Map<I> {
             } else {
                 for (i, args) in items.into_iter().enumerate() {
                     let out = self.arrivals.clone();
-                    let w = Waiter::Callback(Box::new(move |r| {
+                    let w = Waiter::callback(move |r| {
                         out.push(std::iter::once((base + i, r)));
-                    }));
+                    });
                     let _ = shared.submit(args, w, Admit::Force);
                 }
             }

@@ -244,7 +244,7 @@ impl Pool {
     pub fn call_with(&self, args: Octets, f: impl FnOnce(Result<Octets>) + Send + 'static) {
         let _ = self
             .shared()
-            .submit(args, Waiter::Callback(Box::new(f)), Admit::Block);
+            .submit(args, Waiter::callback(f), Admit::Block);
     }
 
     /// Calls the handler and blocks until the reply arrives.

@@ -483,26 +483,26 @@ impl Shared {
             let done = match &batch {
                 Some(batch) if self.tracking => {
                     let batch = batch.clone();
-                    Waiter::Callback(Box::new(move |r| sh.tracked_reply(w, pid, id, r, &batch)))
+                    Waiter::callback(move |r| sh.tracked_reply(w, pid, id, r, &batch))
                 }
                 Some(batch) => {
                     let (batch, sink) = (batch.clone(), job.sink);
-                    Waiter::Callback(Box::new(move |r| {
+                    Waiter::callback(move |r| {
                         complete(sink, r, pid);
                         if batch.left.fetch_sub(1, Ordering::AcqRel) == 1 {
                             sh.batch_done(w, pid);
                         }
-                    }))
+                    })
                 }
                 // A sync worker answers in order: the batch is done when
                 // its last call is, and the others need no wrapper.
                 None if i + 1 < n => into_waiter(job.sink, pid),
                 None => {
                     let sink = job.sink;
-                    Waiter::Callback(Box::new(move |r| {
+                    Waiter::callback(move |r| {
                         complete(sink, r, pid);
                         sh.batch_done(w, pid);
-                    }))
+                    })
                 }
             };
             calls.push(Call {
@@ -785,7 +785,7 @@ impl Shared {
 fn into_waiter(sink: Sink, pid: i32) -> Waiter {
     match sink {
         Sink::One(w) => w,
-        Sink::Chunk(c) => Waiter::Callback(Box::new(move |r| c.deliver(r, pid))),
+        Sink::Chunk(c) => Waiter::callback(move |r| c.deliver(r, pid)),
         Sink::Tracked => unreachable!("tracked jobs get a tracking waiter"),
     }
 }
