@@ -6,9 +6,10 @@
 //! allocating thread's pages: it cost the driver about as much as all the
 //! rest of a pipelined echo call, and the driver is what bounds pipelined
 //! throughput. So the driver drops spent arguments and callbacks into a
-//! bin instead ([`keep`]); once per loop it hands the bin over
-//! ([`Bin::hand_over`]), and the next caller to queue a command takes it
-//! and frees it on its own thread ([`Bin::collect`]).
+//! bin instead ([`keep`]); before it waits it puts the bin on a shelf
+//! ([`Shelf::hand_over`]), and the next caller to queue a command takes
+//! the shelf's bins and frees their contents on its own thread
+//! ([`Shelf::take`], [`empty`]).
 //!
 //! The bin holds at most what calls in flight held before they finished,
 //! and never for long: a bin that no caller collects within [`IDLE_FREE`]
@@ -44,7 +45,6 @@ pub(crate) type Callback = Box<dyn Reply<Result<Octets>>>;
 pub(crate) type RawCallback = Box<dyn Reply<Result<Bytes>>>;
 
 /// Spent arguments and callbacks.
-#[derive(Default)]
 pub(crate) struct Bin {
     payloads: Vec<Payload>,
     callbacks: Vec<Callback>,
@@ -52,38 +52,89 @@ pub(crate) struct Bin {
 }
 
 impl Bin {
-    pub(crate) fn is_empty(&self) -> bool {
+    const fn new() -> Bin {
+        Bin {
+            payloads: Vec::new(),
+            callbacks: Vec::new(),
+            raw: Vec::new(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
         self.payloads.is_empty() && self.callbacks.is_empty() && self.raw.is_empty()
     }
 
-    fn append(&mut self, other: &mut Bin) {
-        self.payloads.append(&mut other.payloads);
-        self.callbacks.append(&mut other.callbacks);
-        self.raw.append(&mut other.raw);
+    /// Frees the contents, keeping the room.
+    fn clear(&mut self) {
+        self.payloads.clear();
+        self.callbacks.clear();
+        self.raw.clear();
     }
 
-    /// Driver side: moves this thread's leftovers into `shared` (the bin
-    /// callers collect from).
-    pub(crate) fn hand_over(shared: &mut Bin) {
+    fn roomy(&self) -> bool {
+        [
+            self.payloads.capacity(),
+            self.callbacks.capacity(),
+            self.raw.capacity(),
+        ]
+        .iter()
+        .any(|&c| c > SPARE_ROOM)
+    }
+}
+
+/// Emptied bins kept for reuse hold at most this many items of a kind, so
+/// a burst does not pin its memory.
+const SPARE_ROOM: usize = 4096;
+/// How many emptied bins are kept for reuse.
+const SPARES: usize = 2;
+
+/// Where the driver puts its bins and callers take them: kept under the
+/// engine's queue lock. Emptied bins come back for reuse, so the driver
+/// does not grow new vectors (on fresh pages) for every batch.
+#[derive(Default)]
+pub(crate) struct Shelf {
+    full: Vec<Bin>,
+    spare: Vec<Bin>,
+}
+
+impl Shelf {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.full.is_empty()
+    }
+
+    /// Driver side: puts this thread's bin on the shelf (if it holds
+    /// anything) and takes a spare one in its place.
+    pub(crate) fn hand_over(&mut self) {
         LOCAL.with_borrow_mut(|mine| {
-            if shared.is_empty() {
-                std::mem::swap(shared, mine);
-            } else {
-                shared.append(mine);
+            if !mine.is_empty() {
+                let spare = self.spare.pop().unwrap_or_default();
+                self.full.push(std::mem::replace(mine, spare));
             }
         })
     }
 
-    /// Caller side: takes the shared bin, to be dropped once the lock
-    /// guarding it is released.
-    pub(crate) fn collect(shared: &mut Bin) -> Option<Bin> {
-        (!shared.is_empty()).then(|| std::mem::take(shared))
+    /// Takes the full bins; free them with [`empty`] once the lock is
+    /// released, then give them back with [`Shelf::put_back`].
+    pub(crate) fn take(&mut self) -> Option<Vec<Bin>> {
+        (!self.full.is_empty()).then(|| std::mem::take(&mut self.full))
     }
+
+    /// Keeps a few emptied bins of modest size for the driver to reuse.
+    pub(crate) fn put_back(&mut self, bins: Vec<Bin>) {
+        let room = SPARES.saturating_sub(self.spare.len());
+        self.spare
+            .extend(bins.into_iter().filter(|b| !b.roomy()).take(room));
+    }
+}
+
+/// Frees what `bins` hold, here, keeping the bins.
+pub(crate) fn empty(bins: &mut [Bin]) {
+    bins.iter_mut().for_each(Bin::clear);
 }
 
 thread_local! {
     /// The driver thread's leftovers since its last hand-over.
-    static LOCAL: RefCell<Bin> = RefCell::new(Bin::default());
+    static LOCAL: RefCell<Bin> = const { RefCell::new(Bin::new()) };
 }
 
 /// Something a call leaves behind.
@@ -104,4 +155,76 @@ pub(crate) fn keep(s: Spent) {
         Spent::Callback(c) => b.callbacks.push(c),
         Spent::Raw(c) => b.raw.push(c),
     })
+}
+
+impl Default for Bin {
+    fn default() -> Self {
+        Bin::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// A callback that was never run, holding a counter of drops.
+    fn unrun(drops: &Arc<AtomicUsize>) -> Callback {
+        struct Counted(Arc<AtomicUsize>);
+        impl Drop for Counted {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let c = Counted(drops.clone());
+        Box::new(Some(move |_: Result<Octets>| drop(c)))
+    }
+
+    fn fill(n: usize, drops: &Arc<AtomicUsize>) {
+        LOCAL.with_borrow_mut(|b| b.callbacks.extend((0..n).map(|_| unrun(drops))));
+    }
+
+    #[test]
+    fn shelf_hands_over_frees_on_empty_and_reuses_bins() {
+        let drops = Arc::new(AtomicUsize::new(0));
+        let mut shelf = Shelf::default();
+        shelf.hand_over();
+        assert!(shelf.is_empty(), "an empty bin is not shelved");
+        fill(3, &drops);
+        shelf.hand_over();
+        fill(2, &drops);
+        shelf.hand_over();
+        let mut bins = shelf.take().expect("two bins shelved");
+        assert_eq!(bins.len(), 2);
+        assert!(shelf.take().is_none());
+        assert_eq!(
+            drops.load(Ordering::Relaxed),
+            0,
+            "nothing freed before empty"
+        );
+        empty(&mut bins);
+        assert_eq!(drops.load(Ordering::Relaxed), 5);
+        let room = bins[0].callbacks.capacity();
+        shelf.put_back(bins);
+        // The driver's next bin is a spare, with its room.
+        shelf.hand_over();
+        fill(1, &drops);
+        assert!(LOCAL.with_borrow(|b| b.callbacks.capacity()) >= room);
+        shelf.hand_over();
+        let mut bins = shelf.take().unwrap();
+        empty(&mut bins);
+        assert_eq!(drops.load(Ordering::Relaxed), 6);
+    }
+
+    #[test]
+    fn roomy_bins_and_extra_spares_are_let_go() {
+        let mut shelf = Shelf::default();
+        let mut roomy = Bin::new();
+        roomy.callbacks.reserve(SPARE_ROOM + 1);
+        let bins = vec![roomy, Bin::new(), Bin::new(), Bin::new()];
+        shelf.put_back(bins);
+        assert_eq!(shelf.spare.len(), SPARES);
+        assert!(shelf.spare.iter().all(|b| !b.roomy()));
+    }
 }

@@ -48,7 +48,7 @@ pub(crate) mod uring;
 
 use crate::error::{Error, ExitStatus};
 use crate::idmap::IdMap;
-use crate::leftovers::{Bin, IDLE_FREE};
+use crate::leftovers::{self, Bin, Shelf, IDLE_FREE};
 use crate::rpc::Call;
 use crate::wire::frame::{read_want, split_id_frame, Frame};
 use crate::wire::Decoded;
@@ -259,6 +259,8 @@ pub(crate) enum Command {
 
 struct Shared {
     queue: Mutex<Queue>,
+    /// The queue's bin has something in it (a hint for [`collect_leftovers`]).
+    bin_ready: AtomicBool,
     sleeping: AtomicBool,
     wake: OwnedFd,
 }
@@ -268,7 +270,7 @@ struct Shared {
 struct Queue {
     commands: Vec<Command>,
     /// Spent arguments and callbacks for a caller to free.
-    bin: Bin,
+    shelf: Shelf,
     /// How many times a caller took `bin`.
     collected: u64,
 }
@@ -276,6 +278,40 @@ struct Queue {
 impl Queue {
     fn is_empty(&self) -> bool {
         self.commands.is_empty()
+    }
+}
+
+impl Shared {
+    /// Takes the shelf's bins (under the lock).
+    fn take_bins(&self, q: &mut Queue) -> Option<Vec<Bin>> {
+        let bins = q.shelf.take()?;
+        q.collected += 1;
+        self.bin_ready.store(false, Ordering::Relaxed);
+        Some(bins)
+    }
+
+    /// Frees what `bins` hold on this thread (without the lock), then
+    /// puts the bins back for reuse.
+    fn free_bins(&self, bins: Option<Vec<Bin>>) {
+        if let Some(mut bins) = bins {
+            leftovers::empty(&mut bins);
+            self.queue.lock().unwrap().shelf.put_back(bins);
+        }
+    }
+}
+
+/// Frees what calls left behind on the driver threads, here on the calling
+/// thread: for callers that hand work over some other way than queuing
+/// commands themselves (a pool's jobs are sent by the driver).
+pub(crate) fn collect_leftovers() {
+    if on_driver_thread() {
+        return;
+    }
+    for e in ENGINES.iter().filter_map(|e| e.get()?.as_ref().ok()) {
+        if e.shared.bin_ready.load(Ordering::Relaxed) {
+            let bins = e.shared.take_bins(&mut e.shared.queue.lock().unwrap());
+            e.shared.free_bins(bins);
+        }
     }
 }
 
@@ -340,6 +376,7 @@ impl Engine {
         let wake = unsafe { OwnedFd::from_raw_fd(raw) };
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
+            bin_ready: AtomicBool::new(false),
             sleeping: AtomicBool::new(false),
             wake,
         });
@@ -396,9 +433,7 @@ impl Engine {
             if on_driver_thread() {
                 None
             } else {
-                let bin = Bin::collect(&mut q.bin);
-                q.collected += bin.is_some() as u64;
-                bin
+                self.shared.take_bins(&mut q)
             }
         };
         // The queue's mutex orders this load after the driver's store of
@@ -411,7 +446,7 @@ impl Engine {
             let one = 1u64.to_ne_bytes();
             let _ = nix::unistd::write(&self.shared.wake, &one);
         }
-        drop(leftovers);
+        self.shared.free_bins(leftovers);
     }
 }
 
@@ -494,9 +529,12 @@ impl<I: Io> Driver<I> {
             let timeout = {
                 let mut q = self.shared.queue.lock().unwrap();
                 // Nothing spent stays on this thread while it sleeps.
-                Bin::hand_over(&mut q.bin);
-                if self.free_bin_at.is_none() && !q.bin.is_empty() {
-                    self.free_bin_at = Some((Instant::now() + IDLE_FREE, q.collected));
+                q.shelf.hand_over();
+                if !q.shelf.is_empty() {
+                    self.shared.bin_ready.store(true, Ordering::Relaxed);
+                    if self.free_bin_at.is_none() {
+                        self.free_bin_at = Some((Instant::now() + IDLE_FREE, q.collected));
+                    }
                 }
                 match q.is_empty() {
                     true => self
@@ -822,15 +860,15 @@ impl<I: Io> Driver<I> {
         }
         let stale = {
             let mut q = self.shared.queue.lock().unwrap();
-            self.free_bin_at = (!q.bin.is_empty()).then_some((now + IDLE_FREE, q.collected));
+            self.free_bin_at = (!q.shelf.is_empty()).then_some((now + IDLE_FREE, q.collected));
             if q.collected == seen {
                 self.free_bin_at = None;
-                Bin::collect(&mut q.bin)
+                self.shared.take_bins(&mut q)
             } else {
                 None
             }
         };
-        drop(stale);
+        self.shared.free_bins(stale);
     }
 
     fn expire(&mut self) {

@@ -251,6 +251,9 @@ impl Shared {
         let admit = if crate::engine::on_driver_thread() {
             Admit::Force
         } else {
+            // The driver sends this pool's jobs, so its callers never queue
+            // engine commands that would take its leftovers: take them here.
+            crate::engine::collect_leftovers();
             admit
         };
         let mut d = Deferred::default();
