@@ -61,7 +61,17 @@ impl Bin {
     }
 
     fn is_empty(&self) -> bool {
-        self.payloads.is_empty() && self.callbacks.is_empty() && self.raw.is_empty()
+        self.len() == 0
+    }
+
+    fn len(&self) -> usize {
+        self.payloads.len() + self.callbacks.len() + self.raw.len()
+    }
+
+    fn append(&mut self, other: &mut Bin) {
+        self.payloads.append(&mut other.payloads);
+        self.callbacks.append(&mut other.callbacks);
+        self.raw.append(&mut other.raw);
     }
 
     /// Frees the contents, keeping the room.
@@ -85,6 +95,8 @@ impl Bin {
 /// Emptied bins kept for reuse hold at most this many items of a kind, so
 /// a burst does not pin its memory.
 const SPARE_ROOM: usize = 4096;
+/// A bin of at most this many items joins the last shelved one.
+const FEW: usize = 64;
 /// How many emptied bins are kept for reuse.
 const SPARES: usize = 2;
 
@@ -106,10 +118,17 @@ impl Shelf {
     /// anything) and takes a spare one in its place.
     pub(crate) fn hand_over(&mut self) {
         LOCAL.with_borrow_mut(|mine| {
-            if !mine.is_empty() {
-                let spare = self.spare.pop().unwrap_or_default();
-                self.full.push(std::mem::replace(mine, spare));
+            if mine.is_empty() {
+                return;
             }
+            // A few items (a ping-pong's one call per loop) join the last
+            // shelved bin: no new bin per loop, and this one keeps its room.
+            if let Some(last) = self.full.last_mut().filter(|_| mine.len() <= FEW) {
+                last.append(mine);
+                return;
+            }
+            let spare = self.spare.pop().unwrap_or_default();
+            self.full.push(std::mem::replace(mine, spare));
         })
     }
 
@@ -195,8 +214,15 @@ mod tests {
         shelf.hand_over();
         fill(2, &drops);
         shelf.hand_over();
-        let mut bins = shelf.take().expect("two bins shelved");
-        assert_eq!(bins.len(), 2);
+        fill(FEW + 1, &drops);
+        shelf.hand_over();
+        let mut bins = shelf.take().expect("bins shelved");
+        assert_eq!(
+            bins.len(),
+            2,
+            "a few items join the last bin, many get their own"
+        );
+        assert_eq!(bins[0].len(), 5);
         assert!(shelf.take().is_none());
         assert_eq!(
             drops.load(Ordering::Relaxed),
@@ -204,17 +230,19 @@ mod tests {
             "nothing freed before empty"
         );
         empty(&mut bins);
-        assert_eq!(drops.load(Ordering::Relaxed), 5);
-        let room = bins[0].callbacks.capacity();
+        assert_eq!(drops.load(Ordering::Relaxed), FEW + 6);
+        let room = bins.iter().map(|b| b.callbacks.capacity()).min().unwrap();
+        assert!(room >= 5);
         shelf.put_back(bins);
-        // The driver's next bin is a spare, with its room.
+        // A full bin is shelved and an emptied spare, with its room, takes
+        // its place.
+        fill(FEW + 1, &drops);
         shelf.hand_over();
-        fill(1, &drops);
         assert!(LOCAL.with_borrow(|b| b.callbacks.capacity()) >= room);
-        shelf.hand_over();
+        assert_eq!(shelf.spare.len(), 1);
         let mut bins = shelf.take().unwrap();
         empty(&mut bins);
-        assert_eq!(drops.load(Ordering::Relaxed), 6);
+        assert_eq!(drops.load(Ordering::Relaxed), 2 * FEW + 7);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! `--runs` times (median, min, max). Ratios are value / raw.
 
 use super::raw;
-use super::stats::{self, latency, summarize, Latency};
+use super::stats::{self, latency, summarize, CpuTime, Latency};
 use forkrpc::serial::{Json, Rkyv};
 use forkrpc::{
     octets, EngineKind, Octets, Options, Pool, PoolOptions, Template, Typed, ECHO, ECHO_JSON,
@@ -118,6 +118,14 @@ impl Echo {
             Echo::Octets(_) => BigPayload::Octets(octets![vec![0x42u8; BIG]]),
             Echo::Json(_) => BigPayload::Json(serde_json::Value::String("B".repeat(BIG))),
             Echo::Rkyv(_) => BigPayload::Rkyv(vec![0x42u8; BIG]),
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        match self {
+            Echo::Octets(rpc) => rpc.pid(),
+            Echo::Json(t) => t.rpc().pid(),
+            Echo::Rkyv(t) => t.rpc().pid(),
         }
     }
 
@@ -351,10 +359,13 @@ fn w1(
     echo.pipelined(calls / 10)?;
     raw::stream(&rawfd, calls / 10 * raw::FRAME, 64 * 1024)?;
     let (mut v, mut r) = (Vec::new(), Vec::new());
+    let mut cpu = CpuTime::default();
     for _ in 0..runs {
         let d = raw::stream(&rawfd, calls * raw::FRAME, 64 * 1024)?;
         r.push(calls as f64 / d.as_secs_f64());
+        let before = CpuTime::now(&[echo.pid()]);
         v.push(echo.pipelined(calls)?);
+        cpu.add(CpuTime::now(&[echo.pid()]).since(before));
     }
     echo.close()?;
     Ok(Row {
@@ -363,7 +374,7 @@ fn w1(
         unit: "calls/s",
         value: summarize(v),
         raw: Some(summarize(r).median),
-        extra: vec![],
+        extra: cpu.per_call(calls * runs).to_vec(),
         runs,
     })
 }
@@ -492,30 +503,39 @@ fn w3(t: &Template, opts: &Options, runs: usize, calls: usize, map: bool) -> Ben
         PoolOptions::default().max(2).idle(2).load(2),
     )?;
     let fds = [t.spawn_raw_echo()?.0, t.spawn_raw_echo()?.0];
-    let once = |n: usize| -> BenchResult<f64> {
+    let mut cpu = CpuTime::default();
+    // One run of `n` calls; adds the CPU time it took to `cpu`.
+    let mut once = |n: usize| -> BenchResult<f64> {
         let arg = arg16();
+        let pids = pool.stats().pids;
         if map {
             // Distinct arguments, made before the clock starts (as a
             // Python `Pool.map` over a prepared list).
             let jobs: Vec<Octets> = (0..n).map(|i| octets![format!("{i:016}")]).collect();
+            let before = CpuTime::now(&pids);
             let start = Instant::now();
             let mut got = 0;
             for (_, r) in pool.map(jobs) {
                 r?;
                 got += 1;
             }
+            let rate = n as f64 / start.elapsed().as_secs_f64();
+            cpu.add(CpuTime::now(&pids).since(before));
             if got != n {
                 return Err(format!("W3-map: {got} results for {n} jobs").into());
             }
-            return Ok(n as f64 / start.elapsed().as_secs_f64());
+            return Ok(rate);
         }
+        let before = CpuTime::now(&pids);
         let start = Instant::now();
         let cd = Countdown::new(n);
         for _ in 0..n {
             pool.call_with(arg.clone(), move |r| cd.hit(r.is_ok()));
         }
         cd.wait()?;
-        Ok(n as f64 / start.elapsed().as_secs_f64())
+        let rate = n as f64 / start.elapsed().as_secs_f64();
+        cpu.add(CpuTime::now(&pids).since(before));
+        Ok(rate)
     };
     once(calls / 10)?;
     raw_pair(&fds, calls / 10)?;
@@ -524,6 +544,7 @@ fn w3(t: &Template, opts: &Options, runs: usize, calls: usize, map: bool) -> Ben
         r.push(raw_pair(&fds, calls)?);
         v.push(once(calls)?);
     }
+    let cpu = cpu.per_call(calls / 10 + calls * runs);
     pool.close_blocking()?;
     Ok(Row {
         id: if map { "W3-map" } else { "W3" },
@@ -531,7 +552,8 @@ fn w3(t: &Template, opts: &Options, runs: usize, calls: usize, map: bool) -> Ben
         unit: "calls/s",
         value: summarize(v),
         raw: Some(summarize(r).median),
-        extra: vec![],
+        // Both workers live through every run (idle = max = 2).
+        extra: cpu.to_vec(),
         runs,
     })
 }

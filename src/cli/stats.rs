@@ -55,3 +55,80 @@ pub fn latency(h: &Histogram<u64>) -> Latency {
         max: us(h.max()),
     }
 }
+
+/// CPU time (user + system) used so far by the caller's threads, the
+/// engine's driver threads and the given worker processes, from
+/// `/proc/.../stat` (clock ticks, usually 10 ms). Summed over a few runs it
+/// tells where a workload's CPU goes even when a noisy machine makes
+/// throughput jump about.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuTime {
+    pub caller: Duration,
+    pub driver: Duration,
+    pub workers: Duration,
+}
+
+impl CpuTime {
+    pub fn now(workers: &[i32]) -> CpuTime {
+        let mut t = CpuTime::default();
+        if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+            for task in tasks.flatten() {
+                let p = task.path();
+                let comm = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
+                let used = ticks(&p.join("stat"));
+                if comm.starts_with("forkrpc-uring") || comm.starts_with("forkrpc-epoll") {
+                    t.driver += used;
+                } else if !comm.starts_with("forkrpc-templat") {
+                    t.caller += used;
+                }
+            }
+        }
+        for pid in workers {
+            t.workers += ticks(std::path::Path::new(&format!("/proc/{pid}/stat")));
+        }
+        t
+    }
+
+    pub fn since(self, before: CpuTime) -> CpuTime {
+        CpuTime {
+            caller: self.caller.saturating_sub(before.caller),
+            driver: self.driver.saturating_sub(before.driver),
+            workers: self.workers.saturating_sub(before.workers),
+        }
+    }
+
+    pub fn add(&mut self, o: CpuTime) {
+        self.caller += o.caller;
+        self.driver += o.driver;
+        self.workers += o.workers;
+    }
+
+    /// `(caller, driver, workers)` in ns per call over `calls` calls.
+    pub fn per_call(&self, calls: usize) -> [(&'static str, f64); 3] {
+        let ns = |d: Duration| d.as_nanos() as f64 / calls.max(1) as f64;
+        [
+            ("caller_cpu_ns", ns(self.caller)),
+            ("driver_cpu_ns", ns(self.driver)),
+            ("workers_cpu_ns", ns(self.workers)),
+        ]
+    }
+}
+
+/// utime + stime of one `/proc/.../stat`, or zero if it cannot be read.
+fn ticks(path: &std::path::Path) -> Duration {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
+    // Fields after the command name, which may hold spaces: state is
+    // field 3, utime 14 and stime 15.
+    let rest = s.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .map_or(100, |v| v.max(1) as u64);
+    Duration::from_nanos(f.iter().sum::<u64>() * 1_000_000_000 / hz)
+}
