@@ -259,7 +259,7 @@ pub(crate) enum Command {
 
 struct Shared {
     queue: Mutex<Queue>,
-    /// The queue's bin has something in it (a hint for [`collect_leftovers`]).
+    /// The queue's shelf holds bins (a hint for [`collect_leftovers`]).
     bin_ready: AtomicBool,
     sleeping: AtomicBool,
     wake: OwnedFd,
@@ -271,7 +271,7 @@ struct Queue {
     commands: Vec<Command>,
     /// Spent arguments and callbacks for a caller to free.
     shelf: Shelf,
-    /// How many times a caller took `bin`.
+    /// How many times someone took the shelf's bins.
     collected: u64,
 }
 
@@ -483,7 +483,7 @@ struct Driver<I: Io> {
     done: Vec<Completion>,
     wake_buf: Box<[u8; 8]>,
     wake_armed: bool,
-    /// When the driver frees a bin no caller collected, and the count of
+    /// When the driver frees bins no caller collected, and the count of
     /// collections it saw when it set that time.
     free_bin_at: Option<(Instant, u64)>,
 }
@@ -848,7 +848,7 @@ impl<I: Io> Driver<I> {
         exits.into_iter().chain(bin).min()
     }
 
-    /// Frees the shared bin if no caller took it since the time was set;
+    /// Frees the shelf's bins if nobody took any since the time was set;
     /// else looks again later.
     fn free_idle_bin(&mut self) {
         let Some((at, seen)) = self.free_bin_at else {
