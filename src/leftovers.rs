@@ -11,6 +11,10 @@
 //! the shelf's bins and frees their contents on its own thread
 //! ([`Shelf::take`], [`empty`]).
 //!
+//! What was made on the driver thread itself (a call issued from a reply
+//! callback, as in a ping-pong) is freed there at once: that free is local,
+//! and keeping it would only trade a warm block for a cold one.
+//!
 //! The bin holds at most what calls in flight held before they finished,
 //! and never for long: a bin that no caller collects within [`IDLE_FREE`]
 //! is freed by the driver after all.
@@ -163,10 +167,11 @@ pub(crate) enum Spent {
     Raw(RawCallback),
 }
 
-/// Keeps `s` for a caller to free if this is a driver thread; else drops
-/// it here (the thread that allocated it, or one that may as well).
-pub(crate) fn keep(s: Spent) {
-    if !crate::engine::on_driver_thread() {
+/// Keeps `s` for a caller to free if this is a driver thread and `s` was
+/// made elsewhere; else drops it here (where it was made, or on a thread
+/// that may as well free it).
+pub(crate) fn keep(s: Spent, made_on_driver: bool) {
+    if made_on_driver || !crate::engine::on_driver_thread() {
         return;
     }
     LOCAL.with_borrow_mut(|b| match s {

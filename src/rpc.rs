@@ -153,6 +153,8 @@ impl From<Bytes> for Body {
 pub(crate) struct Payload {
     body: Body,
     len: u32,
+    /// Made on a driver thread (a call from a callback): freed there too.
+    on_driver: bool,
 }
 
 impl Payload {
@@ -164,7 +166,11 @@ impl Payload {
             Body::Frozen(b) => b.len() as u64,
         };
         let len = u32::try_from(size).map_err(|_| Error::PayloadTooLarge { size })?;
-        Ok(Payload { body, len })
+        Ok(Payload {
+            body,
+            len,
+            on_driver: crate::engine::on_driver_thread(),
+        })
     }
 
     /// Encoded size in bytes.
@@ -195,34 +201,49 @@ pub(crate) struct Call {
 
 /// Who waits for a reply. Callback boxes outlive their call, to be freed
 /// on a caller's thread (see [`leftovers`](crate::leftovers)).
+///
+/// `on_driver`: the callback was boxed on a driver thread (a call made
+/// from a callback), so freeing it there at once is the cheap local free.
 pub(crate) enum Waiter {
-    Callback(Callback),
+    Callback {
+        f: Callback,
+        on_driver: bool,
+    },
     Latch(Arc<Latch<Result<Octets>>>),
     /// Gets the reply's payload undecoded (typed calls thaw it themselves).
-    Raw(RawCallback),
+    Raw {
+        f: RawCallback,
+        on_driver: bool,
+    },
 }
 
 impl Waiter {
     /// A waiter that runs `f` with the reply.
     pub(crate) fn callback(f: impl FnOnce(Result<Octets>) + Send + 'static) -> Waiter {
-        Waiter::Callback(Box::new(Some(f)))
+        Waiter::Callback {
+            f: Box::new(Some(f)),
+            on_driver: crate::engine::on_driver_thread(),
+        }
     }
 
     /// A waiter that runs `f` with the reply's payload, undecoded.
     pub(crate) fn raw(f: impl FnOnce(Result<Bytes>) + Send + 'static) -> Waiter {
-        Waiter::Raw(Box::new(Some(f)))
+        Waiter::Raw {
+            f: Box::new(Some(f)),
+            on_driver: crate::engine::on_driver_thread(),
+        }
     }
 
     pub(crate) fn complete(self, r: Result<Octets>) {
         match self {
-            Waiter::Callback(mut f) => {
+            Waiter::Callback { mut f, on_driver } => {
                 guard("a reply callback", || f.reply(r));
-                leftovers::keep(Spent::Callback(f));
+                leftovers::keep(Spent::Callback(f), on_driver);
             }
             Waiter::Latch(l) => l.set(r),
-            Waiter::Raw(mut f) => {
+            Waiter::Raw { mut f, on_driver } => {
                 guard("a reply callback", || f.reply(r.map(|o| o.to_bytes())));
-                leftovers::keep(Spent::Raw(f));
+                leftovers::keep(Spent::Raw(f), on_driver);
             }
         }
     }
@@ -231,9 +252,9 @@ impl Waiter {
     /// wants it raw. A payload that is not octets fails the call.
     fn complete_payload(self, pid: i32, payload: Bytes) -> Result<(), String> {
         match self {
-            Waiter::Raw(mut f) => {
+            Waiter::Raw { mut f, on_driver } => {
                 guard("a reply callback", || f.reply(Ok(payload)));
-                leftovers::keep(Spent::Raw(f));
+                leftovers::keep(Spent::Raw(f), on_driver);
                 Ok(())
             }
             w => match Octets::decode(payload) {
@@ -614,7 +635,8 @@ impl Protocol for Session {
         // Big arguments are let go at once: they are sent in place (the
         // send queue holds them), and the caller may want them back.
         if call.args.len() < crate::engine::SEND_IN_PLACE as u32 {
-            leftovers::keep(Spent::Payload(call.args));
+            let on_driver = call.args.on_driver;
+            leftovers::keep(Spent::Payload(call.args), on_driver);
         }
     }
 

@@ -177,6 +177,10 @@ fn main() {
             ("small_calls_survive_full_socket_buffers", full_buffers),
             ("calls_queued_together_go_out_in_one_send", batched_sends),
             ("spent_arguments_are_released_when_idle", spent_arguments),
+            (
+                "arguments_of_calls_from_callbacks_are_freed_at_once",
+                driver_made_arguments,
+            ),
         ];
         for (name, f) in rpc_tests {
             let t = t.clone();
@@ -856,6 +860,44 @@ fn full_buffers(t: &Template, kind: EngineKind) -> Result<(), Failed> {
         good += recv(&rx)? as usize;
     }
     eq(good, 20_000)?;
+    rpc.close_blocking()?;
+    Ok(())
+}
+
+/// An argument owner that raises a flag when it drops.
+struct Flagged(Vec<u8>, Arc<std::sync::atomic::AtomicBool>);
+
+impl AsRef<[u8]> for Flagged {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Flagged {
+    fn drop(&mut self) {
+        self.1.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A call made from a reply callback (on the driver thread) had its
+/// arguments made there: they are freed as soon as they are sent, not
+/// kept for a caller (a ping-pong would otherwise trade warm memory for
+/// cold). So by the time its own reply arrives, they are gone.
+fn driver_made_arguments(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    let rpc = t.fork().run(forkrpc::ECHO, opts(kind))?;
+    let (tx, rx) = mpsc::channel();
+    let inner = rpc.clone();
+    rpc.call_with(octets!["first"], move |_| {
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let arg = bytes::Bytes::from_owner(Flagged(b"second".to_vec(), dropped.clone()));
+        inner.call_with(octets![arg], move |r| {
+            let gone = dropped.load(std::sync::atomic::Ordering::SeqCst);
+            tx.send((r, gone)).unwrap();
+        });
+    });
+    let (r, gone) = recv(&rx)?;
+    eq(r?, octets!["second"])?;
+    check(gone, "the argument was still held when its reply arrived")?;
     rpc.close_blocking()?;
     Ok(())
 }
