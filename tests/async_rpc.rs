@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{block, check, destroy_channel, engines, eq, recv};
+use common::{block, check, destroy_channel, engines, eq, logged, recv, Log};
 use forkrpc::{octets, AsyncRuntime, Done, EngineKind, Error, Octets, Options, Template};
 use libtest_mimic::{Arguments, Failed, Trial};
 use std::cell::Cell;
@@ -180,20 +180,12 @@ fn runtime_choice(t: &Template, kind: EngineKind) -> Result<(), Failed> {
 }
 
 fn perl_async_order(t: &Template, kind: EngineKind) -> Result<(), Failed> {
-    let log = Arc::new(Mutex::new(Vec::<String>::new()));
-    let (l1, l2, l3) = (log.clone(), log.clone(), log.clone());
-    let (destroy, destroyed) = destroy_channel();
-    let rpc = t.fork().run(
-        "t::perl_async",
-        opts(kind)
-            .on_event(move |ev| l1.lock().unwrap().push(ev.to_string()))
-            .on_destroy(move || {
-                l2.lock().unwrap().push("destroy".into());
-                destroy()
-            }),
-    )?;
+    let log = Log::default();
+    let (opts, destroyed) = logged(opts(kind), &log);
+    let rpc = t.fork().run("t::perl_async", opts)?;
+    let l = log.clone();
     rpc.call_with(octets!["3"], move |r| {
-        l3.lock().unwrap().push(r.unwrap().to_string())
+        l.lock().unwrap().push(r.unwrap().to_string())
     });
     drop(rpc);
     recv(&destroyed)?;
@@ -558,16 +550,9 @@ fn sync_on_async(t: &Template, kind: EngineKind) -> Result<(), Failed> {
 }
 
 fn drop_drains(t: &Template, kind: EngineKind) -> Result<(), Failed> {
-    let log = Arc::new(Mutex::new(Vec::<String>::new()));
-    let l = log.clone();
-    let (destroy, destroyed) = destroy_channel();
-    let rpc = t.fork().run(
-        forkrpc::SLEEP,
-        opts(kind).on_destroy(move || {
-            l.lock().unwrap().push("destroy".into());
-            destroy()
-        }),
-    )?;
+    let log = Log::default();
+    let (opts, destroyed) = logged(opts(kind), &log);
+    let rpc = t.fork().run(forkrpc::SLEEP, opts)?;
     for i in 0..200 {
         let l = log.clone();
         // Later calls sleep less, so replies come back reversed.

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{check, destroy_channel, engines, eq, proc_exists, recv, wait_gone};
+use common::{check, destroy_channel, engines, eq, logged, proc_exists, recv, wait_gone, Log};
 use forkrpc::{octets, EngineKind, Error, ExitStatus, Octets, Options, Template, WorkerArgs};
 use libtest_mimic::{Arguments, Failed, Trial};
 use std::collections::BTreeSet;
@@ -222,18 +222,9 @@ fn synopsis(t: &Template, kind: EngineKind) -> Result<(), Failed> {
 }
 
 fn perl_sync_test_order(t: &Template, kind: EngineKind) -> Result<(), Failed> {
-    let log = Arc::new(Mutex::new(Vec::<String>::new()));
-    let (l1, l2) = (log.clone(), log.clone());
-    let (destroy, destroyed) = destroy_channel();
-    let rpc = t.fork().run(
-        "t::perl_sync",
-        opts(kind)
-            .on_event(move |ev| l1.lock().unwrap().push(ev.to_string()))
-            .on_destroy(move || {
-                l2.lock().unwrap().push("destroy".into());
-                destroy()
-            }),
-    )?;
+    let log = Log::default();
+    let (opts, destroyed) = logged(opts(kind), &log);
+    let rpc = t.fork().run("t::perl_sync", opts)?;
     for n in [5, 7, 9, 11] {
         let l = log.clone();
         rpc.call_with(octets![n.to_string()], move |r| {

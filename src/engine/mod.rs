@@ -275,12 +275,6 @@ struct Queue {
     collected: u64,
 }
 
-impl Queue {
-    fn is_empty(&self) -> bool {
-        self.commands.is_empty()
-    }
-}
-
 impl Shared {
     /// Takes the shelf's bins (under the lock).
     fn take_bins(&self, q: &mut Queue) -> Option<Vec<Bin>> {
@@ -536,11 +530,11 @@ impl<I: Io> Driver<I> {
                         self.free_bin_at = Some((Instant::now() + IDLE_FREE, q.collected));
                     }
                 }
-                match q.is_empty() {
-                    true => self
-                        .next_deadline()
-                        .map(|d| d.saturating_duration_since(Instant::now())),
-                    false => Some(Duration::ZERO),
+                if q.commands.is_empty() {
+                    self.next_deadline()
+                        .map(|d| d.saturating_duration_since(Instant::now()))
+                } else {
+                    Some(Duration::ZERO)
                 }
             };
             let r = self.io.wait(&mut self.done, timeout);

@@ -32,9 +32,13 @@ pub(crate) struct Arrivals {
 }
 
 impl Arrivals {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inbox> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn push(&self, items: impl Iterator<Item = (usize, Result<Octets>)>) {
         let waker = {
-            let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            let mut g = self.lock();
             g.0.extend(items);
             g.1.take()
         };
@@ -221,11 +225,7 @@ impl<I: Iterator<Item = Octets>> Map<I> {
         }
         // Take everything that arrived in one go (one lock per batch).
         {
-            let mut g = self
-                .arrivals
-                .inner
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut g = self.arrivals.lock();
             if g.0.is_empty() {
                 return None;
             }
@@ -288,11 +288,7 @@ impl<I: Iterator<Item = Octets>> Map<I> {
                 self.in_flight = 0;
                 return Some((self.next_yield, Err(Error::WouldDeadlock)));
             }
-            let g = self
-                .arrivals
-                .inner
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let g = self.arrivals.lock();
             if g.0.is_empty() {
                 drop(self.arrivals.cond.wait(g));
             }
@@ -304,11 +300,7 @@ impl<I: Iterator<Item = Octets>> Map<I> {
             if let Some(r) = self.step() {
                 return Poll::Ready(r);
             }
-            let mut g = self
-                .arrivals
-                .inner
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut g = self.arrivals.lock();
             if g.0.is_empty() {
                 g.1 = Some(cx.waker().clone());
                 return Poll::Pending;

@@ -3,7 +3,7 @@
 
 use libtest_mimic::Failed;
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
-use std::sync::{mpsc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 /// Waits until process `pid` (not necessarily our child) has exited, by
@@ -85,4 +85,21 @@ pub fn block<F: std::future::Future>(f: F) -> F::Output {
         .build()
         .unwrap()
         .block_on(f)
+}
+
+/// What a test saw, in order, as text.
+pub type Log = Arc<Mutex<Vec<String>>>;
+
+/// `opts` that log each event (as text) to `log`, then "destroy" when the
+/// worker is gone; the receiver fires after that.
+pub fn logged(opts: forkrpc::Options, log: &Log) -> (forkrpc::Options, mpsc::Receiver<()>) {
+    let (l1, l2) = (log.clone(), log.clone());
+    let (destroy, destroyed) = destroy_channel();
+    let opts = opts
+        .on_event(move |ev| l1.lock().unwrap().push(ev.to_string()))
+        .on_destroy(move || {
+            l2.lock().unwrap().push("destroy".into());
+            destroy()
+        });
+    (opts, destroyed)
 }
