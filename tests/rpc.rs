@@ -158,6 +158,10 @@ fn main() {
             ("unknown_handler_is_an_error", unknown_handler),
             ("handler_panic_reports_message", handler_panic),
             ("worker_exit_code_fails_outstanding_calls", worker_exit_code),
+            (
+                "worker_exit_fails_calls_never_sent",
+                worker_exit_with_backlog,
+            ),
             ("worker_killed_by_signal", worker_killed),
             (
                 "error_goes_to_on_event_without_on_error",
@@ -428,6 +432,41 @@ fn worker_exit_code(t: &Template, kind: EngineKind) -> Result<(), Failed> {
         }
         other => Err(format!("expected exit code 7, got {other:?}").into()),
     }
+}
+
+/// Many calls (1 KiB each, 20 MiB in all, far more than the socket
+/// holds), queued from a callback on the driver thread so that all are in
+/// the queue when it next drains it: the worker exits on the first; every
+/// one of them, sent or never sent, fails with how it ended.
+fn worker_exit_with_backlog(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    const N: usize = 20_000;
+    let rpc = t.fork().run("t::exit", opts(kind).on_error(|_| {}))?;
+    let echo = t.fork().run(forkrpc::ECHO, opts(kind))?;
+    let (tx, rx) = mpsc::channel();
+    echo.call_with(octets!["go"], move |_| {
+        for i in 0..N {
+            let tx = tx.clone();
+            let arg = if i == 0 {
+                "7".to_owned()
+            } else {
+                "x".repeat(1024)
+            };
+            rpc.call_with(octets![arg], move |r| tx.send(r).unwrap());
+        }
+    });
+    let mut n = 0;
+    for r in rx.iter() {
+        match r {
+            Err(Error::WorkerExited {
+                status: ExitStatus::Code(7),
+                outstanding: N,
+                ..
+            }) => n += 1,
+            other => return Err(format!("call {n}: expected exit code 7, got {other:?}").into()),
+        }
+    }
+    echo.close_blocking()?;
+    eq(n, N)
 }
 
 fn worker_killed(t: &Template, kind: EngineKind) -> Result<(), Failed> {
