@@ -8,7 +8,7 @@ use crate::latch::{Latch, Take};
 use crate::leftovers::{self, Callback, RawCallback, Spent};
 use crate::window::Window;
 use crate::wire::frame::{put_id_header, put_len_header, Frame, EVENT_ID, SYNC_REPLY_ID};
-use crate::wire::{ERROR_TAG, FATAL_TAG};
+use crate::wire::{CHUNK_PART_TAG, ERROR_TAG, FATAL_TAG};
 use crate::{octets, Octets};
 use bytes::Bytes;
 use std::collections::VecDeque;
@@ -178,6 +178,24 @@ impl Payload {
         self.len
     }
 
+    /// Lets sent arguments go: small ones made on a caller's thread are
+    /// kept for a caller to free (see [`leftovers`]); big ones, sent in
+    /// place, go at once, as the caller may want their buffers back.
+    pub(crate) fn spend(self) {
+        if self.len < crate::engine::SEND_IN_PLACE as u32 {
+            let on_driver = self.on_driver;
+            leftovers::keep(Spent::Payload(self), on_driver);
+        }
+    }
+
+    /// The arguments, if they are octets (not a frozen payload).
+    pub(crate) fn octets(&self) -> Option<&Octets> {
+        match &self.body {
+            Body::Octets(o) => Some(o),
+            Body::Frozen(_) => None,
+        }
+    }
+
     /// Appends the payload; big byte strings are queued in place, not
     /// copied.
     fn write(&self, out: &mut SendQueue) {
@@ -215,6 +233,20 @@ pub(crate) enum Waiter {
         f: RawCallback,
         on_driver: bool,
     },
+    /// Waits for the results of a chunk of calls, which may come in parts.
+    Chunk(Box<dyn ChunkWaiter>),
+}
+
+/// Who waits for the results of a chunk request (see
+/// [`chunk`](crate::wire::chunk)): a pool's batch, a map's chunk. Runs on
+/// the driver thread.
+pub(crate) trait ChunkWaiter: Send {
+    /// Results of the chunk's next items (`[CHUNK_PART_TAG, results]`'s
+    /// second element), sent by the worker before an event. An error is a
+    /// protocol violation.
+    fn part(&mut self, results: &Bytes) -> std::result::Result<(), String>;
+    /// The chunk's reply (its remaining results), or why the call failed.
+    fn end(self: Box<Self>, r: Result<Octets>);
 }
 
 impl Waiter {
@@ -245,6 +277,7 @@ impl Waiter {
                 guard("a reply callback", || f.reply(r.map(|o| o.to_bytes())));
                 leftovers::keep(Spent::Raw(f), on_driver);
             }
+            Waiter::Chunk(c) => guard("a reply callback", || c.end(r)),
         }
     }
 
@@ -562,6 +595,9 @@ impl Session {
     /// An event frame: a note of ours (fatal, per-call error), or the
     /// user's event (raw to a typed `on_event`, else decoded as octets).
     fn event(&mut self, payload: Bytes) -> Result<(), String> {
+        if has_tag(&payload, CHUNK_PART_TAG) {
+            return self.chunk_part(payload);
+        }
         let ours = has_tag(&payload, FATAL_TAG) || has_tag(&payload, ERROR_TAG);
         if !ours {
             if let Some(f) = &self.opts.on_event_raw {
@@ -590,6 +626,26 @@ impl Session {
             guard("on_event", || f(ev));
         }
         Ok(())
+    }
+
+    /// `[CHUNK_PART_TAG, results]`: results of the first items of the
+    /// chunk the (sync) worker runs, which is the oldest call.
+    fn chunk_part(&mut self, payload: Bytes) -> Result<(), String> {
+        let part = match Octets::decode(payload) {
+            Ok(p) if p.len() == 2 => p,
+            _ => return self.violation("malformed chunk part".into()),
+        };
+        let r = match &mut self.calls {
+            Calls::Sync(q) => match q.front_mut() {
+                Some(Waiter::Chunk(c)) => c.part(&part[1]),
+                _ => Err("chunk results for a call that is not a chunk".into()),
+            },
+            Calls::Async(_) => Err("chunk results from an async worker".into()),
+        };
+        match r {
+            Ok(()) => Ok(()),
+            Err(detail) => self.violation(detail),
+        }
     }
 
     /// `[ERROR_TAG, id, kind, message]`: the call `id` failed.
@@ -632,12 +688,7 @@ impl Protocol for Session {
             }
         }
         call.args.write(out);
-        // Big arguments are let go at once: they are sent in place (the
-        // send queue holds them), and the caller may want them back.
-        if call.args.len() < crate::engine::SEND_IN_PLACE as u32 {
-            let on_driver = call.args.on_driver;
-            leftovers::keep(Spent::Payload(call.args), on_driver);
-        }
+        call.args.spend();
     }
 
     fn frame(&mut self, frame: Frame) -> Result<(), String> {

@@ -90,6 +90,11 @@ fn template() -> Result<Template, Error> {
             }
             octets!["ok", pid()]
         })
+        // An event, then the reply (the Perl sync test's worker).
+        .sync("t::report", |args| {
+            forkrpc::event(octets!["ev", args[0].clone()]);
+            octets!["re", args[0].clone()]
+        })
         .start()
 }
 
@@ -98,7 +103,7 @@ type PoolTest = fn(&Template) -> Result<(), Failed>;
 fn main() {
     let t = template().expect("template starts");
     let args = Arguments::from_args();
-    let tests: [(&str, PoolTest); 20] = [
+    let tests: [(&str, PoolTest); 23] = [
         ("perl_pool_test", perl_pool_test),
         ("example_pool_synopsis", example_pool),
         ("call_forms_and_stats", call_forms),
@@ -115,6 +120,9 @@ fn main() {
         ("map_unordered_yields_every_index", map_unordered),
         ("map_item_errors_stay_with_their_items", map_errors),
         ("map_panic_fails_the_rest_of_its_chunk", map_panic),
+        ("batched_calls_keep_events_in_order", batch_event_order),
+        ("map_results_survive_events_mid_chunk", map_events),
+        ("panic_in_a_batch_fails_only_what_it_must", batch_panic),
         ("drop_drains_the_queue", drop_drains),
         ("async_pool", async_pool),
         ("bad_handlers_fail_at_new", bad_handlers),
@@ -529,6 +537,123 @@ fn map_errors(t: &Template) -> Result<(), Failed> {
             }
         } else {
             eq(r?, octets![format!("<{i}>")])?;
+        }
+    }
+    pool.close_blocking()?;
+    Ok(())
+}
+
+/// Calls queued together go to the worker in batches (one chunk frame
+/// each); every call sends an event before its reply, and the parent must
+/// see them exactly interleaved, as the worker made them.
+fn batch_event_order(t: &Template) -> Result<(), Failed> {
+    const N: usize = 1000;
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let l = log.clone();
+    let pool = Pool::new(
+        t,
+        "t::report",
+        Options::default().on_event(move |ev| {
+            l.lock()
+                .unwrap()
+                .push(format!("{} {}", ev.str(0).unwrap(), ev.str(1).unwrap()))
+        }),
+        PoolOptions::default().max(1).idle(1),
+    )?;
+    let (tx, rx) = mpsc::channel();
+    let (p, l) = (pool.clone(), log.clone());
+    // Queued from a callback on the driver thread: no reply is handled
+    // before all are queued, so they wait and leave in batches.
+    pool.call_with(octets!["go"], move |_| {
+        for i in 0..N {
+            let (l, tx) = (l.clone(), tx.clone());
+            p.call_with(octets![i.to_string()], move |r| {
+                let r = r.unwrap();
+                l.lock()
+                    .unwrap()
+                    .push(format!("{} {}", r.str(0).unwrap(), r.str(1).unwrap()));
+                tx.send(()).unwrap();
+            });
+        }
+    });
+    for _ in 0..N {
+        recv(&rx)?;
+    }
+    pool.close_blocking()?;
+    let log = log.lock().unwrap();
+    let want: Vec<String> = std::iter::once("ev go".to_owned())
+        .chain((0..N).flat_map(|i| [format!("ev {i}"), format!("re {i}")]))
+        .collect();
+    eq(&log[..], &want[..])
+}
+
+/// Handlers that send events make a chunk's results come in parts: the
+/// map still yields every result, in order, and every event arrives.
+fn map_events(t: &Template) -> Result<(), Failed> {
+    const N: usize = 500;
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let e = events.clone();
+    let pool = Pool::new(
+        t,
+        "t::report",
+        Options::default()
+            .on_event(move |ev| e.lock().unwrap().push(ev.str(1).unwrap().to_owned())),
+        PoolOptions::default().max(2).idle(2),
+    )?;
+    let jobs = (0..N).map(|i| octets![i.to_string()]);
+    let got: Vec<Octets> = pool
+        .map(jobs)
+        .chunk_size(50)
+        .results()
+        .collect::<Result<_, _>>()?;
+    let want: Vec<Octets> = (0..N).map(|i| octets!["re", i.to_string()]).collect();
+    eq(&got, &want)?;
+    pool.close_blocking()?;
+    let mut events = events.lock().unwrap().clone();
+    events.sort_by_key(|s| s.parse::<usize>().unwrap());
+    eq(events, (0..N).map(|i| i.to_string()).collect::<Vec<_>>())
+}
+
+/// A call that panics in the middle of a batch: those before it succeed,
+/// it fails with its panic, those after it fail saying so (not run, or
+/// the worker exited) or run on the replacement worker.
+fn batch_panic(t: &Template) -> Result<(), Failed> {
+    const N: usize = 100;
+    let pool = Pool::new(
+        t,
+        "t::panic",
+        Options::default().on_error(|_| {}),
+        PoolOptions::default().max(1).idle(1).start(Duration::ZERO),
+    )?;
+    let first = pool.call_blocking(octets!["warm"])?;
+    let (tx, rx) = mpsc::channel();
+    let p = pool.clone();
+    pool.call_with(octets!["go"], move |_| {
+        for i in 0..N {
+            let tx = tx.clone();
+            let arg = if i == N / 2 {
+                "panic".to_owned()
+            } else {
+                i.to_string()
+            };
+            p.call_with(octets![arg], move |r| tx.send((i, r)).unwrap());
+        }
+    });
+    let mut got: Vec<_> = (0..N).map(|_| recv(&rx)).collect::<Result<_, _>>()?;
+    got.sort_by_key(|(i, _)| *i);
+    let panicked = |m: &str| m.contains("pool handler panicked at tests/pool.rs:");
+    for (i, r) in got {
+        match r {
+            Ok(r) if i < N / 2 => eq(&r, &first)?,
+            Err(Error::HandlerPanicked { message, .. }) if i == N / 2 => {
+                check(panicked(&message), message)?
+            }
+            Err(Error::Skipped { message, .. }) if i > N / 2 => check(panicked(&message), message)?,
+            Err(Error::WorkerExited { panic: Some(m), .. }) if i > N / 2 => check(panicked(&m), m)?,
+            Ok(r) if i > N / 2 => {
+                check(r != first, "a call after the panic ran on the dead worker")?
+            }
+            other => return Err(format!("call {i}: unexpected {other:?}").into()),
         }
     }
     pool.close_blocking()?;

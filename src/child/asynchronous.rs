@@ -198,6 +198,7 @@ pub(crate) fn serve(sock: OwnedFd, handler: Handler, limit: usize, uring: bool) 
             buf: Vec::with_capacity(READ_CHUNK),
             immediate: false,
             wake: Some(st.clone()),
+            part: None,
         })
     });
     let code = match runtime::block_on(uring, run(sock, handler, st)) {

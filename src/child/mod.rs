@@ -30,6 +30,8 @@ pub(crate) struct Out {
     pub immediate: bool,
     /// Async backend: wake its writer instead of writing here.
     pub wake: Option<Rc<asynchronous::State>>,
+    /// Results of the chunk being run (sync backend), not yet sent.
+    pub part: Option<chunk::ReplyWriter>,
 }
 
 thread_local! {
@@ -155,6 +157,12 @@ pub fn event(args: Octets) -> bool {
 fn queue_event(put: impl FnOnce(&mut Out) -> bool) -> bool {
     OUT.with_borrow_mut(|o| match o {
         Some(o) => {
+            // Results of a chunk's earlier items go first: the parent sees
+            // replies and events in the order they were made.
+            if let Some(part) = o.part.as_mut().filter(|p| !p.is_empty()) {
+                let part = part.take_part();
+                o.put_frame(EVENT_ID, &part);
+            }
             let ok = put(o);
             match &o.wake {
                 Some(st) => st.output_queued(),
@@ -217,7 +225,15 @@ pub(crate) fn run_chunk(
             PROTOCOL_EXIT_CODE,
         ),
     };
-    let mut out = chunk::ReplyWriter::new();
+    // The results wait in `OUT` so that an event from a handler can send
+    // those of earlier items before itself (see `queue_event`).
+    let with_part = |f: &mut dyn FnMut(&mut chunk::ReplyWriter)| {
+        OUT.with_borrow_mut(|o| {
+            if let Some(o) = o.as_mut() {
+                f(o.part.get_or_insert_with(chunk::ReplyWriter::new))
+            }
+        })
+    };
     let mut panicked = None;
     for args in items {
         let r = if panicked.is_some() {
@@ -233,8 +249,11 @@ pub(crate) fn run_chunk(
                 }
             }
         };
-        out.push(&r);
+        with_part(&mut |p| p.push(&r));
     }
+    let out = OUT
+        .with_borrow_mut(|o| o.as_mut().and_then(|o| o.part.take()))
+        .unwrap_or_default();
     (out.finish(), panicked)
 }
 
@@ -251,6 +270,7 @@ pub(crate) fn fatal(fd: RawFd, kind: &str, message: String, code: i32) -> ! {
             buf: Vec::new(),
             immediate: true,
             wake: None,
+            part: None,
         });
         out.put_frame(EVENT_ID, &octets![FATAL_TAG, kind.to_owned(), message]);
         out.flush();

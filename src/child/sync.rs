@@ -33,6 +33,7 @@ pub(crate) fn serve(sock: OwnedFd, handler: Handler) -> i32 {
             buf: Vec::with_capacity(READ_CHUNK),
             immediate: false,
             wake: None,
+            part: None,
         })
     });
     let mut inbuf = BytesMut::with_capacity(READ_CHUNK);

@@ -9,11 +9,12 @@
 //! iterator's length hint over four times the pool's `max`, at most 1024;
 //! [`Map::chunk_size`] overrides it.
 
+use super::chunked::{MapChunk, Results};
 use super::shared::Sink;
 use super::{Admit, Pool};
 use crate::error::{Error, Result};
-use crate::rpc::{Payload, Waiter};
-use crate::wire::chunk::{self, ItemResult};
+use crate::rpc::{ChunkWaiter, Payload, Waiter};
+use crate::wire::chunk;
 use crate::Octets;
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -57,54 +58,26 @@ pub(crate) struct ChunkSink {
 }
 
 impl ChunkSink {
-    /// Splits a chunk reply into its items' results.
-    pub(crate) fn deliver(self, r: Result<Octets>, pid: i32) {
-        let n = self.n;
-        let all_fail = |e: Error| (0..n).map(move |_| Err(e.clone())).collect::<Vec<_>>();
-        let items: Vec<Result<Octets>> = match r {
-            Ok(reply) if chunk::is_chunk(&reply) => {
-                match chunk::results(&private_copy(&reply[1])) {
-                    Ok(rs) if rs.len() == n => {
-                        let mut last_panic = String::new();
-                        rs.into_iter()
-                            .map(|x| match x {
-                                ItemResult::Reply(o) => Ok(o),
-                                ItemResult::Error(message) => Err(Error::Handler { pid, message }),
-                                ItemResult::Panic(message) => {
-                                    last_panic = message.clone();
-                                    Err(Error::HandlerPanicked { pid, message })
-                                }
-                                ItemResult::NotRun => Err(Error::Skipped {
-                                    pid,
-                                    message: last_panic.clone(),
-                                }),
-                            })
-                            .collect()
-                    }
-                    _ => all_fail(Error::Protocol {
-                        pid,
-                        detail: format!("malformed reply to a chunk of {n} calls"),
-                    }),
-                }
-            }
-            Ok(_) => all_fail(Error::Protocol {
-                pid,
-                detail: "a chunk of calls got a plain reply".into(),
-            }),
-            Err(e) => all_fail(e),
-        };
-        let base = self.base;
-        self.out
-            .push(items.into_iter().enumerate().map(|(i, r)| (base + i, r)));
+    /// Waits for the chunk's results from worker `pid`.
+    pub(crate) fn waiter(self, pid: i32) -> Waiter {
+        Waiter::Chunk(self.chunk(pid))
     }
-}
 
-/// The reply's blob on a buffer of its own. Its slices would otherwise
-/// share the engine's receive buffer, whose reference count the driver
-/// thread keeps touching for every frame while the consumer thread drops
-/// results: one copy per chunk is cheaper than that cache-line ping-pong.
-fn private_copy(blob: &bytes::Bytes) -> bytes::Bytes {
-    bytes::Bytes::copy_from_slice(blob)
+    /// As [`ChunkSink::waiter`], unwrapped.
+    pub(crate) fn chunk(self, pid: i32) -> Box<dyn ChunkWaiter> {
+        let results = Results::new(pid, self.n);
+        Box::new(MapChunk {
+            sink: self,
+            results,
+        })
+    }
+
+    /// Hands over the results of items `first..`, in order.
+    pub(crate) fn deliver(&self, first: usize, rs: Vec<Result<Octets>>) {
+        let base = self.base + first;
+        self.out
+            .push(rs.into_iter().enumerate().map(|(i, r)| (base + i, r)));
+    }
 }
 
 /// The results of [`Pool::map`] (in order, `Result<Octets>`) or
@@ -161,7 +134,7 @@ impl<I: Iterator<Item = Octets>> Map<I> {
     fn settle_sizes(&mut self) -> (usize, usize) {
         let cfg = self.pool.shared().popts.cfg.clone();
         let chunk = *self.chunk.get_or_insert_with(|| {
-            if !self.pool.shared().sync_workers() {
+            if !self.pool.shared().chunks() {
                 return 1;
             }
             let hint = self.jobs.as_ref().map_or(0, |j| j.size_hint().0);
@@ -202,7 +175,7 @@ impl<I: Iterator<Item = Octets>> Map<I> {
                     }
                     Err(e) => {
                         if let Sink::Chunk(c) = sink {
-                            c.deliver(Err(e), 0);
+                            c.waiter(0).complete(Err(e));
                         }
                     }
                 }

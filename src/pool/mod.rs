@@ -8,11 +8,14 @@
 //!   out, and the manager thread that forks workers (never under the lock)
 //!   and fires timers;
 //! - `map.rs`: bulk `map` with a bounded number of calls in flight, in
-//!   chunks on sync workers.
+//!   chunks on sync workers;
+//! - `chunked.rs`: chunk frames: a batch of small calls to a sync worker
+//!   sent as one frame, and chunk results handed out part by part.
 //!
 //! Callbacks run on the engine's driver thread; the pool's lock is never
 //! held while user code runs.
 
+mod chunked;
 mod map;
 mod shared;
 

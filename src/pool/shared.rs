@@ -9,7 +9,7 @@
 //! Forking a worker (a round trip to the template) happens on the manager
 //! thread without the lock.
 
-use super::{Admit, PoolOptions, PoolStats};
+use super::{chunked, Admit, PoolOptions, PoolStats};
 use crate::error::{Error, Result};
 use crate::latch::Latch;
 use crate::registry;
@@ -19,7 +19,7 @@ use crate::wire::RETIRE_TAG;
 use crate::Octets;
 use forkrpc_pool::{Action, JobId, Scheduler, WorkerId};
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::task::{Context, Waker};
@@ -113,6 +113,10 @@ pub(crate) struct Shared {
     pub(crate) popts: PoolOptions,
     /// Per-call bookkeeping needed (retries, timeout, memory ceiling).
     tracking: bool,
+    /// Calls may travel in chunk frames (see `chunked.rs`): sync workers
+    /// with an octets handler, and no per-call bookkeeping (a chunk is
+    /// one call to the engine: it has one timeout, one retry).
+    chunks: bool,
     epoch: Instant,
     on_destroy: Option<Arc<dyn Fn() + Send + Sync>>,
     pub(crate) end: Arc<Latch<Result<()>>>,
@@ -141,7 +145,10 @@ impl Shared {
         mut opts: Options,
         popts: PoolOptions,
     ) -> Result<Arc<Shared>> {
-        if registry::handler(handler)?.is_async() && !opts.asynchronous {
+        let kind = registry::handler(handler)?;
+        let tracking = popts.retries > 0 || popts.timeout.is_some() || popts.max_rss.is_some();
+        let chunks = !opts.asynchronous && !tracking && matches!(kind, registry::Handler::Sync(_));
+        if kind.is_async() && !opts.asynchronous {
             return Err(Error::NeedsAsync {
                 name: handler.to_owned(),
             });
@@ -151,7 +158,6 @@ impl Shared {
         }
         let epoch = Instant::now();
         let sched = Scheduler::new(popts.cfg.clone(), Duration::ZERO);
-        let tracking = popts.retries > 0 || popts.timeout.is_some() || popts.max_rss.is_some();
         let on_destroy = opts.on_destroy.take();
         let shared = Arc::new(Shared {
             st: Mutex::new(State {
@@ -173,6 +179,7 @@ impl Shared {
             opts,
             popts,
             tracking,
+            chunks,
             epoch,
             on_destroy,
             end: Latch::new(),
@@ -317,9 +324,14 @@ impl Shared {
         Ok(r)
     }
 
-    /// Sync workers: they answer in order and take `map`'s chunk frames.
+    /// Sync workers: they answer in order.
     pub(crate) fn sync_workers(&self) -> bool {
         !self.opts.asynchronous
+    }
+
+    /// Calls may travel in chunk frames (see the field).
+    pub(crate) fn chunks(&self) -> bool {
+        self.chunks
     }
 
     /// True when a queue limit is set and reached.
@@ -474,6 +486,24 @@ impl Shared {
         } = s;
         let pid = rpc.pid();
         let n = jobs.len();
+        let plain = |(_, j): &(JobId, Job)| matches!(j.sink, Sink::One(_));
+        if self.chunks && jobs.iter().all(plain) {
+            if let Some(args) = chunked::request(jobs.iter().map(|(_, j)| &j.args)) {
+                let mut sinks = VecDeque::with_capacity(n);
+                for (_, job) in jobs {
+                    sinks.push_back(job.sink);
+                    job.args.spend();
+                }
+                let done = Waiter::Chunk(Box::new(chunked::Batch {
+                    sinks,
+                    results: chunked::Results::new(pid, n),
+                    shared: self.clone(),
+                    worker: w,
+                }));
+                rpc.submit_batch(vec![Call { args, done }]);
+                return;
+            }
+        }
         let in_order = self.sync_workers();
         let batch = (self.tracking || !in_order).then(|| {
             Arc::new(Batch {
@@ -491,22 +521,27 @@ impl Shared {
                 Some(batch) => {
                     let (batch, sink) = (batch.clone(), job.sink);
                     Waiter::callback(move |r| {
-                        complete(sink, r, pid);
                         if batch.left.fetch_sub(1, Ordering::AcqRel) == 1 {
-                            sh.batch_done(w, pid);
+                            sh.batch_done(w, pid, || complete(sink, r, pid));
+                        } else {
+                            complete(sink, r, pid);
                         }
                     })
                 }
                 // A sync worker answers in order: the batch is done when
                 // its last call is, and the others need no wrapper.
                 None if i + 1 < n => into_waiter(job.sink, pid),
-                None => {
-                    let sink = job.sink;
-                    Waiter::callback(move |r| {
-                        complete(sink, r, pid);
-                        sh.batch_done(w, pid);
-                    })
-                }
+                None => match job.sink {
+                    Sink::Chunk(c) => Waiter::Chunk(Box::new(chunked::Ending {
+                        inner: c.chunk(pid),
+                        shared: sh,
+                        worker: w,
+                        pid,
+                    })),
+                    sink => {
+                        Waiter::callback(move |r| sh.batch_done(w, pid, || complete(sink, r, pid)))
+                    }
+                },
             };
             calls.push(Call {
                 args: job.args,
@@ -516,18 +551,27 @@ impl Shared {
         rpc.submit_batch(calls);
     }
 
-    fn batch_done(self: &Arc<Self>, w: WorkerId, pid: i32) {
+    /// A batch sent to worker `w` is done once `last` has delivered its
+    /// last results. The scheduler learns it first, so that a caller woken
+    /// by `last` finds the worker's load lowered already; what that frees
+    /// (the next sends, `on_destroy`) happens after `last`.
+    pub(crate) fn batch_done(self: &Arc<Self>, w: WorkerId, pid: i32, last: impl FnOnce()) {
         let over = self
             .popts
             .max_rss
             .is_some_and(|limit| rss_bytes(pid).is_some_and(|rss| rss > limit));
-        self.with(|st, _| {
+        let mut d = Deferred::default();
+        {
+            let mut st = self.lock();
             let now = self.now();
             st.sched.batch_done(now, w);
             if over {
                 st.sched.retire(now, w);
             }
-        });
+            self.execute(&mut st, &mut d);
+        }
+        last();
+        self.finish(d);
     }
 
     /// A reply on the tracked path: resolve, resend or drop (timed out).
@@ -788,16 +832,16 @@ impl Shared {
 fn into_waiter(sink: Sink, pid: i32) -> Waiter {
     match sink {
         Sink::One(w) => w,
-        Sink::Chunk(c) => Waiter::callback(move |r| c.deliver(r, pid)),
+        Sink::Chunk(c) => c.waiter(pid),
         Sink::Tracked => unreachable!("tracked jobs get a tracking waiter"),
     }
 }
 
 /// Delivers a job's outcome.
-fn complete(sink: Sink, r: Result<Octets>, pid: i32) {
+pub(crate) fn complete(sink: Sink, r: Result<Octets>, pid: i32) {
     match sink {
         Sink::One(w) => w.complete(r),
-        Sink::Chunk(c) => c.deliver(r, pid),
+        Sink::Chunk(c) => c.waiter(pid).complete(r),
         // Resolved through `State::tracked`, never directly.
         Sink::Tracked => debug_assert!(false, "a tracked job completed without its entry"),
     }

@@ -10,10 +10,13 @@
 //!   error message, `p` its panic message (the sync worker exits after the
 //!   chunk's reply), `n` nothing (not run: an earlier call panicked).
 //!
+//! A chunk reply may come in parts: results of its first items in
+//! [`CHUNK_PART_TAG`] events, the rest in the reply ([`ReplyWriter::take_part`]).
+//!
 //! Items are parsed straight out of the blob: each string is a slice of it.
 
 use super::ber::{self, Varint};
-use super::{Octets, WireError, CHUNK_TAG};
+use super::{Octets, WireError, CHUNK_PART_TAG, CHUNK_TAG};
 use bytes::{BufMut, Bytes, BytesMut};
 
 /// One call's outcome inside a chunk reply.
@@ -127,6 +130,29 @@ impl ReplyWriter {
         self.blob.put_u8(status);
         ber::encode(m.len() as u64, &mut self.blob);
         self.blob.put_slice(m.as_bytes());
+    }
+
+    /// True if no outcome was pushed since the last part was taken.
+    pub fn is_empty(&self) -> bool {
+        self.blob.is_empty()
+    }
+
+    /// The outcomes pushed so far as a part event
+    /// (`[CHUNK_PART_TAG, results]`); the writer goes on with the rest.
+    ///
+    /// ```
+    /// use forkrpc::{octets, wire::chunk::{self, ItemResult}};
+    /// let mut w = chunk::ReplyWriter::new();
+    /// w.push(&ItemResult::Reply(octets!["a"]));
+    /// let part = w.take_part();
+    /// w.push(&ItemResult::Reply(octets!["b"]));
+    /// let reply = w.finish();
+    /// assert_eq!(chunk::results(&part[1]).unwrap(), [ItemResult::Reply(octets!["a"])]);
+    /// assert_eq!(chunk::results(&reply[1]).unwrap(), [ItemResult::Reply(octets!["b"])]);
+    /// ```
+    pub fn take_part(&mut self) -> Octets {
+        let blob = self.blob.split().freeze();
+        Octets(vec![Bytes::from_static(CHUNK_PART_TAG.as_bytes()), blob])
     }
 
     /// The reply octets.

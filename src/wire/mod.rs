@@ -53,4 +53,11 @@ pub const RETIRE_TAG: &str = "\0forkrpc-retire";
 /// sees it.
 pub const CHUNK_TAG: &str = "\0forkrpc-chunk";
 
+/// First element of the event that carries the results of a chunk's
+/// first items *before* the chunk's reply: `[CHUNK_PART_TAG, results]`
+/// (results as in the reply). A worker sends it when a handler emits an
+/// event mid-chunk, so that the parent sees every reply and event in the
+/// order the worker made them; the chunk's reply then carries the rest.
+pub const CHUNK_PART_TAG: &str = "\0forkrpc-part";
+
 pub mod chunk;
