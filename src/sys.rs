@@ -67,3 +67,11 @@ pub(crate) fn send_nonblocking(fd: RawFd, data: &[u8]) -> io::Result<usize> {
         }
     }
 }
+
+/// A cheap monotonic clock (CLOCK_MONOTONIC_COARSE: a few ms of
+/// resolution, no syscall), for rate limits that need no precision.
+pub(crate) fn coarse_now() -> std::time::Duration {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .map(std::time::Duration::from)
+        .unwrap_or_default()
+}

@@ -90,6 +90,12 @@ fn template() -> Result<Template, Error> {
             }
             octets!["ok", pid()]
         })
+        // Sleeps, then tells whether the file named exists.
+        .sync("t::slow_sees", |args| {
+            std::thread::sleep(ms(20));
+            let seen = std::fs::metadata(args.str(0).unwrap()).is_ok();
+            octets![if seen { "seen" } else { "unseen" }]
+        })
         // An event, then the reply (the Perl sync test's worker).
         .sync("t::report", |args| {
             forkrpc::event(octets!["ev", args[0].clone()]);
@@ -103,7 +109,7 @@ type PoolTest = fn(&Template) -> Result<(), Failed>;
 fn main() {
     let t = template().expect("template starts");
     let args = Arguments::from_args();
-    let tests: [(&str, PoolTest); 23] = [
+    let tests: [(&str, PoolTest); 24] = [
         ("perl_pool_test", perl_pool_test),
         ("example_pool_synopsis", example_pool),
         ("call_forms_and_stats", call_forms),
@@ -122,6 +128,7 @@ fn main() {
         ("map_panic_fails_the_rest_of_its_chunk", map_panic),
         ("batched_calls_keep_events_in_order", batch_event_order),
         ("map_results_survive_events_mid_chunk", map_events),
+        ("slow_batches_deliver_results_as_they_come", slow_batch),
         ("panic_in_a_batch_fails_only_what_it_must", batch_panic),
         ("drop_drains_the_queue", drop_drains),
         ("async_pool", async_pool),
@@ -585,6 +592,45 @@ fn batch_event_order(t: &Template) -> Result<(), Failed> {
         .chain((0..N).flat_map(|i| [format!("ev {i}"), format!("re {i}")]))
         .collect();
     eq(&log[..], &want[..])
+}
+
+/// A batch of slow calls (20 ms each, in one chunk): the first result
+/// reaches its callback long before the batch ends. Its callback creates
+/// a file that a later call of the batch looks for.
+fn slow_batch(t: &Template) -> Result<(), Failed> {
+    const N: usize = 30;
+    let m = marker("slow-batch");
+    let pool = Pool::new(
+        t,
+        "t::slow_sees",
+        Options::default(),
+        PoolOptions::default().max(1).idle(1).load(1),
+    )?;
+    pool.call_blocking(octets!["/nonexistent"])?;
+    let (tx, rx) = mpsc::channel();
+    let (p, m2) = (pool.clone(), m.clone());
+    // Queued from a callback on the driver thread behind a call that keeps
+    // the worker busy: when it is done, the first half of the queue (load 1,
+    // guided scheduling) leaves as one batch.
+    pool.call_with(octets!["/nonexistent"], move |_| {
+        p.call_with(octets!["/nonexistent"], |_| {});
+        for i in 0..N {
+            let (tx, m2) = (tx.clone(), m2.clone());
+            p.call_with(octets![m2.clone()], move |r| {
+                if i == 0 {
+                    std::fs::write(&m2, b"x").unwrap();
+                }
+                tx.send((i, r)).unwrap();
+            });
+        }
+    });
+    let got: Vec<_> = (0..N).map(|_| recv(&rx)).collect::<Result<_, _>>()?;
+    let _ = std::fs::remove_file(&m);
+    pool.close_blocking()?;
+    eq(got[0].0, 0)?;
+    eq(got[0].1.clone()?, octets!["unseen"])?;
+    // Call 10 ran 200 ms after call 0, in the same batch of 15.
+    eq(got[10].1.clone()?, octets!["seen"])
 }
 
 /// Handlers that send events make a chunk's results come in parts: the

@@ -16,6 +16,10 @@ use std::cell::RefCell;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 
+/// A chunk's results so far are sent at least this often (see
+/// [`run_chunk`]).
+const PART_EVERY: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// Exit code of a worker whose handler (or init function) panicked.
 pub const PANIC_EXIT_CODE: i32 = 101;
 /// Exit code of a worker that received a malformed request.
@@ -210,7 +214,9 @@ pub fn retire() -> bool {
 /// Runs a chunk request (see [`CHUNK_TAG`](crate::wire::CHUNK_TAG)) item
 /// by item and returns the chunk reply. A panic stops the chunk: that item
 /// reports it, later ones are not run, and its message is returned so the
-/// sync backend can exit after sending the reply.
+/// sync backend can exit after sending the reply. Results done so far go
+/// out as a part before any event, and every [`PART_EVERY`] while the
+/// chunk runs.
 pub(crate) fn run_chunk(
     fd: RawFd,
     req: &Octets,
@@ -235,6 +241,7 @@ pub(crate) fn run_chunk(
         })
     };
     let mut panicked = None;
+    let mut sent_at = sys::coarse_now();
     for args in items {
         let r = if panicked.is_some() {
             ItemResult::NotRun
@@ -250,6 +257,20 @@ pub(crate) fn run_chunk(
             }
         };
         with_part(&mut |p| p.push(&r));
+        // Results of slow calls go out as they come, not all at the end.
+        let now = sys::coarse_now();
+        if panicked.is_none() && now.saturating_sub(sent_at) >= PART_EVERY {
+            sent_at = now;
+            OUT.with_borrow_mut(|o| {
+                if let Some(o) = o.as_mut() {
+                    if let Some(p) = o.part.as_mut().filter(|p| !p.is_empty()) {
+                        let part = p.take_part();
+                        o.put_frame(EVENT_ID, &part);
+                        o.flush();
+                    }
+                }
+            });
+        }
     }
     let out = OUT
         .with_borrow_mut(|o| o.as_mut().and_then(|o| o.part.take()))

@@ -58,40 +58,40 @@ impl Results {
         self.n - self.seen
     }
 
-    /// The results in `blob`; more than the chunk has left is an error.
-    pub(crate) fn parse(
+    /// Hands each result in `blob` to `f`, in order; more than the chunk
+    /// has left, or a malformed one, is an error (those before it were
+    /// handed over).
+    pub(crate) fn each(
         &mut self,
         blob: &Bytes,
-    ) -> std::result::Result<Vec<Result<Octets>>, String> {
-        let rs = chunk::results(blob).map_err(|e| format!("malformed chunk results: {e}"))?;
-        if rs.len() > self.left() {
-            return Err(format!(
-                "{} results for a chunk with {} calls left",
-                rs.len(),
-                self.left()
-            ));
+        mut f: impl FnMut(Result<Octets>),
+    ) -> std::result::Result<(), String> {
+        for x in chunk::each_result(blob) {
+            let x = x.map_err(|e| format!("malformed chunk results: {e}"))?;
+            if self.left() == 0 {
+                return Err(format!("more results than the chunk's {} calls", self.n));
+            }
+            self.seen += 1;
+            f(self.convert(x));
         }
-        self.seen += rs.len();
-        Ok(rs.into_iter().map(|x| self.convert(x)).collect())
+        Ok(())
     }
 
-    /// The results of a chunk's reply: exactly the items left.
+    /// Hands the results of a chunk's reply to `f`: exactly the items
+    /// left.
     pub(crate) fn last(
         &mut self,
         reply: &Octets,
-    ) -> std::result::Result<Vec<Result<Octets>>, String> {
+        f: impl FnMut(Result<Octets>),
+    ) -> std::result::Result<(), String> {
         if !chunk::is_chunk(reply) {
             return Err("a chunk of calls got a plain reply".into());
         }
-        let left = self.left();
-        let rs = self.parse(&reply[1])?;
-        if rs.len() != left {
-            return Err(format!(
-                "{} results for a chunk with {left} calls left",
-                rs.len()
-            ));
+        self.each(&reply[1], f)?;
+        match self.left() {
+            0 => Ok(()),
+            n => Err(format!("the chunk's reply lacks {n} results")),
         }
-        Ok(rs)
     }
 
     fn convert(&mut self, x: ItemResult) -> Result<Octets> {
@@ -129,15 +129,6 @@ pub(crate) struct Batch {
 }
 
 impl Batch {
-    fn deliver(&mut self, rs: Vec<Result<Octets>>) {
-        let pid = self.results.pid;
-        for r in rs {
-            if let Some(s) = self.sinks.pop_front() {
-                complete(s, r, pid);
-            }
-        }
-    }
-
     fn fail(&mut self, e: Error) {
         let pid = self.results.pid;
         for s in self.sinks.drain(..) {
@@ -148,20 +139,32 @@ impl Batch {
 
 impl ChunkWaiter for Batch {
     fn part(&mut self, results: &Bytes) -> std::result::Result<(), String> {
-        let rs = self.results.parse(results)?;
-        self.deliver(rs);
-        Ok(())
+        let (sinks, pid) = (&mut self.sinks, self.results.pid);
+        self.results.each(results, |r| {
+            if let Some(s) = sinks.pop_front() {
+                complete(s, r, pid);
+            }
+        })
     }
 
     fn end(mut self: Box<Self>, r: Result<Octets>) {
         let pid = self.results.pid;
         let (shared, worker) = (self.shared.clone(), self.worker);
         shared.batch_done(worker, pid, move || {
-            match r.map(|reply| self.results.last(&reply)) {
-                Ok(Ok(rs)) => self.deliver(rs),
-                Ok(Err(detail)) => self.fail(self.results.protocol(detail)),
-                Err(e) => self.fail(e),
-            }
+            let b = &mut *self;
+            let (sinks, results) = (&mut b.sinks, &mut b.results);
+            let e = match r.map(|reply| {
+                results.last(&reply, |r| {
+                    if let Some(s) = sinks.pop_front() {
+                        complete(s, r, pid);
+                    }
+                })
+            }) {
+                Ok(Ok(())) => return,
+                Ok(Err(detail)) => b.results.protocol(detail),
+                Err(e) => e,
+            };
+            b.fail(e);
         });
     }
 }
@@ -200,22 +203,27 @@ pub(crate) struct MapChunk {
 impl ChunkWaiter for MapChunk {
     fn part(&mut self, results: &Bytes) -> std::result::Result<(), String> {
         let first = self.results.seen;
-        let rs = self.results.parse(&private_copy(results))?;
+        let mut rs = Vec::with_capacity(self.results.left());
+        let r = self.results.each(&private_copy(results), |r| rs.push(r));
         self.sink.deliver(first, rs);
-        Ok(())
+        r
     }
 
     fn end(mut self: Box<Self>, r: Result<Octets>) {
         let first = self.results.seen;
-        let left = self.results.left();
-        let rs = match r.map(|reply| {
+        let mut rs = Vec::with_capacity(self.results.left());
+        let e = match r.map(|reply| {
             let own = Octets(reply.0.iter().map(private_copy).collect());
-            self.results.last(&own)
+            self.results.last(&own, |r| rs.push(r))
         }) {
-            Ok(Ok(rs)) => rs,
-            Ok(Err(detail)) => vec![Err(self.results.protocol(detail)); left],
-            Err(e) => vec![Err(e); left],
+            Ok(Ok(())) => None,
+            Ok(Err(detail)) => Some(self.results.protocol(detail)),
+            Err(e) => Some(e),
         };
+        if let Some(e) = e {
+            let left = self.results.n - first - rs.len();
+            rs.extend(std::iter::repeat(Err(e)).take(left));
+        }
         self.sink.deliver(first, rs);
     }
 }

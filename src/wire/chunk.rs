@@ -179,20 +179,45 @@ impl Default for ReplyWriter {
 /// assert_eq!(chunk::results(&reply[1]).unwrap(), items);
 /// ```
 pub fn results(blob: &Bytes) -> Result<Vec<ItemResult>, WireError> {
-    let mut out = Vec::new();
-    let mut pos = 0;
-    while pos < blob.len() {
-        let status = blob[pos];
-        pos += 1;
-        let r = next_field(blob, &mut pos)?;
-        let text = || String::from_utf8_lossy(&blob[r.clone()]).into_owned();
-        out.push(match status {
-            b'r' => ItemResult::Reply(Octets::decode_in(blob, r.clone())?),
-            b'e' => ItemResult::Error(text()),
-            b'p' => ItemResult::Panic(text()),
-            b'n' => ItemResult::NotRun,
-            _ => return Err(WireError::BadChunkItem),
-        });
+    each_result(blob).collect()
+}
+
+/// The outcomes of a chunk reply one at a time, as [`results`] reads
+/// them (without collecting them first).
+pub fn each_result(blob: &Bytes) -> EachResult<'_> {
+    EachResult { blob, pos: 0 }
+}
+
+/// Iterator of [`each_result`]; it ends after the first error.
+pub struct EachResult<'a> {
+    blob: &'a Bytes,
+    pos: usize,
+}
+
+impl Iterator for EachResult<'_> {
+    type Item = Result<ItemResult, WireError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let blob = self.blob;
+        if self.pos >= blob.len() {
+            return None;
+        }
+        let item = (|| {
+            let status = blob[self.pos];
+            self.pos += 1;
+            let r = next_field(blob, &mut self.pos)?;
+            let text = || String::from_utf8_lossy(&blob[r.clone()]).into_owned();
+            Ok(match status {
+                b'r' => ItemResult::Reply(Octets::decode_in(blob, r.clone())?),
+                b'e' => ItemResult::Error(text()),
+                b'p' => ItemResult::Panic(text()),
+                b'n' => ItemResult::NotRun,
+                _ => return Err(WireError::BadChunkItem),
+            })
+        })();
+        if item.is_err() {
+            self.pos = blob.len();
+        }
+        Some(item)
     }
-    Ok(out)
 }
