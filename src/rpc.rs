@@ -7,7 +7,7 @@ use crate::error::{Error, ExitStatus, Result};
 use crate::latch::{Latch, Take};
 use crate::leftovers::{self, Callback, RawCallback, Spent};
 use crate::window::Window;
-use crate::wire::frame::{put_id_header, put_len_header, Frame, EVENT_ID, SYNC_REPLY_ID};
+use crate::wire::frame::{put_id_header, put_len_header, EVENT_ID, SYNC_REPLY_ID};
 use crate::wire::{CHUNK_PART_TAG, ERROR_TAG, FATAL_TAG};
 use crate::{octets, Octets};
 use bytes::Bytes;
@@ -281,16 +281,22 @@ impl Waiter {
         }
     }
 
-    /// Completes with a reply payload: decoded as octets unless the waiter
-    /// wants it raw. A payload that is not octets fails the call.
-    fn complete_payload(self, pid: i32, payload: Bytes) -> Result<(), String> {
+    /// Completes with a reply payload (`range` of `buf`): decoded as
+    /// octets unless the waiter wants it raw. A payload that is not octets
+    /// fails the call.
+    fn complete_payload(
+        self,
+        pid: i32,
+        buf: &Bytes,
+        range: std::ops::Range<usize>,
+    ) -> Result<(), String> {
         match self {
             Waiter::Raw { mut f, on_driver } => {
-                guard("a reply callback", || f.reply(Ok(payload)));
+                guard("a reply callback", || f.reply(Ok(buf.slice(range))));
                 leftovers::keep(Spent::Raw(f), on_driver);
                 Ok(())
             }
-            w => match Octets::decode(payload) {
+            w => match Octets::decode_in(buf, range) {
                 Ok(o) => {
                     w.complete(Ok(o));
                     Ok(())
@@ -691,26 +697,28 @@ impl Protocol for Session {
         call.args.spend();
     }
 
-    fn frame(&mut self, frame: Frame) -> Result<(), String> {
-        if frame.id == EVENT_ID {
-            return self.event(frame.payload);
+    fn frame(
+        &mut self,
+        id: u32,
+        buf: &Bytes,
+        payload: std::ops::Range<usize>,
+    ) -> Result<(), String> {
+        if id == EVENT_ID {
+            return self.event(buf.slice(payload));
         }
-        let Some(w) = self.calls.take(frame.id) else {
+        let Some(w) = self.calls.take(id) else {
             return self.violation(match self.calls {
-                Calls::Sync(_) if frame.id != SYNC_REPLY_ID => {
-                    format!(
-                        "frame with id {}; a sync worker replies with id 1",
-                        frame.id
-                    )
+                Calls::Sync(_) if id != SYNC_REPLY_ID => {
+                    format!("frame with id {id}; a sync worker replies with id 1")
                 }
                 Calls::Sync(_) => "a reply arrived with no call outstanding".to_owned(),
                 Calls::Async(_) => {
-                    format!("a reply with id {}, which is not in flight", frame.id)
+                    format!("a reply with id {id}, which is not in flight")
                 }
             });
         };
         self.stats.answered.fetch_add(1, Ordering::Relaxed);
-        match w.complete_payload(self.pid, frame.payload) {
+        match w.complete_payload(self.pid, buf, payload) {
             Ok(()) => Ok(()),
             Err(detail) => self.violation(detail),
         }

@@ -10,13 +10,12 @@ use crate::octets;
 use crate::registry::{Handler, RawHandler};
 use crate::sys;
 use crate::wire::chunk;
-use crate::wire::frame::EVENT_ID;
-use crate::wire::frame::{has_len_frame, read_want, split_len_frame, SYNC_REPLY_ID};
-use crate::wire::Decoded;
+use crate::wire::frame::{len_frames, read_want, EVENT_ID, SYNC_REPLY_ID};
 use crate::wire::FATAL_TAG;
 use crate::Octets;
-use bytes::BytesMut;
-use std::os::fd::{AsRawFd, OwnedFd};
+use bytes::{Bytes, BytesMut};
+use std::ops::Range;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 /// Output is written once this much is buffered, even mid-chunk.
 pub(crate) const FLUSH_AT: usize = 256 * 1024;
@@ -44,66 +43,21 @@ pub(crate) fn serve(sock: OwnedFd, handler: Handler) -> i32 {
             Ok(_) => {}
             Err(_) => return 0, // parent gone
         }
-        loop {
-            let frame = match split_len_frame(&mut inbuf) {
-                Decoded::Frame(f) => f,
-                Decoded::Incomplete { needed } => {
-                    want = read_want(needed, &inbuf, READ_CHUNK);
-                    break;
-                }
-            };
-            let handler = match &handler {
-                Handler::Sync(h) => h,
-                Handler::Raw(h) => {
-                    typed_call(fd, h, frame.payload, !has_len_frame(&inbuf));
-                    continue;
-                }
-                _ => unreachable!("the template refuses async handlers on the sync backend"),
-            };
-            let args = match Octets::decode(frame.payload) {
-                Ok(a) => a,
-                Err(e) => fatal(
-                    fd,
-                    "protocol",
-                    format!("malformed request: {e}"),
-                    PROTOCOL_EXIT_CODE,
-                ),
-            };
-            let last = !has_len_frame(&inbuf);
-            OUT.with_borrow_mut(|o| o.as_mut().unwrap().immediate = last);
-            if chunk::is_chunk(&args) {
-                let (reply, panicked) = run_chunk(fd, &args, handler);
-                OUT.with_borrow_mut(|o| {
-                    let o = o.as_mut().unwrap();
-                    if let Some(m) = &panicked {
-                        // The note first: the parent stops sending work
-                        // here before the reply frees a slot.
-                        o.put_frame(EVENT_ID, &octets![FATAL_TAG, "exit-after-panic", m.clone()]);
-                    }
-                    o.put_reply(SYNC_REPLY_ID, Ok(reply));
-                    if panicked.is_some() || o.buf.len() >= FLUSH_AT {
-                        o.flush();
-                    }
-                });
-                if panicked.is_some() {
-                    let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Write);
-                    sys::exit_now(PANIC_EXIT_CODE);
-                }
-                continue;
-            }
-            let reply =
-                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(args))) {
-                    Ok(r) => r,
-                    Err(_) => fatal(fd, "panic", take_panic_message(), PANIC_EXIT_CODE),
-                };
-            OUT.with_borrow_mut(|o| {
-                let o = o.as_mut().unwrap();
-                o.put_reply(SYNC_REPLY_ID, reply.map_err(|m| ("error", m)));
-                if o.buf.len() >= FLUSH_AT {
-                    o.flush();
-                }
-            });
-        }
+        // Every complete request is frozen at once and handed out as a
+        // slice: one split of the buffer per read, not per request.
+        let (end, partial) = len_frames(&inbuf, |_| {});
+        let frames = match end {
+            0 => Bytes::new(), // a big request still arriving
+            _ => inbuf.split_to(end).freeze(),
+        };
+        want = match partial {
+            Some(needed) => read_want(needed, &inbuf, READ_CHUNK),
+            None => READ_CHUNK,
+        };
+        // The last request of the read: its output is written at once.
+        len_frames(&frames, |r| {
+            request(fd, &handler, &frames, r.clone(), r.end == end)
+        });
         OUT.with_borrow_mut(|o| o.as_mut().unwrap().flush());
     }
     OUT.with_borrow_mut(|o| o.as_mut().unwrap().flush());
@@ -111,9 +65,60 @@ pub(crate) fn serve(sock: OwnedFd, handler: Handler) -> i32 {
     0
 }
 
+/// Runs one request (`range` of `frames`); `last`: no further request is
+/// waiting, so events are written at once.
+fn request(fd: RawFd, handler: &Handler, frames: &Bytes, range: Range<usize>, last: bool) {
+    let handler = match handler {
+        Handler::Sync(h) => h,
+        Handler::Raw(h) => return typed_call(fd, h, frames.slice(range), last),
+        _ => unreachable!("the template refuses async handlers on the sync backend"),
+    };
+    let args = match Octets::decode_in(frames, range) {
+        Ok(a) => a,
+        Err(e) => fatal(
+            fd,
+            "protocol",
+            format!("malformed request: {e}"),
+            PROTOCOL_EXIT_CODE,
+        ),
+    };
+    OUT.with_borrow_mut(|o| o.as_mut().unwrap().immediate = last);
+    if chunk::is_chunk(&args) {
+        let (reply, panicked) = run_chunk(fd, &args, handler);
+        OUT.with_borrow_mut(|o| {
+            let o = o.as_mut().unwrap();
+            if let Some(m) = &panicked {
+                // The note first: the parent stops sending work
+                // here before the reply frees a slot.
+                o.put_frame(EVENT_ID, &octets![FATAL_TAG, "exit-after-panic", m.clone()]);
+            }
+            o.put_reply(SYNC_REPLY_ID, Ok(reply));
+            if panicked.is_some() || o.buf.len() >= FLUSH_AT {
+                o.flush();
+            }
+        });
+        if panicked.is_some() {
+            let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Write);
+            sys::exit_now(PANIC_EXIT_CODE);
+        }
+        return;
+    }
+    let reply = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(args))) {
+        Ok(r) => r,
+        Err(_) => fatal(fd, "panic", take_panic_message(), PANIC_EXIT_CODE),
+    };
+    OUT.with_borrow_mut(|o| {
+        let o = o.as_mut().unwrap();
+        o.put_reply(SYNC_REPLY_ID, reply.map_err(|m| ("error", m)));
+        if o.buf.len() >= FLUSH_AT {
+            o.flush();
+        }
+    });
+}
+
 /// One call of a typed handler: its payload thawed, its reply frozen by the
 /// handler's codec (a 4-byte `N` header preceded the request).
-fn typed_call(fd: std::os::fd::RawFd, h: &RawHandler, payload: bytes::Bytes, last: bool) {
+fn typed_call(fd: RawFd, h: &RawHandler, payload: bytes::Bytes, last: bool) {
     OUT.with_borrow_mut(|o| o.as_mut().unwrap().immediate = last);
     let reply = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         h(payload, crate::wire::frame::LEN_HEADER)

@@ -50,8 +50,7 @@ use crate::error::{Error, ExitStatus};
 use crate::idmap::IdMap;
 use crate::leftovers::{self, Bin, Shelf, IDLE_FREE};
 use crate::rpc::Call;
-use crate::wire::frame::{read_want, split_id_frame, Frame};
-use crate::wire::Decoded;
+use crate::wire::frame::{id_frames, read_want};
 use bytes::{Bytes, BytesMut};
 use std::cell::Cell;
 use std::collections::VecDeque;
@@ -194,8 +193,15 @@ impl SendQueue {
 pub(crate) trait Protocol: Send {
     /// Appends the request frame for `call` to `out` and remembers `call`.
     fn encode(&mut self, call: Call, out: &mut SendQueue);
-    /// Handles one reply or event. An error is a protocol violation.
-    fn frame(&mut self, frame: Frame) -> Result<(), String>;
+    /// Handles one reply or event: frame `id`, whose payload is `payload`
+    /// of `buf` (the frames of one read, frozen together). An error is a
+    /// protocol violation.
+    fn frame(
+        &mut self,
+        id: u32,
+        buf: &Bytes,
+        payload: std::ops::Range<usize>,
+    ) -> Result<(), String>;
     /// The connection ended: EOF (or a read error), and `status` if known.
     fn finish(&mut self, pid: i32, status: Option<ExitStatus>);
 }
@@ -766,23 +772,27 @@ impl<I: Io> Driver<I> {
                 // SAFETY: the kernel wrote `result` bytes into the spare
                 // capacity handed to this read.
                 unsafe { c.inbuf.set_len(c.inbuf.len() + comp.result as usize) };
-                c.want = READ_CHUNK;
-                loop {
-                    match split_id_frame(&mut c.inbuf) {
-                        Decoded::Frame(f) => {
-                            if let Err(detail) = c.proto.frame(f) {
-                                eprintln!("forkrpc: worker {}: protocol error: {detail}", c.pid);
-                                crate::process::kill(c.pid);
-                                c.inbuf.clear();
-                                break;
-                            }
+                // Every complete frame is frozen at once and handed out as
+                // a slice: one split of the buffer per read, not per frame.
+                let (end, partial) = id_frames(&c.inbuf, |_| {});
+                if end > 0 {
+                    let frames = c.inbuf.split_to(end).freeze();
+                    let mut error = None;
+                    id_frames(&frames, |f| {
+                        if error.is_none() {
+                            error = c.proto.frame(f.id, &frames, f.payload).err();
                         }
-                        Decoded::Incomplete { needed } => {
-                            c.want = read_want(needed, &c.inbuf, READ_CHUNK);
-                            break;
-                        }
+                    });
+                    if let Some(detail) = error {
+                        eprintln!("forkrpc: worker {}: protocol error: {detail}", c.pid);
+                        crate::process::kill(c.pid);
+                        c.inbuf.clear();
                     }
                 }
+                c.want = match partial {
+                    Some(needed) if !c.inbuf.is_empty() => read_want(needed, &c.inbuf, READ_CHUNK),
+                    _ => READ_CHUNK,
+                };
                 self.arm_read(comp.id);
             }
         }

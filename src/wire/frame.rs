@@ -127,6 +127,77 @@ pub fn has_id_frame(buf: &[u8]) -> bool {
         && buf.len() - ID_HEADER >= u32::from_be_bytes(buf[4..8].try_into().unwrap()) as usize
 }
 
+/// One frame inside a buffer of several (see [`id_frames`]): its id and
+/// where its payload lies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameAt {
+    /// The frame's id (0: an event).
+    pub id: u32,
+    /// Where its payload lies in the buffer scanned.
+    pub payload: std::ops::Range<usize>,
+}
+
+/// The `u32 id, u32 len, payload` frames at the start of `buf`: how many
+/// bytes the complete ones take, and what the first incomplete one needs
+/// (its whole size from its start, at least a header) if one has begun.
+/// Lets a reader freeze all complete frames at once and hand out slices
+/// of them, instead of splitting the buffer once per frame.
+///
+/// ```
+/// use forkrpc::wire::frame::{id_frames, FrameAt};
+/// let buf = b"\0\0\0\x01\0\0\0\x02ab\0\0\0\0\0\0\0\x05xy";
+/// let (end, partial) = id_frames(buf, |_| {});
+/// assert_eq!((end, partial), (10, Some(13)));
+/// let mut frames = Vec::new();
+/// id_frames(&buf[..end], |f| frames.push(f));
+/// assert_eq!(frames, [FrameAt { id: 1, payload: 8..10 }]);
+/// ```
+#[inline]
+pub fn id_frames(buf: &[u8], mut each: impl FnMut(FrameAt)) -> (usize, Option<usize>) {
+    scan(buf, ID_HEADER, |header, payload| {
+        each(FrameAt {
+            id: u32::from_be_bytes(header[0..4].try_into().unwrap()),
+            payload,
+        })
+    })
+}
+
+/// As [`id_frames`], for `u32 len, payload` frames (sync requests): hands
+/// out each payload's range.
+#[inline]
+pub fn len_frames(
+    buf: &[u8],
+    mut each: impl FnMut(std::ops::Range<usize>),
+) -> (usize, Option<usize>) {
+    scan(buf, LEN_HEADER, |_, payload| each(payload))
+}
+
+/// Frames whose `header` bytes end with the payload's `u32` length.
+#[inline]
+fn scan(
+    buf: &[u8],
+    header: usize,
+    mut each: impl FnMut(&[u8], std::ops::Range<usize>),
+) -> (usize, Option<usize>) {
+    let mut pos = 0;
+    loop {
+        let rest = &buf[pos..];
+        if rest.is_empty() {
+            return (pos, None);
+        }
+        if rest.len() < header {
+            return (pos, Some(header));
+        }
+        let len = u32::from_be_bytes(rest[header - 4..header].try_into().unwrap()) as usize;
+        let total = header + len;
+        if rest.len() < total {
+            return (pos, Some(total));
+        }
+        each(&rest[..header], pos + header..pos + total);
+        pos += total;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,6 +216,36 @@ mod tests {
         );
         assert_eq!(&b[..], b"\x00");
         assert_eq!(split_id_frame(&mut b), Decoded::Incomplete { needed: 8 });
+    }
+
+    #[test]
+    fn id_frames_scan_and_report_the_partial_one() {
+        let buf = b"\0\0\0\x07\0\0\0\x01a\0\0\0\0\0\0\0\0\0\0";
+        let mut got = Vec::new();
+        assert_eq!(id_frames(buf, |f| got.push(f)), (17, Some(8)));
+        assert_eq!(
+            got,
+            [
+                FrameAt {
+                    id: 7,
+                    payload: 8..9
+                },
+                FrameAt {
+                    id: 0,
+                    payload: 17..17
+                }
+            ]
+        );
+        assert_eq!(id_frames(&buf[..17], |_| {}), (17, None));
+        assert_eq!(id_frames(&buf[..12], |_| {}), (9, Some(8)));
+    }
+
+    #[test]
+    fn len_frames_scan() {
+        let buf = b"\0\0\0\x01x\0\0\0\x02yz\0\0";
+        let mut got = Vec::new();
+        assert_eq!(len_frames(buf, |r| got.push(r)), (11, Some(4)));
+        assert_eq!(got, [4..5, 9..11]);
     }
 
     #[test]
