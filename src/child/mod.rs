@@ -222,8 +222,8 @@ pub(crate) fn run_chunk(
     req: &Octets,
     handler: &crate::registry::SyncHandler,
 ) -> (Octets, Option<String>) {
-    let items = match chunk::items(req) {
-        Ok(i) => i,
+    let n = match chunk::check(req) {
+        Ok(n) => n,
         Err(e) => fatal(
             fd,
             "protocol",
@@ -231,12 +231,17 @@ pub(crate) fn run_chunk(
             PROTOCOL_EXIT_CODE,
         ),
     };
+    // Checked: decoding cannot fail.
+    let items = chunk::each_item(req).map_while(Result::ok);
+    // An echo's results take what its requests took, plus a status byte.
+    let room = req[1].len() + n;
     // The results wait in `OUT` so that an event from a handler can send
     // those of earlier items before itself (see `queue_event`).
     let with_part = |f: &mut dyn FnMut(&mut chunk::ReplyWriter)| {
         OUT.with_borrow_mut(|o| {
             if let Some(o) = o.as_mut() {
-                f(o.part.get_or_insert_with(chunk::ReplyWriter::new))
+                f(o.part
+                    .get_or_insert_with(|| chunk::ReplyWriter::with_capacity(room)))
             }
         })
     };

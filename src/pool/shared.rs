@@ -489,13 +489,16 @@ impl Shared {
         let plain = |(_, j): &(JobId, Job)| matches!(j.sink, Sink::One(_));
         if self.chunks && jobs.iter().all(plain) {
             if let Some(args) = chunked::request(jobs.iter().map(|(_, j)| &j.args)) {
-                let mut sinks = VecDeque::with_capacity(n);
-                for (_, job) in jobs {
-                    sinks.push_back(job.sink);
-                    job.args.spend();
-                }
+                // Collected in place: the sinks take the jobs' vector.
+                let sinks: Vec<Sink> = jobs
+                    .into_iter()
+                    .map(|(_, job)| {
+                        job.args.spend();
+                        job.sink
+                    })
+                    .collect();
                 let done = Waiter::Chunk(Box::new(chunked::Batch {
-                    sinks,
+                    sinks: VecDeque::from(sinks),
                     results: chunked::Results::new(pid, n),
                     shared: self.clone(),
                     worker: w,

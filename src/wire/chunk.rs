@@ -86,14 +86,46 @@ fn next_field(buf: &[u8], pos: &mut usize) -> Result<std::ops::Range<usize>, Wir
 
 /// The argument lists of a chunk request (slices of its blob).
 pub fn items(req: &Octets) -> Result<Vec<Octets>, WireError> {
+    check(req)?;
+    each_item(req).collect()
+}
+
+/// Checks that a chunk request is well formed, without decoding it;
+/// returns how many calls it holds.
+///
+/// ```
+/// use forkrpc::{octets, wire::chunk};
+/// let req = chunk::request([octets!["a"], octets!["b", "c"]].iter());
+/// assert_eq!(chunk::check(&req), Ok(2));
+/// let cut = forkrpc::Octets::from(vec![req[0].clone(), req[1].slice(..4)]);
+/// assert!(chunk::check(&cut).is_err());
+/// ```
+pub fn check(req: &Octets) -> Result<usize, WireError> {
     let blob = &req[1];
-    let mut out = Vec::new();
-    let mut pos = 0;
+    let (mut pos, mut n) = (0, 0);
     while pos < blob.len() {
         let r = next_field(blob, &mut pos)?;
-        out.push(Octets::decode_in(blob, r)?);
+        Octets::check(&blob[r])?;
+        n += 1;
     }
-    Ok(out)
+    Ok(n)
+}
+
+/// The argument lists of a chunk request one at a time, as [`items`]
+/// reads them (without collecting them first); it ends after an error.
+pub fn each_item(req: &Octets) -> impl Iterator<Item = Result<Octets, WireError>> + '_ {
+    let blob = &req[1];
+    let mut pos = 0;
+    std::iter::from_fn(move || {
+        if pos >= blob.len() {
+            return None;
+        }
+        let item = next_field(blob, &mut pos).and_then(|r| Octets::decode_in(blob, r));
+        if item.is_err() {
+            pos = blob.len();
+        }
+        Some(item)
+    })
 }
 
 /// Writes a chunk reply, one call's outcome at a time.
@@ -104,8 +136,13 @@ pub struct ReplyWriter {
 impl ReplyWriter {
     /// An empty reply.
     pub fn new() -> Self {
+        Self::with_capacity(0)
+    }
+
+    /// An empty reply with room for `bytes` of results.
+    pub fn with_capacity(bytes: usize) -> Self {
         ReplyWriter {
-            blob: BytesMut::new(),
+            blob: BytesMut::with_capacity(bytes),
         }
     }
 

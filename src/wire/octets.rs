@@ -87,24 +87,44 @@ impl Octets {
     /// `buf` (no temporary slice of the range itself).
     pub fn decode_in(buf: &Bytes, range: std::ops::Range<usize>) -> Result<Octets, WireError> {
         let mut items = Vec::new();
-        let (mut pos, stop) = (range.start, range.end.min(buf.len()));
-        while pos < stop {
-            let (len, used) = match ber::decode(&buf[pos..stop]) {
-                Varint::Value(n, used) => (n, used),
-                Varint::Incomplete => return Err(WireError::Truncated),
-                Varint::Overflow => return Err(WireError::VarintOverflow),
-            };
-            pos += used;
-            let end = usize::try_from(len)
-                .ok()
-                .and_then(|l| pos.checked_add(l))
-                .filter(|&e| e <= stop)
-                .ok_or(WireError::Truncated)?;
-            items.push(buf.slice(pos..end));
-            pos = end;
-        }
+        walk(buf, range, |r| items.push(buf.slice(r)))?;
         Ok(Octets(items))
     }
+
+    /// Checks that `bytes` is a well-formed encoding, without decoding it.
+    ///
+    /// ```
+    /// assert!(forkrpc::Octets::check(b"\x01a\x02bc").is_ok());
+    /// assert!(forkrpc::Octets::check(b"\x05ab").is_err());
+    /// ```
+    pub fn check(bytes: &[u8]) -> Result<(), WireError> {
+        walk(bytes, 0..bytes.len(), |_| {})
+    }
+}
+
+/// Hands `each` the range of every string encoded at `range` of `buf`.
+fn walk(
+    buf: &[u8],
+    range: std::ops::Range<usize>,
+    mut each: impl FnMut(std::ops::Range<usize>),
+) -> Result<(), WireError> {
+    let (mut pos, stop) = (range.start, range.end.min(buf.len()));
+    while pos < stop {
+        let (len, used) = match ber::decode(&buf[pos..stop]) {
+            Varint::Value(n, used) => (n, used),
+            Varint::Incomplete => return Err(WireError::Truncated),
+            Varint::Overflow => return Err(WireError::VarintOverflow),
+        };
+        pos += used;
+        let end = usize::try_from(len)
+            .ok()
+            .and_then(|l| pos.checked_add(l))
+            .filter(|&e| e <= stop)
+            .ok_or(WireError::Truncated)?;
+        each(pos..end);
+        pos = end;
+    }
+    Ok(())
 }
 
 impl std::ops::Deref for Octets {
