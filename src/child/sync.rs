@@ -103,32 +103,31 @@ fn request(fd: RawFd, handler: &Handler, frames: &Bytes, range: Range<usize>, la
         }
         return;
     }
-    let reply = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(args))) {
-        Ok(r) => r,
-        Err(_) => fatal(fd, "panic", take_panic_message(), PANIC_EXIT_CODE),
-    };
-    OUT.with_borrow_mut(|o| {
-        let o = o.as_mut().unwrap();
-        o.put_reply(SYNC_REPLY_ID, reply.map_err(|m| ("error", m)));
-        if o.buf.len() >= FLUSH_AT {
-            o.flush();
-        }
-    });
+    let reply = caught(fd, || handler(args));
+    output(|o| o.put_reply(SYNC_REPLY_ID, reply.map_err(|m| ("error", m))));
 }
 
 /// One call of a typed handler: its payload thawed, its reply frozen by the
 /// handler's codec (a 4-byte `N` header preceded the request).
 fn typed_call(fd: RawFd, h: &RawHandler, payload: bytes::Bytes, last: bool) {
     OUT.with_borrow_mut(|o| o.as_mut().unwrap().immediate = last);
-    let reply = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        h(payload, crate::wire::frame::LEN_HEADER)
-    })) {
+    let reply = caught(fd, || h(payload, crate::wire::frame::LEN_HEADER));
+    output(|o| o.put_raw_reply(SYNC_REPLY_ID, reply.map_err(|m| ("error", m))));
+}
+
+/// Runs a handler; a panic is reported to the parent and ends the worker.
+fn caught<R>(fd: RawFd, f: impl FnOnce() -> R) -> R {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(r) => r,
         Err(_) => fatal(fd, "panic", take_panic_message(), PANIC_EXIT_CODE),
-    };
+    }
+}
+
+/// Queues output with `put`; writes it once `FLUSH_AT` is buffered.
+fn output(put: impl FnOnce(&mut Out)) {
     OUT.with_borrow_mut(|o| {
         let o = o.as_mut().unwrap();
-        o.put_raw_reply(SYNC_REPLY_ID, reply.map_err(|m| ("error", m)));
+        put(o);
         if o.buf.len() >= FLUSH_AT {
             o.flush();
         }
