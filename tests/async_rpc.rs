@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{block, check, destroy_channel, engines, eq, logged, recv, Log};
+use common::{await_in_order, block, check, destroy_channel, engines, eq, logged, recv, Log};
 use forkrpc::{octets, AsyncRuntime, Done, EngineKind, Error, Octets, Options, Template};
 use libtest_mimic::{Arguments, Failed, Trial};
 use std::cell::Cell;
@@ -454,13 +454,7 @@ fn gauge_max(t: &Template, kind: EngineKind, opts: Options, calls: usize) -> Res
     let rpc = t.fork().run("t::gauge", opts.engine(kind))?;
     let futs: Vec<_> = (0..calls).map(|_| rpc.call(octets!["20"])).collect();
     let mut max = 0;
-    for r in block(async {
-        let mut out = Vec::new();
-        for f in futs {
-            out.push(f.await);
-        }
-        out
-    }) {
+    for r in await_in_order(futs) {
         max = max.max(r?.num(0).unwrap() as u64);
     }
     rpc.close_blocking()?;
@@ -510,13 +504,7 @@ fn big_replies(t: &Template, kind: EngineKind) -> Result<(), Failed> {
     let futs: Vec<_> = (0..8u8)
         .map(|i| rpc.call(octets![vec![i; forkrpc::OUT_HIGH]]))
         .collect();
-    let got = block(async {
-        let mut out = Vec::new();
-        for f in futs {
-            out.push(f.await);
-        }
-        out
-    });
+    let got = await_in_order(futs);
     for (i, r) in got.into_iter().enumerate() {
         let r = r?;
         check(

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{block, check, destroy_channel, eq, recv, wait_gone};
+use common::{await_in_order, block, check, destroy_channel, eq, recv, wait_gone};
 use forkrpc::{octets, Error, Octets, Options, Pool, PoolOptions, Template};
 use libtest_mimic::{Arguments, Failed, Trial};
 use std::collections::BTreeSet;
@@ -786,13 +786,7 @@ fn async_pool(t: &Template) -> Result<(), Failed> {
     let calls: Vec<_> = (0..100)
         .map(|i| pool.call(octets!["50", i.to_string()]))
         .collect();
-    let got = block(async {
-        let mut out = Vec::new();
-        for c in calls {
-            out.push(c.await);
-        }
-        out
-    });
+    let got = await_in_order(calls);
     for (i, r) in got.into_iter().enumerate() {
         eq(r?, octets!["50", i.to_string()])?;
     }

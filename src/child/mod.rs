@@ -73,6 +73,18 @@ impl Out {
         true
     }
 
+    /// Queues the results of the running chunk's items done so far as a
+    /// part (see [`run_chunk`]); false if there are none.
+    pub(crate) fn put_part(&mut self) -> bool {
+        match self.part.as_mut().filter(|p| !p.is_empty()) {
+            Some(p) => {
+                let part = p.take_part();
+                self.put_frame(EVENT_ID, &part)
+            }
+            None => false,
+        }
+    }
+
     /// Queues the reply of call `id`, or for an error `(kind, message)` an
     /// error note in an event frame that fails that call in the parent.
     pub(crate) fn put_reply(&mut self, id: u32, r: Result<Octets, (&str, String)>) {
@@ -163,10 +175,7 @@ fn queue_event(put: impl FnOnce(&mut Out) -> bool) -> bool {
         Some(o) => {
             // Results of a chunk's earlier items go first: the parent sees
             // replies and events in the order they were made.
-            if let Some(part) = o.part.as_mut().filter(|p| !p.is_empty()) {
-                let part = part.take_part();
-                o.put_frame(EVENT_ID, &part);
-            }
+            o.put_part();
             let ok = put(o);
             match &o.wake {
                 Some(st) => st.output_queued(),
@@ -268,9 +277,7 @@ pub(crate) fn run_chunk(
             sent_at = now;
             OUT.with_borrow_mut(|o| {
                 if let Some(o) = o.as_mut() {
-                    if let Some(p) = o.part.as_mut().filter(|p| !p.is_empty()) {
-                        let part = p.take_part();
-                        o.put_frame(EVENT_ID, &part);
+                    if o.put_part() {
                         o.flush();
                     }
                 }

@@ -30,7 +30,8 @@ pub(crate) fn request<'a>(args: impl Iterator<Item = &'a Payload> + Clone) -> Op
     if n < 2 {
         return None;
     }
-    Payload::new(chunk::request(args.filter_map(Payload::octets))).ok()
+    let sized = args.filter_map(|a| Some((u64::from(a.len()), a.octets()?)));
+    Payload::new(chunk::request_sized(sized)).ok()
 }
 
 /// Counts a chunk's results and turns them into call results.

@@ -51,16 +51,19 @@ fn tagged(blob: Bytes) -> Octets {
 /// assert_eq!(chunk::items(&req).unwrap(), [octets!["a"], octets!["b", "c"]]);
 /// ```
 pub fn request<'a>(calls: impl Iterator<Item = &'a Octets> + Clone) -> Octets {
+    request_sized(calls.map(|a| (a.encoded_len(), a)))
+}
+
+/// As [`request`], for argument lists whose encoded sizes are known
+/// already (measured once, when each call was made).
+pub fn request_sized<'a>(calls: impl Iterator<Item = (u64, &'a Octets)> + Clone) -> Octets {
     let total: u64 = calls
         .clone()
-        .map(|a| {
-            let n = a.encoded_len();
-            ber::encoded_len(n) as u64 + n
-        })
+        .map(|(n, _)| ber::encoded_len(n) as u64 + n)
         .sum();
     let mut blob = BytesMut::with_capacity(total as usize);
-    for a in calls {
-        ber::encode(a.encoded_len(), &mut blob);
+    for (n, a) in calls {
+        ber::encode(n, &mut blob);
         a.encode(&mut blob);
     }
     tagged(blob.freeze())

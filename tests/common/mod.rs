@@ -87,6 +87,18 @@ pub fn block<F: std::future::Future>(f: F) -> F::Output {
         .block_on(f)
 }
 
+/// Awaits `futs` one after another (on a fresh runtime); their outputs in
+/// order.
+pub fn await_in_order<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
+    block(async {
+        let mut out = Vec::new();
+        for f in futs {
+            out.push(f.await);
+        }
+        out
+    })
+}
+
 /// What a test saw, in order, as text.
 pub type Log = Arc<Mutex<Vec<String>>>;
 
