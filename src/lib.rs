@@ -25,6 +25,8 @@
 //!
 //! - [`wire`]: the byte layout (BER varints, octets, frames). No I/O.
 //! - [`serial`]: serialisers (octets, JSON, rkyv, your own) for typed calls.
+//! - `arena`: the shared memory where big strings of calls to sync
+//!   workers cross without a copy (mapping, regions, who holds them).
 //! - `process`: fork, exec, descriptor passing and reaping; the template
 //!   process and its client. The only place that forks.
 //! - `engine`: the parent's driver thread and its backends (io_uring,
@@ -44,6 +46,7 @@
 
 #![warn(missing_docs)]
 
+mod arena;
 mod child;
 pub mod engine;
 mod error;
@@ -61,6 +64,7 @@ mod typed;
 mod window;
 pub mod wire;
 
+pub use arena::{arena_stats, in_shared_arena, ArenaStats};
 pub use child::asynchronous::{Done, DEFAULT_CONCURRENCY, OUT_HIGH};
 pub use child::runtime::{async_runtime, uring, AsyncRuntime};
 pub use child::{event, event_with, retire, PANIC_EXIT_CODE, PROTOCOL_EXIT_CODE};

@@ -2,13 +2,14 @@
 //! callbacks (on the driver thread) or blocking returns. Also the per-worker
 //! [`Protocol`] that gives frames their meaning (sync and async backends).
 
+use crate::arena::{Arena, SHARE_MIN};
 use crate::engine::{Command, ConnStats, Engine, EngineKind, Protocol, SendQueue};
 use crate::error::{Error, ExitStatus, Result};
 use crate::latch::{Latch, Take};
 use crate::leftovers::{self, Callback, RawCallback, Spent};
 use crate::window::Window;
 use crate::wire::frame::{put_id_header, put_len_header, EVENT_ID, SYNC_REPLY_ID};
-use crate::wire::{CHUNK_PART_TAG, ERROR_TAG, FATAL_TAG};
+use crate::wire::{shared, CHUNK_PART_TAG, ERROR_TAG, FATAL_TAG, RELEASE_TAG, SHARED_TAG};
 use crate::{octets, Octets};
 use bytes::Bytes;
 use std::collections::VecDeque;
@@ -155,6 +156,8 @@ pub(crate) struct Payload {
     len: u32,
     /// Made on a driver thread (a call from a callback): freed there too.
     on_driver: bool,
+    /// Some strings lie in the shared arena (see [`Payload::share`]).
+    shared: bool,
 }
 
 impl Payload {
@@ -170,7 +173,26 @@ impl Payload {
             body,
             len,
             on_driver: crate::engine::on_driver_thread(),
+            shared: false,
         })
+    }
+
+    /// Copies big strings into the shared `arena` (on the caller's thread:
+    /// the one copy they take on the way to a sync worker), unless they
+    /// lie there already or it is full.
+    pub(crate) fn share(&mut self, arena: &'static Arena) {
+        let Body::Octets(o) = &mut self.body else {
+            return;
+        };
+        for b in o.0.iter_mut().filter(|b| b.len() >= SHARE_MIN) {
+            if arena.offset_of(b).is_none() {
+                match arena.share(b) {
+                    Some(copy) => *b = copy,
+                    None => continue,
+                }
+            }
+            self.shared = true;
+        }
     }
 
     /// Encoded size in bytes.
@@ -200,14 +222,16 @@ impl Payload {
     /// copied.
     fn write(&self, out: &mut SendQueue) {
         match &self.body {
-            Body::Octets(o) => {
-                for b in &o.0 {
-                    crate::wire::ber::encode(b.len() as u64, &mut out.buf);
-                    out.put_shared(b);
-                }
-            }
+            Body::Octets(o) => write_octets(o, out),
             Body::Frozen(b) => out.put_shared(b),
         }
+    }
+}
+
+fn write_octets(o: &Octets, out: &mut SendQueue) {
+    for b in &o.0 {
+        crate::wire::ber::encode(b.len() as u64, &mut out.buf);
+        out.put_shared(b);
     }
 }
 
@@ -281,6 +305,18 @@ impl Waiter {
         }
     }
 
+    /// Completes with a reply's strings (encoded again for a waiter that
+    /// wants the payload).
+    fn complete_octets(self, o: Octets) {
+        match self {
+            Waiter::Raw { mut f, on_driver } => {
+                guard("a reply callback", || f.reply(Ok(o.to_bytes())));
+                leftovers::keep(Spent::Raw(f), on_driver);
+            }
+            w => w.complete(Ok(o)),
+        }
+    }
+
     /// Completes with a reply payload (`range` of `buf`): decoded as
     /// octets unless the waiter wants it raw. A payload that is not octets
     /// fails the call.
@@ -344,6 +380,8 @@ struct Inner {
     engine: &'static Engine,
     end: Arc<Latch<Result<()>>>,
     stats: Arc<ConnStats>,
+    /// The worker reads big strings here (a sync worker we started).
+    arena: Option<&'static Arena>,
 }
 
 impl Drop for Inner {
@@ -358,6 +396,7 @@ impl Rpc {
         fd: std::os::fd::OwnedFd,
         pid: i32,
         opts: Options,
+        arena: Option<&'static Arena>,
     ) -> Rpc {
         let id = Engine::next_id();
         let end = Latch::new();
@@ -375,6 +414,8 @@ impl Rpc {
             opts,
             end: end.clone(),
             stats: stats.clone(),
+            arena,
+            held: Vec::new(),
         };
         engine.push(Command::Add {
             id,
@@ -391,15 +432,19 @@ impl Rpc {
                 engine,
                 end,
                 stats,
+                arena,
             }),
         }
     }
 
     pub(crate) fn submit(&self, args: impl Into<Body>, done: Waiter) {
-        let args = match Payload::new(args) {
+        let mut args = match Payload::new(args) {
             Ok(p) => p,
             Err(e) => return done.complete(Err(e)),
         };
+        if let Some(a) = self.inner.arena {
+            args.share(a);
+        }
         self.inner.stats.submitted.fetch_add(1, Ordering::Relaxed);
         self.inner.engine.push(Command::Call {
             id: self.inner.id,
@@ -575,6 +620,11 @@ struct Session {
     opts: Options,
     end: Arc<Latch<Result<()>>>,
     stats: Arc<ConnStats>,
+    /// The shared arena, if the worker has it (see `arena.rs`).
+    arena: Option<&'static Arena>,
+    /// Regions of the arena sent to the worker and not yet released, with
+    /// how many times each.
+    held: Vec<(usize, u32)>,
 }
 
 impl Session {
@@ -603,6 +653,9 @@ impl Session {
     fn event(&mut self, payload: Bytes) -> Result<(), String> {
         if has_tag(&payload, CHUNK_PART_TAG) {
             return self.chunk_part(payload);
+        }
+        if self.arena.is_some() && has_tag(&payload, RELEASE_TAG) {
+            return self.released(payload);
         }
         let ours = has_tag(&payload, FATAL_TAG) || has_tag(&payload, ERROR_TAG);
         if !ours {
@@ -654,6 +707,57 @@ impl Session {
         }
     }
 
+    /// A region sent to the worker once more.
+    fn hold(&mut self, arena: &Arena, region: usize) {
+        arena.hold(region);
+        match self.held.iter_mut().find(|(r, _)| *r == region) {
+            Some((_, n)) => *n += 1,
+            None => self.held.push((region, 1)),
+        }
+    }
+
+    /// `[RELEASE_TAG, offsets]`: the worker dropped strings it received.
+    fn released(&mut self, payload: Bytes) -> Result<(), String> {
+        let arena = self.arena.expect("release notes are read with an arena");
+        let offsets = Octets::decode(payload)
+            .and_then(|note| shared::released(&note).map(|o| o.collect::<Vec<_>>()));
+        let offsets = match offsets {
+            Ok(o) => o,
+            Err(e) => return self.violation(format!("malformed release note: {e}")),
+        };
+        for off in offsets {
+            let region = arena.region_of(off as usize, 1);
+            let held = region.and_then(|r| self.held.iter().position(|(h, _)| *h == r));
+            let Some(i) = held else {
+                return self.violation(format!(
+                    "the worker released offset {off} of the shared arena, which it does not hold"
+                ));
+            };
+            self.held[i].1 -= 1;
+            if self.held[i].1 == 0 {
+                self.held.swap_remove(i);
+            }
+            arena.release(region.unwrap());
+        }
+        Ok(())
+    }
+
+    /// The strings a shared reply stands for: views of regions this worker
+    /// holds, each adding a holder.
+    fn unshare(&self, buf: &Bytes, range: std::ops::Range<usize>) -> Result<Octets, String> {
+        let arena = self.arena.expect("shared replies are read with an arena");
+        let o = Octets::decode_in(buf, range).map_err(|e| format!("malformed reply: {e}"))?;
+        shared::decode(&o, |off, len| {
+            let (off, len) = (usize::try_from(off).ok()?, usize::try_from(len).ok()?);
+            let region = arena.region_of(off, len)?;
+            self.held
+                .iter()
+                .any(|(r, _)| *r == region)
+                .then(|| arena.view(region, off, len))
+        })
+        .map_err(|e| format!("malformed reply: {e}"))
+    }
+
     /// `[ERROR_TAG, id, kind, message]`: the call `id` failed.
     fn call_failed(&mut self, ev: &Octets) -> Result<(), String> {
         let id = ev.str(1).and_then(|s| s.parse::<u32>().ok());
@@ -679,6 +783,28 @@ impl Session {
 
 impl Protocol for Session {
     fn encode(&mut self, call: Call, out: &mut SendQueue) {
+        if call.args.shared {
+            if let (Some(arena), Calls::Sync(q), Some(o)) =
+                (self.arena, &mut self.calls, call.args.octets())
+            {
+                let mut regions = Vec::new();
+                let form = shared::encode(o, |b| {
+                    let off = arena.offset_of(b).filter(|_| b.len() >= SHARE_MIN)?;
+                    regions.push(arena.region_of(off, b.len())?);
+                    Some(off as u64)
+                });
+                if let Some(form) = form {
+                    q.push_back(call.done);
+                    for r in regions {
+                        self.hold(arena, r);
+                    }
+                    put_len_header(&mut out.buf, form.encoded_len() as u32);
+                    write_octets(&form, out);
+                    call.args.spend();
+                    return;
+                }
+            }
+        }
         let len = call.args.len();
         let copied = (len as usize).min(crate::engine::SEND_IN_PLACE);
         match &mut self.calls {
@@ -718,6 +844,21 @@ impl Protocol for Session {
             });
         };
         self.stats.answered.fetch_add(1, Ordering::Relaxed);
+        if self.arena.is_some() && has_tag(&buf[payload.clone()], SHARED_TAG) {
+            return match self.unshare(buf, payload) {
+                Ok(o) => {
+                    w.complete_octets(o);
+                    Ok(())
+                }
+                Err(detail) => {
+                    w.complete(Err(Error::Protocol {
+                        pid: self.pid,
+                        detail: detail.clone(),
+                    }));
+                    self.violation(detail)
+                }
+            };
+        }
         match w.complete_payload(self.pid, buf, payload) {
             Ok(()) => Ok(()),
             Err(detail) => self.violation(detail),
@@ -725,6 +866,14 @@ impl Protocol for Session {
     }
 
     fn finish(&mut self, pid: i32, status: Option<ExitStatus>) {
+        // The worker is gone: what it held is free (our own views remain).
+        if let Some(arena) = self.arena {
+            for (region, n) in self.held.drain(..) {
+                for _ in 0..n {
+                    arena.release(region);
+                }
+            }
+        }
         if self.calls.len() == 0 && self.fatal.is_none() && self.protocol_error.is_none() {
             self.stats.ended.store(true, Ordering::Release);
             if let Some(f) = &self.opts.on_destroy {

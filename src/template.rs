@@ -4,7 +4,7 @@
 use crate::child::asynchronous::{Done, DEFAULT_CONCURRENCY};
 use crate::engine::{Engine, EngineKind};
 use crate::error::{Error, Result};
-use crate::process::{self, Backend, TemplateClient};
+use crate::process::{self, Backend, TemplateClient, WorkerSpec};
 use crate::registry::{self, Handler, IntoReply, WorkerArgs};
 use crate::rpc::{Options, Rpc};
 use crate::serial::Codec;
@@ -279,9 +279,15 @@ impl Template {
     #[doc(hidden)]
     pub fn spawn_raw_echo(&self) -> Result<(OwnedFd, i32)> {
         let (mine, theirs) = process::worker_pair()?;
-        let pid = self
-            .client
-            .spawn(registry::RAW_ECHO, None, Backend::Sync, &[], theirs, &[])?;
+        let spec = WorkerSpec {
+            handler: registry::RAW_ECHO,
+            init: None,
+            backend: Backend::Sync,
+            args: &[],
+            fds: &[],
+            arena: None,
+        };
+        let pid = self.client.spawn(&spec, theirs)?;
         Ok((mine, pid))
     }
 
@@ -339,15 +345,18 @@ impl Fork {
         } else {
             Backend::Sync
         };
-        let pid = self.template.client.spawn(
+        // Sync workers read big strings of calls in the shared arena.
+        let arena = (!opts.asynchronous).then(crate::arena::arena).flatten();
+        let spec = WorkerSpec {
             handler,
-            opts.init.as_deref(),
+            init: opts.init.as_deref(),
             backend,
-            &self.args,
-            theirs,
-            &self.fds,
-        )?;
-        Ok(Rpc::new(engine, mine, pid, opts))
+            args: &self.args,
+            fds: &self.fds,
+            arena: arena.map(|a| a.fd()),
+        };
+        let pid = self.template.client.spawn(&spec, theirs)?;
+        Ok(Rpc::new(engine, mine, pid, opts, arena))
     }
 }
 
@@ -375,7 +384,7 @@ impl Fork {
         let engine = Engine::get(opts.engine.unwrap_or_else(default_engine))?;
         let (mine, theirs) = process::worker_pair()?;
         let pid = self.template.client.spawn_exec(program, &args, theirs)?;
-        Ok(Rpc::new(engine, mine, pid, opts))
+        Ok(Rpc::new(engine, mine, pid, opts, None))
     }
 }
 

@@ -9,7 +9,7 @@ use crate::serial::Codec;
 use crate::sys::{self, exit_now};
 use crate::wire::chunk::{self, ItemResult};
 use crate::wire::frame::{put_id_header, EVENT_ID, MAX_PAYLOAD};
-use crate::wire::{ERROR_TAG, FATAL_TAG, RETIRE_TAG};
+use crate::wire::{shared, ERROR_TAG, FATAL_TAG, RETIRE_TAG};
 use crate::{octets, Octets};
 use bytes::Bytes;
 use std::cell::RefCell;
@@ -90,7 +90,16 @@ impl Out {
     pub(crate) fn put_reply(&mut self, id: u32, r: Result<Octets, (&str, String)>) {
         let note = match r {
             Ok(reply) => {
-                if self.put_frame(id, &reply) {
+                // Strings that lie in the parent's arena (an echo, a slice
+                // of an argument) go back as references.
+                let big = |b: &Bytes| b.len() >= crate::arena::SHARE_MIN;
+                let in_arena =
+                    |b: &Bytes| big(b).then(|| crate::arena::worker::offset_of(b)).flatten();
+                let form = match crate::arena::worker::mapped() && reply.iter().any(big) {
+                    true => shared::encode(&reply, in_arena),
+                    false => None,
+                };
+                if self.put_frame(id, form.as_ref().unwrap_or(&reply)) {
                     return;
                 }
                 (
@@ -107,6 +116,14 @@ impl Out {
             EVENT_ID,
             &octets![ERROR_TAG, id.to_string(), note.0.to_owned(), note.1],
         );
+    }
+
+    /// Queues the release note of arena strings this worker dropped since
+    /// the last one, if any (after the replies that named them).
+    pub(crate) fn put_releases(&mut self) {
+        if let Some(offsets) = crate::arena::worker::take_released() {
+            self.put_frame(EVENT_ID, &shared::release_note(&offsets));
+        }
     }
 
     /// Queues a frame whose payload is already frozen.

@@ -6,12 +6,13 @@ use super::{
     capture_panics, fatal, run_chunk, take_panic_message, Out, OUT, PANIC_EXIT_CODE,
     PROTOCOL_EXIT_CODE,
 };
+use crate::arena;
 use crate::octets;
 use crate::registry::{Handler, RawHandler};
 use crate::sys;
 use crate::wire::chunk;
 use crate::wire::frame::{len_frames, read_want, EVENT_ID, SYNC_REPLY_ID};
-use crate::wire::FATAL_TAG;
+use crate::wire::{shared, WireError, FATAL_TAG};
 use crate::Octets;
 use bytes::{Bytes, BytesMut};
 use std::ops::Range;
@@ -73,7 +74,7 @@ fn request(fd: RawFd, handler: &Handler, frames: &Bytes, range: Range<usize>, la
         Handler::Raw(h) => return typed_call(fd, h, frames.slice(range), last),
         _ => unreachable!("the template refuses async handlers on the sync backend"),
     };
-    let args = match Octets::decode_in(frames, range) {
+    let args = match Octets::decode_in(frames, range).and_then(unshare) {
         Ok(a) => a,
         Err(e) => fatal(
             fd,
@@ -93,6 +94,7 @@ fn request(fd: RawFd, handler: &Handler, frames: &Bytes, range: Range<usize>, la
                 o.put_frame(EVENT_ID, &octets![FATAL_TAG, "exit-after-panic", m.clone()]);
             }
             o.put_reply(SYNC_REPLY_ID, Ok(reply));
+            o.put_releases();
             if panicked.is_some() || o.buf.len() >= FLUSH_AT {
                 o.flush();
             }
@@ -107,10 +109,36 @@ fn request(fd: RawFd, handler: &Handler, frames: &Bytes, range: Range<usize>, la
     output(|o| o.put_reply(SYNC_REPLY_ID, reply.map_err(|m| ("error", m))));
 }
 
+/// The strings a request stands for: its own, or for a shared request
+/// (see [`shared`]) views of the parent's arena.
+fn unshare(args: Octets) -> Result<Octets, WireError> {
+    if arena::worker::mapped() && shared::is_shared(&args) {
+        shared::decode(&args, arena::worker::view)
+    } else {
+        Ok(args)
+    }
+}
+
 /// One call of a typed handler: its payload thawed, its reply frozen by the
 /// handler's codec (a 4-byte `N` header preceded the request).
-fn typed_call(fd: RawFd, h: &RawHandler, payload: bytes::Bytes, last: bool) {
+fn typed_call(fd: RawFd, h: &RawHandler, mut payload: bytes::Bytes, last: bool) {
     OUT.with_borrow_mut(|o| o.as_mut().unwrap().immediate = last);
+    if arena::worker::mapped() {
+        // Octets sent to a typed handler: it reads them as its codec's bytes.
+        if let Ok(args) = Octets::decode(payload.clone()) {
+            if shared::is_shared(&args) {
+                match shared::decode(&args, arena::worker::view) {
+                    Ok(a) => payload = a.to_bytes(),
+                    Err(e) => fatal(
+                        fd,
+                        "protocol",
+                        format!("malformed request: {e}"),
+                        PROTOCOL_EXIT_CODE,
+                    ),
+                }
+            }
+        }
+    }
     let reply = caught(fd, || h(payload, crate::wire::frame::LEN_HEADER));
     output(|o| o.put_raw_reply(SYNC_REPLY_ID, reply.map_err(|m| ("error", m))));
 }
@@ -128,6 +156,7 @@ fn output(put: impl FnOnce(&mut Out)) {
     OUT.with_borrow_mut(|o| {
         let o = o.as_mut().unwrap();
         put(o);
+        o.put_releases();
         if o.buf.len() >= FLUSH_AT {
             o.flush();
         }

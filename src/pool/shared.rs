@@ -117,6 +117,8 @@ pub(crate) struct Shared {
     /// with an octets handler, and no per-call bookkeeping (a chunk is
     /// one call to the engine: it has one timeout, one retry).
     chunks: bool,
+    /// Sync workers read big strings of calls in the shared arena.
+    arena: Option<&'static crate::arena::Arena>,
     epoch: Instant,
     on_destroy: Option<Arc<dyn Fn() + Send + Sync>>,
     pub(crate) end: Arc<Latch<Result<()>>>,
@@ -156,6 +158,7 @@ impl Shared {
         if let Some(init) = &opts.init {
             registry::init(init)?;
         }
+        let arena = (!opts.asynchronous).then(crate::arena::arena).flatten();
         let epoch = Instant::now();
         let sched = Scheduler::new(popts.cfg.clone(), Duration::ZERO);
         let on_destroy = opts.on_destroy.take();
@@ -180,6 +183,7 @@ impl Shared {
             popts,
             tracking,
             chunks,
+            arena,
             epoch,
             on_destroy,
             end: Latch::new(),
@@ -241,7 +245,12 @@ impl Shared {
         admit: Admit,
     ) -> Result<JobId> {
         match Payload::new(args) {
-            Ok(p) => self.submit_job(p, Sink::One(waiter), admit),
+            Ok(mut p) => {
+                if let Some(a) = self.arena {
+                    p.share(a);
+                }
+                self.submit_job(p, Sink::One(waiter), admit)
+            }
             Err(e) => {
                 waiter.complete(Err(e.clone()));
                 Err(e)

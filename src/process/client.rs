@@ -9,8 +9,21 @@ use crate::{octets, Octets};
 use bytes::Bytes;
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
+
+/// What a worker runs, and what it gets besides its socket.
+pub(crate) struct WorkerSpec<'a> {
+    pub handler: &'a str,
+    pub init: Option<&'a str>,
+    pub backend: Backend,
+    /// `send_arg` values, for the init function.
+    pub args: &'a [Bytes],
+    /// `send_fh` descriptors, for the init function.
+    pub fds: &'a [OwnedFd],
+    /// The parent's shared arena (a sync worker's).
+    pub arena: Option<BorrowedFd<'a>>,
+}
 
 /// Called with every exit the template reports (set once by the engine).
 static EXIT_HOOK: OnceLock<Box<dyn Fn(i32, ExitStatus) + Send + Sync>> = OnceLock::new();
@@ -65,27 +78,20 @@ impl TemplateClient {
         self.pid
     }
 
-    /// Forks a worker running `handler` on `sock`; returns its pid.
-    pub(crate) fn spawn(
-        &self,
-        handler: &str,
-        init: Option<&str>,
-        backend: Backend,
-        args: &[Bytes],
-        sock: OwnedFd,
-        fds: &[OwnedFd],
-    ) -> Result<i32> {
-        let mode = backend.to_string();
+    /// Forks the worker `w` describes, on `sock`; returns its pid.
+    pub(crate) fn spawn(&self, w: &WorkerSpec<'_>, sock: OwnedFd) -> Result<i32> {
         let mut msg = octets![
             "spawn",
             "",
-            handler.to_owned(),
-            init.unwrap_or("").to_owned(),
-            mode
+            w.handler.to_owned(),
+            w.init.unwrap_or("").to_owned(),
+            w.backend.to_string(),
+            if w.arena.is_some() { "arena" } else { "" }
         ];
-        msg.extend(args.iter().cloned());
+        msg.extend(w.args.iter().cloned());
         let mut raw = vec![sock.as_raw_fd()];
-        raw.extend(fds.iter().map(|f| f.as_raw_fd()));
+        raw.extend(w.arena.map(|a| a.as_raw_fd()));
+        raw.extend(w.fds.iter().map(|f| f.as_raw_fd()));
         self.request(msg, &raw)
     }
 

@@ -17,7 +17,7 @@ mod client;
 mod fdpass;
 mod server;
 
-pub(crate) use client::{set_exit_hook, TemplateClient};
+pub(crate) use client::{set_exit_hook, TemplateClient, WorkerSpec};
 
 use crate::error::{Error, Result};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};

@@ -124,8 +124,9 @@ impl Server {
         }
     }
 
-    /// `["spawn", req, handler, init, backend, args...]`, fds
-    /// `[socket, send_fh...]`; backend as [`Backend`] displays it.
+    /// `["spawn", req, handler, init, backend, arena, args...]`, fds
+    /// `[socket, arena memfd if arena is "arena", send_fh...]`; backend as
+    /// [`Backend`] displays it.
     fn spawn(&mut self, msg: &Octets, mut fds: Vec<OwnedFd>) -> Result<i32, Octets> {
         let name = msg.str(2).unwrap_or("");
         let handler = registry::handler(name).map_err(unknown)?;
@@ -143,11 +144,27 @@ impl Server {
             return Err(octets!["other", "spawn request without a socket"]);
         }
         let sock = fds.remove(0);
+        let arena = match msg.get(5) {
+            Some(a) if &a[..] == b"arena" && !fds.is_empty() => Some(fds.remove(0)),
+            _ => None,
+        };
         let args = WorkerArgs {
-            args: msg[5..].to_vec(),
+            args: msg.get(6..).unwrap_or_default().to_vec(),
             fds,
         };
         self.fork_child(|| {
+            if let Some(fd) = arena {
+                // Without it the parent's references could not be read:
+                // better not to start than to fail every call.
+                if let Err(e) = crate::arena::worker::map(fd) {
+                    crate::child::fatal(
+                        sock.as_raw_fd(),
+                        "start",
+                        format!("cannot map the shared arena: {e}"),
+                        crate::PANIC_EXIT_CODE,
+                    );
+                }
+            }
             if let Some(init) = init {
                 crate::child::run_init(sock.as_raw_fd(), || init(args));
             }

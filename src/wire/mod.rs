@@ -28,6 +28,9 @@ pub enum WireError {
     /// A chunk reply item with an unknown status byte.
     #[error("chunk reply item with an unknown status")]
     BadChunkItem,
+    /// A shared payload (see [`shared`]) that does not follow its format.
+    #[error("malformed shared payload: {0}")]
+    Shared(&'static str),
 }
 
 /// First element of the event a forkrpc worker sends before it exits on a
@@ -60,4 +63,14 @@ pub const CHUNK_TAG: &str = "\0forkrpc-chunk";
 /// order the worker made them; the chunk's reply then carries the rest.
 pub const CHUNK_PART_TAG: &str = "\0forkrpc-part";
 
+/// First element of a *shared* payload: `[SHARED_TAG, map, strings...]`,
+/// whose big strings lie in the parent's shared arena (see [`shared`]).
+/// Between a forkrpc parent and its sync workers only.
+pub const SHARED_TAG: &str = "\0forkrpc-shm";
+
+/// The event a sync worker sends once it dropped strings it received in
+/// the shared arena: `[RELEASE_TAG, offsets]` (see [`shared`]).
+pub const RELEASE_TAG: &str = "\0forkrpc-release";
+
 pub mod chunk;
+pub mod shared;

@@ -1,0 +1,208 @@
+//! Big strings through the shared arena: a sync worker reads them in place,
+//! replies that return them come back by reference, regions are freed when
+//! everyone let go (a worker's release note, or its end), and what does not
+//! fit goes through the socket. The arena is made small here (40 MiB) so
+//! that running out of it can be tested; tests run one at a time because
+//! they count the arena's regions.
+
+mod common;
+
+use bytes::Bytes;
+use common::{await_in_order, engines, eq};
+use forkrpc::{arena_stats, in_shared_arena, octets, EngineKind, Octets, Options, Pool, Template};
+use libtest_mimic::{Arguments, Failed, Trial};
+use std::sync::Mutex;
+
+const MIB: usize = 1 << 20;
+/// Worker-side stash of arguments, to hold arena strings past a call.
+static KEPT: Mutex<Vec<Octets>> = Mutex::new(Vec::new());
+
+fn flag(b: bool) -> &'static str {
+    if b {
+        "1"
+    } else {
+        "0"
+    }
+}
+
+fn pattern(n: usize, seed: u8) -> Bytes {
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+fn template() -> Template {
+    Template::builder()
+        // [whether arg 1 lies in the arena, arg 0, arg 1, a slice of arg 1]
+        .sync("s::where", |a| {
+            octets![
+                flag(in_shared_arena(&a[1])),
+                a[0].clone(),
+                a[1].clone(),
+                a[1].slice(1000..a[1].len() - 1000)
+            ]
+        })
+        .sync("s::keep", |a| {
+            let shared = in_shared_arena(&a[0]);
+            KEPT.lock().unwrap().push(a);
+            octets![flag(shared)]
+        })
+        .sync("s::fresh", |a| {
+            // A reply made here, not from the arguments.
+            octets![flag(in_shared_arena(&a[0])), pattern(a[0].len(), 9)]
+        })
+        .start()
+        .expect("template starts")
+}
+
+/// Regions in use, after a round trip that lets release notes arrive (a
+/// sync worker sends them before its next reply).
+fn regions_after_sync(rpc: &forkrpc::Rpc) -> Result<usize, Failed> {
+    rpc.call_blocking(octets!["sync", vec![0u8; 4000]])?;
+    Ok(arena_stats().map_or(0, |s| s.regions))
+}
+
+fn echo_by_reference(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    let rpc = t.fork().run("s::where", Options::default().engine(kind))?;
+    let big = pattern(16 * MIB, 1);
+    let reply = rpc.call_blocking(octets!["small", big.clone()])?;
+    eq(reply.str(0), Some("1"))?; // the worker read it in place
+    eq(&reply[1][..], b"small")?;
+    eq(reply[2] == big, true)?;
+    eq(reply[3] == big.slice(1000..big.len() - 1000), true)?;
+    eq(
+        (in_shared_arena(&reply[2]), in_shared_arena(&reply[3])),
+        (true, true),
+    )?; // came back by reference
+    eq(in_shared_arena(&big), false)?; // ours was copied, not taken
+    eq(regions_after_sync(&rpc)?, 1)?; // our reply still holds it
+    drop(reply);
+    eq(regions_after_sync(&rpc)?, 0)?;
+    rpc.close_blocking()?;
+    Ok(())
+}
+
+fn what_does_not_fit_goes_by_socket(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    let rpc = t.fork().run("s::where", Options::default().engine(kind))?;
+    // 40 MiB of arena: two strings of 16 MiB fit, the third does not. Each
+    // reply holds its string until awaited, so all three are held at once.
+    let bigs: Vec<Bytes> = (0..3).map(|i| pattern(16 * MIB, i)).collect();
+    let calls: Vec<_> = bigs
+        .iter()
+        .map(|b| rpc.call(octets!["x", b.clone()]))
+        .collect();
+    let replies = await_in_order(calls)
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+    let flags: Vec<_> = replies.iter().map(|r| r.str(0).unwrap()).collect();
+    eq(flags, vec!["1", "1", "0"])?;
+    for (r, b) in replies.iter().zip(&bigs) {
+        eq(r[2] == b, true)?;
+    }
+    eq(
+        replies.iter().map(|r| in_shared_arena(&r[2])).collect(),
+        vec![true, true, false],
+    )?;
+    drop(replies);
+    eq(regions_after_sync(&rpc)?, 0)?;
+    rpc.close_blocking()?;
+    Ok(())
+}
+
+fn a_worker_that_ends_frees_what_it_held(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    let rpc = t.fork().run("s::keep", Options::default().engine(kind))?;
+    let reply = rpc.call_blocking(octets![pattern(MIB, 3)])?;
+    eq(reply.str(0), Some("1"))?;
+    // Our copy went with the request; the worker keeps its view.
+    eq(arena_stats().map(|s| (s.regions, s.bytes)), Some((1, MIB)))?;
+    rpc.close_blocking()?;
+    eq(arena_stats().map(|s| s.regions), Some(0))?;
+    Ok(())
+}
+
+fn fresh_replies_and_small_strings(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    let rpc = t.fork().run("s::fresh", Options::default().engine(kind))?;
+    // Below the threshold nothing is shared; a reply the worker made goes
+    // through the socket whatever its size.
+    for n in [1000, 256 * 1024 - 1, 256 * 1024, 3 * MIB] {
+        let reply = rpc.call_blocking(octets![vec![0u8; n]])?;
+        eq(reply.str(0), Some(flag(n >= 256 * 1024)))?;
+        eq(reply[1] == pattern(n, 9), true)?;
+        eq(in_shared_arena(&reply[1]), false)?;
+    }
+    eq(regions_after_sync(&rpc)?, 0)?;
+    rpc.close_blocking()?;
+    Ok(())
+}
+
+fn pool_calls_share(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    let pool = Pool::new(
+        t,
+        "s::where",
+        Options::default().engine(kind),
+        Default::default(),
+    )?;
+    let big = pattern(4 * MIB, 5);
+    let reply = pool.call_blocking(octets!["p", big.clone()])?;
+    eq(reply.str(0), Some("1"))?;
+    eq(reply[2] == big, true)?;
+    eq(in_shared_arena(&reply[2]), true)?;
+    drop(reply);
+    pool.close_blocking()?;
+    // The workers are gone: nothing of theirs is held.
+    eq(arena_stats().map(|s| s.regions), Some(0))?;
+    Ok(())
+}
+
+fn async_workers_do_not_share(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    let rpc = t.fork().run(
+        forkrpc::ECHO,
+        Options::default().engine(kind).asynchronous(true),
+    )?;
+    let big = pattern(2 * MIB, 7);
+    let reply = rpc.call_blocking(octets![big.clone()])?;
+    eq(reply[0] == big, true)?;
+    eq(in_shared_arena(&reply[0]), false)?;
+    rpc.close_blocking()?;
+    Ok(())
+}
+
+type Test = fn(&Template, EngineKind) -> Result<(), Failed>;
+
+fn main() {
+    // Before anything makes the arena (it is made for the first sync
+    // worker), while this process has one thread.
+    std::env::set_var("FORKRPC_ARENA", (40 * MIB).to_string());
+    let t = template();
+    let mut args = Arguments::from_args();
+    args.test_threads = Some(1);
+    let tests: [(&str, Test); 6] = [
+        ("echo_by_reference", echo_by_reference),
+        (
+            "what_does_not_fit_goes_by_socket",
+            what_does_not_fit_goes_by_socket,
+        ),
+        (
+            "a_worker_that_ends_frees_what_it_held",
+            a_worker_that_ends_frees_what_it_held,
+        ),
+        (
+            "fresh_replies_and_small_strings",
+            fresh_replies_and_small_strings,
+        ),
+        ("pool_calls_share", pool_calls_share),
+        ("async_workers_do_not_share", async_workers_do_not_share),
+    ];
+    let mut trials = Vec::new();
+    for (kind, available) in engines() {
+        for (name, f) in tests {
+            let t = t.clone();
+            trials.push(
+                Trial::test(format!("{}::{name}", kind.name()), move || f(&t, kind))
+                    .with_ignored_flag(!available),
+            );
+        }
+    }
+    libtest_mimic::run(&args, trials).exit();
+}
