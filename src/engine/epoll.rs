@@ -140,39 +140,54 @@ impl Io for Epoll {
         }
     }
 
-    fn wait(&mut self, out: &mut Vec<Completion>, timeout: Option<Duration>) -> io::Result<()> {
-        let timeout = if self.ready.is_empty() {
-            match timeout {
-                None => EpollTimeout::NONE,
-                Some(t) => EpollTimeout::try_from(t).unwrap_or(EpollTimeout::MAX),
-            }
-        } else {
-            EpollTimeout::ZERO
-        };
-        let n = match self.ep.wait(&mut self.events, timeout) {
-            Ok(n) => n,
-            Err(nix::errno::Errno::EINTR) => 0,
-            Err(e) => return Err(e.into()),
-        };
-        for i in 0..n {
-            let ev = self.events[i];
-            let id = ev.data();
-            if let Some(s) = self.fds.get_mut(&id) {
-                let f = ev.events();
-                if f.intersects(
-                    EpollFlags::EPOLLIN
-                        | EpollFlags::EPOLLRDHUP
-                        | EpollFlags::EPOLLHUP
-                        | EpollFlags::EPOLLERR,
-                ) {
-                    s.readable = true;
+    fn wait(
+        &mut self,
+        out: &mut Vec<Completion>,
+        timeout: Option<Duration>,
+        spin: Duration,
+    ) -> io::Result<()> {
+        let t = std::time::Instant::now();
+        loop {
+            // Polling (see `Spin`): epoll_wait without a timeout until
+            // something is ready or `spin` has passed.
+            let polling = self.ready.is_empty() && !spin.is_zero() && t.elapsed() < spin;
+            let timeout = if !self.ready.is_empty() || polling {
+                EpollTimeout::ZERO
+            } else {
+                match timeout {
+                    None => EpollTimeout::NONE,
+                    Some(t) => EpollTimeout::try_from(t).unwrap_or(EpollTimeout::MAX),
                 }
-                if f.intersects(EpollFlags::EPOLLOUT | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR)
-                {
-                    s.writable = true;
+            };
+            let n = match self.ep.wait(&mut self.events, timeout) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => 0,
+                Err(e) => return Err(e.into()),
+            };
+            for i in 0..n {
+                let ev = self.events[i];
+                let id = ev.data();
+                if let Some(s) = self.fds.get_mut(&id) {
+                    let f = ev.events();
+                    if f.intersects(
+                        EpollFlags::EPOLLIN
+                            | EpollFlags::EPOLLRDHUP
+                            | EpollFlags::EPOLLHUP
+                            | EpollFlags::EPOLLERR,
+                    ) {
+                        s.readable = true;
+                    }
+                    if f.intersects(
+                        EpollFlags::EPOLLOUT | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR,
+                    ) {
+                        s.writable = true;
+                    }
                 }
+                self.attempt(id);
             }
-            self.attempt(id);
+            if n > 0 || !polling {
+                break;
+            }
         }
         out.append(&mut self.ready);
         Ok(())

@@ -3,7 +3,9 @@
 //! - `IORING_ENTER_EXT_ARG` for waits with a timeout (5.11);
 //! - optional: `IORING_SETUP_SINGLE_ISSUER` (6.0) and
 //!   `IORING_SETUP_DEFER_TASKRUN` (6.1), which keep completion work on the
-//!   driver thread; the ring falls back to plain setup without them.
+//!   driver thread, with `IORING_SETUP_TASKRUN_FLAG` (5.19), which tells a
+//!   polling driver when that work is waiting (an enter runs it); the ring
+//!   falls back to plain setup without them (polling then enters each time).
 
 use super::{Completion, Io, Op};
 use io_uring::{opcode, squeue, types, IoUring};
@@ -15,6 +17,8 @@ const ENTRIES: u32 = 256;
 
 pub(crate) struct Uring {
     ring: IoUring,
+    /// The kernel flags deferred completion work (TASKRUN_FLAG).
+    flagged: bool,
 }
 
 /// Whether this kernel lets us set up a ring (it may be missing, disabled by
@@ -29,13 +33,25 @@ fn user_data(id: u64, op: Op) -> u64 {
 
 impl Uring {
     pub(crate) fn new() -> io::Result<Self> {
-        let ring = IoUring::builder()
+        let flagged = IoUring::builder()
             .setup_single_issuer()
             .setup_defer_taskrun()
+            .setup_taskrun_flag()
+            .build(ENTRIES);
+        if let Ok(ring) = flagged {
+            return Ok(Uring {
+                ring,
+                flagged: true,
+            });
+        }
+        let ring = IoUring::builder()
+            .setup_coop_taskrun()
             .build(ENTRIES)
-            .or_else(|_| IoUring::builder().setup_coop_taskrun().build(ENTRIES))
             .or_else(|_| IoUring::new(ENTRIES))?;
-        Ok(Uring { ring })
+        Ok(Uring {
+            ring,
+            flagged: false,
+        })
     }
 
     fn push(&mut self, e: squeue::Entry) {
@@ -51,6 +67,23 @@ impl Uring {
                     eprintln!("forkrpc: io_uring submit failed: {e}");
                 }
                 self.reap_into_backlog();
+            }
+        }
+    }
+
+    /// Submits what is queued, then looks for completions for up to
+    /// `limit` without sleeping. Completion work waits on this thread
+    /// (DEFER_TASKRUN) until an enter with GETEVENTS runs it, which
+    /// `submit_and_wait(0)` does when the TASKRUN flag says it is there.
+    fn poll(&mut self, limit: Duration) {
+        let flagged = self.flagged;
+        let _ = self.ring.submit();
+        let t = std::time::Instant::now();
+        while self.ring.completion().is_empty() && t.elapsed() < limit {
+            if !flagged || self.ring.submission().taskrun() {
+                let _ = self.ring.submitter().submit_and_wait(0);
+            } else {
+                std::hint::spin_loop();
             }
         }
     }
@@ -87,7 +120,15 @@ impl Io for Uring {
         self.push(e);
     }
 
-    fn wait(&mut self, out: &mut Vec<Completion>, timeout: Option<Duration>) -> io::Result<()> {
+    fn wait(
+        &mut self,
+        out: &mut Vec<Completion>,
+        timeout: Option<Duration>,
+        spin: Duration,
+    ) -> io::Result<()> {
+        if !spin.is_zero() {
+            self.poll(spin);
+        }
         let r = match timeout {
             None => self.ring.submitter().submit_and_wait(1),
             Some(t) => {
