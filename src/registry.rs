@@ -58,8 +58,10 @@ pub struct WorkerArgs {
 }
 
 /// A typed sync handler: thaws the request payload (which had the given
-/// header size in front of it) and returns the frozen reply payload.
-pub(crate) type RawHandler = Arc<dyn Fn(Bytes, usize) -> Result<Bytes, String> + Send + Sync>;
+/// header size in front of it) and appends the frozen reply payload to the
+/// buffer (the sync worker reuses one from call to call).
+pub(crate) type RawHandler =
+    Arc<dyn Fn(Bytes, usize, &mut bytes::BytesMut) -> Result<(), String> + Send + Sync>;
 /// A typed async handler: as [`RawHandler`], replying through `Done`.
 pub(crate) type RawAsyncHandler = Arc<dyn Fn(Done, Bytes, usize) + Send + Sync>;
 

@@ -9,7 +9,7 @@ use crate::latch::{Latch, Take};
 use crate::leftovers::{self, Callback, RawCallback, Spent};
 use crate::window::Window;
 use crate::wire::frame::{put_id_header, put_len_header, EVENT_ID, SYNC_REPLY_ID};
-use crate::wire::{shared, CHUNK_PART_TAG, ERROR_TAG, FATAL_TAG, RELEASE_TAG, SHARED_TAG};
+use crate::wire::{shared, CHUNK_PART_TAG, ERROR_TAG, FATAL_TAG, RELEASE_TAG};
 use crate::{octets, Octets};
 use bytes::Bytes;
 use std::collections::VecDeque;
@@ -844,7 +844,7 @@ impl Protocol for Session {
             });
         };
         self.stats.answered.fetch_add(1, Ordering::Relaxed);
-        if self.arena.is_some() && has_tag(&buf[payload.clone()], SHARED_TAG) {
+        if self.arena.is_some() && shared::starts_shared(&buf[payload.clone()]) {
             return match self.unshare(buf, payload) {
                 Ok(o) => {
                     w.complete_octets(o);

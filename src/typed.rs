@@ -242,10 +242,12 @@ pub(crate) fn raw_sync<C, Req, Resp>(
 where
     C: Codec<Req> + Codec<Resp>,
 {
-    Arc::new(move |payload: Bytes, offset: usize| {
+    Arc::new(move |payload: Bytes, offset: usize, out: &mut BytesMut| {
         let req = <C as Codec<Req>>::thaw(&codec, payload, offset).map_err(|e| e.to_string())?;
         let resp = f(req);
-        freeze(&codec, &resp, REPLY_OFFSET).map_err(|e| e.to_string())
+        codec
+            .freeze(&resp, out, REPLY_OFFSET)
+            .map_err(|e| e.to_string())
     })
 }
 

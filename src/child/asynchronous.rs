@@ -83,7 +83,7 @@ impl Done {
                 return;
             };
             let Some(o) = o.as_mut() else { return };
-            o.put_raw_reply(id, reply.map_err(|m| ("error", m)));
+            o.put_raw_reply(id, reply.as_deref().map_err(|m| ("error", m.clone())));
             if let Some(st) = o.wake.clone() {
                 st.call_done();
             }
@@ -300,7 +300,11 @@ fn start(handler: &Handler, done: Done, req: Request) {
     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || match (handler, req) {
         (Handler::Async(h), Request::Octets(args)) => h(done, args),
         (Handler::Sync(h), Request::Octets(args)) => done.reply(h(args)),
-        (Handler::Raw(h), Request::Raw(p)) => done.reply_raw(h(p, ID_HEADER)),
+        (Handler::Raw(h), Request::Raw(p)) => {
+            let mut out = bytes::BytesMut::new();
+            let r = h(p, ID_HEADER, &mut out);
+            done.reply_raw(r.map(|()| out.freeze()))
+        }
         (Handler::RawAsync(h), Request::Raw(p)) => h(done, p, ID_HEADER),
         _ => unreachable!("requests are decoded for their handler's kind"),
     }));

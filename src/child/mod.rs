@@ -139,9 +139,9 @@ impl Out {
 
     /// Queues the reply of a typed call: its frozen payload, or an error
     /// note.
-    pub(crate) fn put_raw_reply(&mut self, id: u32, r: Result<Bytes, (&str, String)>) {
+    pub(crate) fn put_raw_reply(&mut self, id: u32, r: Result<&[u8], (&str, String)>) {
         match r {
-            Ok(p) if self.put_raw(id, &p) => {}
+            Ok(p) if self.put_raw(id, p) => {}
             Ok(p) => self.put_reply(
                 id,
                 Err((

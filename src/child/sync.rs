@@ -123,7 +123,7 @@ fn unshare(args: Octets) -> Result<Octets, WireError> {
 /// handler's codec (a 4-byte `N` header preceded the request).
 fn typed_call(fd: RawFd, h: &RawHandler, mut payload: bytes::Bytes, last: bool) {
     OUT.with_borrow_mut(|o| o.as_mut().unwrap().immediate = last);
-    if arena::worker::mapped() {
+    if arena::worker::mapped() && shared::starts_shared(&payload) {
         // Octets sent to a typed handler: it reads them as its codec's bytes.
         if let Ok(args) = Octets::decode(payload.clone()) {
             if shared::is_shared(&args) {
@@ -139,8 +139,21 @@ fn typed_call(fd: RawFd, h: &RawHandler, mut payload: bytes::Bytes, last: bool) 
             }
         }
     }
-    let reply = caught(fd, || h(payload, crate::wire::frame::LEN_HEADER));
-    output(|o| o.put_raw_reply(SYNC_REPLY_ID, reply.map_err(|m| ("error", m))));
+    // The reply is frozen into a buffer kept from call to call.
+    let mut out = REPLY.take();
+    out.clear();
+    let r = caught(fd, || h(payload, crate::wire::frame::LEN_HEADER, &mut out));
+    output(|o| {
+        o.put_raw_reply(
+            SYNC_REPLY_ID,
+            r.map(|()| &out[..]).map_err(|m| ("error", m)),
+        )
+    });
+    REPLY.set(out);
+}
+
+thread_local! {
+    static REPLY: std::cell::Cell<BytesMut> = std::cell::Cell::new(BytesMut::new());
 }
 
 /// Runs a handler; a panic is reported to the parent and ends the worker.

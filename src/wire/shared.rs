@@ -23,6 +23,13 @@ pub fn is_shared(o: &Octets) -> bool {
     o.first().is_some_and(|t| t[..] == *SHARED_TAG.as_bytes())
 }
 
+/// Whether an encoded payload may be a shared one (its first string is
+/// [`SHARED_TAG`]), without decoding it.
+pub fn starts_shared(payload: &[u8]) -> bool {
+    let tag = SHARED_TAG.as_bytes();
+    payload.first() == Some(&(tag.len() as u8)) && payload[1..].starts_with(tag)
+}
+
 /// The shared form of `strings`: those `place` finds an offset for become
 /// references; `None` if it finds none (send the strings as they are).
 pub fn encode(strings: &[Bytes], mut place: impl FnMut(&Bytes) -> Option<u64>) -> Option<Octets> {
@@ -107,6 +114,8 @@ mod tests {
         let args = octets!["cmd", big.clone()];
         let shared = encode(&args.0, |s| (s.len() == 100).then_some(0x1_0000_0002)).unwrap();
         assert!(is_shared(&shared));
+        assert!(starts_shared(&shared.to_bytes()));
+        assert!(!starts_shared(&args.to_bytes()));
         assert_eq!(
             shared.to_bytes()[..],
             [
