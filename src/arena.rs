@@ -1,9 +1,9 @@
-//! The shared arena: where big byte strings of calls cross to sync workers
+//! The shared arena: where big byte strings of calls cross to workers
 //! without going through the socket. The one place that maps shared memory.
 //!
 //! The parent keeps one memfd (created on first use, [`CAPACITY`] bytes of
 //! address space, pages allocated as touched) mapped read-write. A byte
-//! string of at least [`SHARE_MIN`] bytes in a call to a sync worker is
+//! string of at least [`SHARE_MIN`] bytes in an octets call to a worker is
 //! copied into a *region* of it on the caller's thread — the only copy on
 //! its way — and the request names it by offset and length (see
 //! [`wire::shared`](crate::wire::shared)). The worker maps the same memfd
@@ -105,7 +105,7 @@ pub struct ArenaStats {
 /// What the parent's shared arena holds: big strings of calls to sync
 /// workers are copied there once and read by the workers in place, and
 /// replies that return them (an echo) come back without a copy. `None`
-/// before the first sync worker starts, or without an arena
+/// before the first worker starts, or without an arena
 /// (`FORKRPC_ARENA=0`, or no memfd seals on this kernel).
 ///
 /// ```no_run
@@ -128,7 +128,7 @@ pub fn arena_stats() -> Option<ArenaStats> {
 }
 
 /// Whether `b` lies in the shared arena: in the parent, a string copied
-/// there or a reply that came back by reference; in a sync worker, an
+/// there or a reply that came back by reference; in a worker, an
 /// argument it reads in place.
 pub fn in_shared_arena(b: &[u8]) -> bool {
     static_arena().is_some_and(|a| a.offset_of(b).is_some()) || worker::offset_of(b).is_some()
@@ -357,7 +357,7 @@ pub(crate) mod worker {
     /// Set when `RELEASED` gets an offset: one load per request, no lock.
     static PENDING: AtomicBool = AtomicBool::new(false);
 
-    /// Maps the arena `fd` read-only (once, at the start of a sync worker).
+    /// Maps the arena `fd` read-only (once, as a worker starts).
     pub(crate) fn map(fd: OwnedFd) -> std::io::Result<()> {
         let len = nix::sys::stat::fstat(fd.as_raw_fd())?.st_size as usize;
         // SAFETY: maps the memfd read-only and shared; it is sealed against

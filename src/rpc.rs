@@ -784,9 +784,7 @@ impl Session {
 impl Protocol for Session {
     fn encode(&mut self, call: Call, out: &mut SendQueue) {
         if call.args.shared {
-            if let (Some(arena), Calls::Sync(q), Some(o)) =
-                (self.arena, &mut self.calls, call.args.octets())
-            {
+            if let (Some(arena), Some(o)) = (self.arena, call.args.octets()) {
                 let mut regions = Vec::new();
                 let form = shared::encode(o, |b| {
                     let off = arena.offset_of(b).filter(|_| b.len() >= SHARE_MIN)?;
@@ -794,11 +792,20 @@ impl Protocol for Session {
                     Some(off as u64)
                 });
                 if let Some(form) = form {
-                    q.push_back(call.done);
+                    let len = form.encoded_len() as u32;
+                    match &mut self.calls {
+                        Calls::Sync(q) => {
+                            q.push_back(call.done);
+                            put_len_header(&mut out.buf, len);
+                        }
+                        Calls::Async(w) => {
+                            let id = w.insert(call.done);
+                            put_id_header(&mut out.buf, id, len);
+                        }
+                    }
                     for r in regions {
                         self.hold(arena, r);
                     }
-                    put_len_header(&mut out.buf, form.encoded_len() as u32);
                     write_octets(&form, out);
                     call.args.spend();
                     return;

@@ -345,8 +345,8 @@ impl Fork {
         } else {
             Backend::Sync
         };
-        // Sync workers read big strings of calls in the shared arena.
-        let arena = (!opts.asynchronous).then(crate::arena::arena).flatten();
+        // The worker reads big strings of calls in the shared arena.
+        let arena = crate::arena::arena();
         let spec = WorkerSpec {
             handler,
             init: opts.init.as_deref(),

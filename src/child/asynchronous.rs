@@ -84,6 +84,7 @@ impl Done {
             };
             let Some(o) = o.as_mut() else { return };
             o.put_raw_reply(id, reply.as_deref().map_err(|m| ("error", m.clone())));
+            o.put_releases();
             if let Some(st) = o.wake.clone() {
                 st.call_done();
             }
@@ -131,6 +132,7 @@ fn complete(id: u32, r: Result<Octets, (&str, String)>) {
         };
         let Some(o) = o.as_mut() else { return };
         o.put_reply(id, r);
+        o.put_releases();
         if let Some(st) = o.wake.clone() {
             st.call_done();
         }
@@ -242,8 +244,11 @@ async fn run(sock: OwnedFd, handler: Handler, st: Rc<State>) -> i32 {
             };
             let args = match (frame.id, &handler) {
                 (0, _) => Err("request with id 0 (ids start at 1)".to_owned()),
-                (_, Handler::Raw(_) | Handler::RawAsync(_)) => Ok(Request::Raw(frame.payload)),
+                (_, Handler::Raw(_) | Handler::RawAsync(_)) => super::unshare_raw(frame.payload)
+                    .map(Request::Raw)
+                    .map_err(|e| format!("malformed request {}: {e}", frame.id)),
                 (_, _) => Octets::decode(frame.payload)
+                    .and_then(super::unshare)
                     .map(Request::Octets)
                     .map_err(|e| format!("malformed request {}: {e}", frame.id)),
             };

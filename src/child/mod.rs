@@ -9,7 +9,7 @@ use crate::serial::Codec;
 use crate::sys::{self, exit_now};
 use crate::wire::chunk::{self, ItemResult};
 use crate::wire::frame::{put_id_header, EVENT_ID, MAX_PAYLOAD};
-use crate::wire::{shared, ERROR_TAG, FATAL_TAG, RETIRE_TAG};
+use crate::wire::{shared, WireError, ERROR_TAG, FATAL_TAG, RETIRE_TAG};
 use crate::{octets, Octets};
 use bytes::Bytes;
 use std::cell::RefCell;
@@ -24,6 +24,29 @@ const PART_EVERY: std::time::Duration = std::time::Duration::from_millis(10);
 pub const PANIC_EXIT_CODE: i32 = 101;
 /// Exit code of a worker that received a malformed request.
 pub const PROTOCOL_EXIT_CODE: i32 = 3;
+
+/// The strings a request stands for: its own, or for a shared request
+/// (see [`shared`]) views of the parent's arena.
+pub(crate) fn unshare(args: Octets) -> Result<Octets, WireError> {
+    if crate::arena::worker::mapped() && shared::is_shared(&args) {
+        shared::decode(&args, crate::arena::worker::view)
+    } else {
+        Ok(args)
+    }
+}
+
+/// A typed handler's request payload; octets sent to it in the shared
+/// form are encoded back into plain octets, which it reads as its codec's
+/// bytes.
+pub(crate) fn unshare_raw(payload: Bytes) -> Result<Bytes, WireError> {
+    if !(crate::arena::worker::mapped() && shared::starts_shared(&payload)) {
+        return Ok(payload);
+    }
+    match Octets::decode(payload.clone()) {
+        Ok(args) if shared::is_shared(&args) => Ok(unshare(args)?.to_bytes()),
+        _ => Ok(payload),
+    }
+}
 
 /// The worker's output buffer, reachable from [`event`] inside a handler.
 pub(crate) struct Out {

@@ -3,16 +3,15 @@
 //! events are coalesced into one write per chunk. No runtime, no threads.
 
 use super::{
-    capture_panics, fatal, run_chunk, take_panic_message, Out, OUT, PANIC_EXIT_CODE,
-    PROTOCOL_EXIT_CODE,
+    capture_panics, fatal, run_chunk, take_panic_message, unshare, unshare_raw, Out, OUT,
+    PANIC_EXIT_CODE, PROTOCOL_EXIT_CODE,
 };
-use crate::arena;
 use crate::octets;
 use crate::registry::{Handler, RawHandler};
 use crate::sys;
 use crate::wire::chunk;
 use crate::wire::frame::{len_frames, read_want, EVENT_ID, SYNC_REPLY_ID};
-use crate::wire::{shared, WireError, FATAL_TAG};
+use crate::wire::FATAL_TAG;
 use crate::Octets;
 use bytes::{Bytes, BytesMut};
 use std::ops::Range;
@@ -109,36 +108,19 @@ fn request(fd: RawFd, handler: &Handler, frames: &Bytes, range: Range<usize>, la
     output(|o| o.put_reply(SYNC_REPLY_ID, reply.map_err(|m| ("error", m))));
 }
 
-/// The strings a request stands for: its own, or for a shared request
-/// (see [`shared`]) views of the parent's arena.
-fn unshare(args: Octets) -> Result<Octets, WireError> {
-    if arena::worker::mapped() && shared::is_shared(&args) {
-        shared::decode(&args, arena::worker::view)
-    } else {
-        Ok(args)
-    }
-}
-
 /// One call of a typed handler: its payload thawed, its reply frozen by the
 /// handler's codec (a 4-byte `N` header preceded the request).
-fn typed_call(fd: RawFd, h: &RawHandler, mut payload: bytes::Bytes, last: bool) {
+fn typed_call(fd: RawFd, h: &RawHandler, payload: bytes::Bytes, last: bool) {
     OUT.with_borrow_mut(|o| o.as_mut().unwrap().immediate = last);
-    if arena::worker::mapped() && shared::starts_shared(&payload) {
-        // Octets sent to a typed handler: it reads them as its codec's bytes.
-        if let Ok(args) = Octets::decode(payload.clone()) {
-            if shared::is_shared(&args) {
-                match shared::decode(&args, arena::worker::view) {
-                    Ok(a) => payload = a.to_bytes(),
-                    Err(e) => fatal(
-                        fd,
-                        "protocol",
-                        format!("malformed request: {e}"),
-                        PROTOCOL_EXIT_CODE,
-                    ),
-                }
-            }
-        }
-    }
+    let payload = match unshare_raw(payload) {
+        Ok(p) => p,
+        Err(e) => fatal(
+            fd,
+            "protocol",
+            format!("malformed request: {e}"),
+            PROTOCOL_EXIT_CODE,
+        ),
+    };
     // The reply is frozen into a buffer kept from call to call.
     let mut out = REPLY.take();
     out.clear();

@@ -117,7 +117,7 @@ pub(crate) struct Shared {
     /// with an octets handler, and no per-call bookkeeping (a chunk is
     /// one call to the engine: it has one timeout, one retry).
     chunks: bool,
-    /// Sync workers read big strings of calls in the shared arena.
+    /// Workers read big strings of calls in the shared arena.
     arena: Option<&'static crate::arena::Arena>,
     epoch: Instant,
     on_destroy: Option<Arc<dyn Fn() + Send + Sync>>,
@@ -158,7 +158,7 @@ impl Shared {
         if let Some(init) = &opts.init {
             registry::init(init)?;
         }
-        let arena = (!opts.asynchronous).then(crate::arena::arena).flatten();
+        let arena = crate::arena::arena();
         let epoch = Instant::now();
         let sched = Scheduler::new(popts.cfg.clone(), Duration::ZERO);
         let on_destroy = opts.on_destroy.take();

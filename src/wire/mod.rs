@@ -65,10 +65,10 @@ pub const CHUNK_PART_TAG: &str = "\0forkrpc-part";
 
 /// First element of a *shared* payload: `[SHARED_TAG, map, strings...]`,
 /// whose big strings lie in the parent's shared arena (see [`shared`]).
-/// Between a forkrpc parent and its sync workers only.
+/// Between a forkrpc parent and the workers it started only.
 pub const SHARED_TAG: &str = "\0forkrpc-shm";
 
-/// The event a sync worker sends once it dropped strings it received in
+/// The event a worker sends once it dropped strings it received in
 /// the shared arena: `[RELEASE_TAG, offsets]` (see [`shared`]).
 pub const RELEASE_TAG: &str = "\0forkrpc-release";
 

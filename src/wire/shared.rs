@@ -1,6 +1,6 @@
 //! Shared payloads (see [`SHARED_TAG`]): octets whose big strings stay in
 //! the parent's shared arena and are named by offset and length instead of
-//! being sent. Only between a forkrpc parent and its sync workers, which
+//! being sent. Only between a forkrpc parent and the workers it started, which
 //! get the arena when they start; a Perl peer never sees them. The arena
 //! itself (memory, who holds what) is not wire format: see `arena.rs`.
 //!
