@@ -149,6 +149,14 @@ fn pool_calls_share(t: &Template, kind: EngineKind) -> Result<(), Failed> {
     eq(reply[2] == big, true)?;
     eq(in_shared_arena(&reply[2]), true)?;
     drop(reply);
+    // A map of big strings sends them one call each, by reference (a
+    // chunk would copy them into its blob; 40 items make chunks of 2).
+    let flags: Vec<String> = pool
+        .map((0..40).map(|i| octets!["m", pattern(300 * 1024, i)]))
+        .results()
+        .map(|r| r.map(|o| o.str(0).unwrap_or("?").to_owned()))
+        .collect::<Result<_, _>>()?;
+    eq(flags, vec!["1".to_owned(); 40])?;
     pool.close_blocking()?;
     // The workers are gone: nothing of theirs is held.
     eq(arena_stats().map(|s| s.regions), Some(0))?;

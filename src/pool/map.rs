@@ -163,7 +163,12 @@ impl<I: Iterator<Item = Octets>> Map<I> {
             self.next_index += n;
             self.in_flight += n;
             let shared = self.pool.shared().clone();
-            if n > 1 {
+            // Big strings go one call each, through the shared arena: a
+            // chunk's one blob would copy them.
+            let big = items
+                .iter()
+                .any(|o| o.iter().any(|b| b.len() >= crate::arena::SHARE_MIN));
+            if n > 1 && !big {
                 let sink = Sink::Chunk(ChunkSink {
                     base,
                     n,
