@@ -85,6 +85,19 @@ impl Bin {
         self.raw.clear();
     }
 
+    /// Whether `other`'s items fit without growing past [`BIN_ITEMS`].
+    fn fits(&self, other: &Bin) -> bool {
+        self.payloads.len() + other.payloads.len() <= BIN_ITEMS
+            && self.callbacks.len() + other.callbacks.len() <= BIN_ITEMS
+            && self.raw.len() + other.raw.len() <= BIN_ITEMS
+    }
+
+    fn full(&self) -> bool {
+        self.payloads.len() == BIN_ITEMS
+            || self.callbacks.len() == BIN_ITEMS
+            || self.raw.len() == BIN_ITEMS
+    }
+
     fn roomy(&self) -> bool {
         [
             self.payloads.capacity(),
@@ -98,11 +111,16 @@ impl Bin {
 
 /// Emptied bins kept for reuse hold at most this many items of a kind, so
 /// a burst does not pin its memory.
-const SPARE_ROOM: usize = 4096;
+const SPARE_ROOM: usize = BIN_ITEMS;
 /// A bin of at most this many items joins the last shelved one.
 const FEW: usize = 64;
-/// How many emptied bins are kept for reuse.
-const SPARES: usize = 2;
+/// A bin holds at most this many items of a kind: the driver then starts
+/// another rather than grow one vector by doubling through a backlog of
+/// calls (every doubling copies it, onto fresh pages).
+const BIN_ITEMS: usize = 1024;
+/// How many emptied bins are kept for reuse, on the shelf and on the
+/// driver's side each (at most 2 MiB in all).
+const SPARES: usize = 16;
 
 /// Where the driver puts its bins and callers take them: kept under the
 /// engine's queue lock. Emptied bins come back for reuse, so the driver
@@ -118,21 +136,35 @@ impl Shelf {
         self.full.is_empty()
     }
 
-    /// Driver side: puts this thread's bin on the shelf (if it holds
-    /// anything) and takes a spare one in its place.
+    /// Driver side: puts this thread's bins on the shelf (if they hold
+    /// anything), takes a spare one in place of the current one, and spares
+    /// for the bins that fill up before the next hand-over.
     pub(crate) fn hand_over(&mut self) {
         LOCAL.with_borrow_mut(|mine| {
-            if mine.is_empty() {
-                return;
+            self.full.append(&mut mine.filled);
+            if !mine.bin.is_empty() {
+                // A few items (a ping-pong's one call per loop) join the
+                // last shelved bin: no new bin per loop, and this one keeps
+                // its room.
+                match self
+                    .full
+                    .last_mut()
+                    .filter(|l| mine.bin.len() <= FEW && l.fits(&mine.bin))
+                {
+                    Some(last) => last.append(&mut mine.bin),
+                    None => {
+                        let spare = (mine.spare.pop())
+                            .or_else(|| self.spare.pop())
+                            .unwrap_or_default();
+                        self.full.push(std::mem::replace(&mut mine.bin, spare));
+                    }
+                }
             }
-            // A few items (a ping-pong's one call per loop) join the last
-            // shelved bin: no new bin per loop, and this one keeps its room.
-            if let Some(last) = self.full.last_mut().filter(|_| mine.len() <= FEW) {
-                last.append(mine);
-                return;
-            }
-            let spare = self.spare.pop().unwrap_or_default();
-            self.full.push(std::mem::replace(mine, spare));
+            let room = SPARES
+                .saturating_sub(mine.spare.len())
+                .min(self.spare.len());
+            let from = self.spare.len() - room;
+            mine.spare.extend(self.spare.drain(from..));
         })
     }
 
@@ -155,9 +187,24 @@ pub(crate) fn empty(bins: &mut [Bin]) {
     bins.iter_mut().for_each(Bin::clear);
 }
 
+/// The driver thread's leftovers since its last hand-over.
+struct Local {
+    /// The bin being filled.
+    bin: Bin,
+    /// Bins filled up since the last hand-over.
+    filled: Vec<Bin>,
+    /// Emptied bins to fill next.
+    spare: Vec<Bin>,
+}
+
 thread_local! {
-    /// The driver thread's leftovers since its last hand-over.
-    static LOCAL: RefCell<Bin> = const { RefCell::new(Bin::new()) };
+    static LOCAL: RefCell<Local> = const {
+        RefCell::new(Local {
+            bin: Bin::new(),
+            filled: Vec::new(),
+            spare: Vec::new(),
+        })
+    };
 }
 
 /// Something a call leaves behind.
@@ -174,11 +221,23 @@ pub(crate) fn keep(s: Spent, made_on_driver: bool) {
     if made_on_driver || !crate::engine::on_driver_thread() {
         return;
     }
-    LOCAL.with_borrow_mut(|b| match s {
-        Spent::Payload(p) => b.payloads.push(p),
-        Spent::Callback(c) => b.callbacks.push(c),
-        Spent::Raw(c) => b.raw.push(c),
-    })
+    LOCAL.with_borrow_mut(|l| l.put(s))
+}
+
+impl Local {
+    fn put(&mut self, s: Spent) {
+        if self.bin.full() {
+            let next = self.spare.pop().unwrap_or_default();
+            let full = std::mem::replace(&mut self.bin, next);
+            self.filled.push(full);
+        }
+        let b = &mut self.bin;
+        match s {
+            Spent::Payload(p) => b.payloads.push(p),
+            Spent::Callback(c) => b.callbacks.push(c),
+            Spent::Raw(c) => b.raw.push(c),
+        }
+    }
 }
 
 impl Default for Bin {
@@ -206,7 +265,7 @@ mod tests {
     }
 
     fn fill(n: usize, drops: &Arc<AtomicUsize>) {
-        LOCAL.with_borrow_mut(|b| b.callbacks.extend((0..n).map(|_| unrun(drops))));
+        LOCAL.with_borrow_mut(|l| l.bin.callbacks.extend((0..n).map(|_| unrun(drops))));
     }
 
     #[test]
@@ -243,8 +302,9 @@ mod tests {
         // its place.
         fill(FEW + 1, &drops);
         shelf.hand_over();
-        assert!(LOCAL.with_borrow(|b| b.callbacks.capacity()) >= room);
-        assert_eq!(shelf.spare.len(), 1);
+        assert!(LOCAL.with_borrow(|l| l.bin.callbacks.capacity()) >= room);
+        assert_eq!(shelf.spare.len(), 0, "the other spare went to the driver");
+        assert_eq!(LOCAL.with_borrow(|l| l.spare.len()), 1);
         let mut bins = shelf.take().unwrap();
         empty(&mut bins);
         assert_eq!(drops.load(Ordering::Relaxed), 2 * FEW + 7);
@@ -255,9 +315,44 @@ mod tests {
         let mut shelf = Shelf::default();
         let mut roomy = Bin::new();
         roomy.callbacks.reserve(SPARE_ROOM + 1);
-        let bins = vec![roomy, Bin::new(), Bin::new(), Bin::new()];
+        let mut bins = vec![roomy];
+        bins.extend((0..SPARES + 2).map(|_| Bin::new()));
         shelf.put_back(bins);
         assert_eq!(shelf.spare.len(), SPARES);
         assert!(shelf.spare.iter().all(|b| !b.roomy()));
+    }
+
+    #[test]
+    fn a_backlog_fills_bins_of_bounded_size() {
+        let drops = Arc::new(AtomicUsize::new(0));
+        let mut shelf = Shelf::default();
+        let n = 2 * BIN_ITEMS + 100;
+        LOCAL.with_borrow_mut(|l| {
+            for _ in 0..n {
+                l.put(Spent::Callback(unrun(&drops)));
+            }
+            assert_eq!(l.filled.len(), 2);
+            assert_eq!(l.bin.len(), 100);
+        });
+        shelf.hand_over();
+        let mut bins = shelf.take().unwrap();
+        assert_eq!(
+            bins.iter().map(Bin::len).collect::<Vec<_>>(),
+            [BIN_ITEMS, BIN_ITEMS, 100]
+        );
+        assert!(bins.iter().all(|b| b.callbacks.capacity() <= BIN_ITEMS));
+        empty(&mut bins);
+        assert_eq!(drops.load(Ordering::Relaxed), n);
+        // Emptied, they come back: the driver fills them next, no new ones.
+        shelf.put_back(bins);
+        shelf.hand_over();
+        LOCAL.with_borrow_mut(|l| {
+            assert_eq!(l.spare.len(), 3);
+            for _ in 0..n {
+                l.put(Spent::Callback(unrun(&drops)));
+            }
+            assert_eq!(l.spare.len(), 1, "two spares filled, one taken as the bin");
+            assert!(l.filled.iter().all(|b| b.callbacks.capacity() == BIN_ITEMS));
+        });
     }
 }

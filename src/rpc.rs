@@ -816,13 +816,13 @@ impl Protocol for Session {
         let copied = (len as usize).min(crate::engine::SEND_IN_PLACE);
         match &mut self.calls {
             Calls::Sync(q) => {
-                out.buf.reserve(4 + copied);
+                out.reserve(4 + copied);
                 put_len_header(&mut out.buf, len);
                 q.push_back(call.done);
             }
             Calls::Async(w) => {
                 let id = w.insert(call.done);
-                out.buf.reserve(8 + copied);
+                out.reserve(8 + copied);
                 put_id_header(&mut out.buf, id, len);
             }
         }

@@ -230,6 +230,8 @@ pub(crate) struct SendQueue {
 
 /// Buffers at least this big are sent in place rather than copied.
 pub(crate) const SEND_IN_PLACE: usize = 64 * 1024;
+/// Size of the segments frames are built in (see [`SendQueue::reserve`]).
+pub(crate) const SEGMENT: usize = 64 * 1024;
 
 impl SendQueue {
     /// Appends bytes that may be shared: big ones are queued in place.
@@ -246,6 +248,20 @@ impl SendQueue {
 
     pub(crate) fn is_empty(&self) -> bool {
         self.buf.is_empty() && self.ready.is_empty()
+    }
+
+    /// Room for `n` more bytes of frames. Frames are built in segments of
+    /// [`SEGMENT`] bytes: a full one is queued as it is and a new one
+    /// begun, instead of growing one buffer by doubling through a backlog
+    /// of calls (each doubling copies it, onto fresh pages).
+    pub(crate) fn reserve(&mut self, n: usize) {
+        if self.buf.capacity() - self.buf.len() >= n {
+            return;
+        }
+        if !self.buf.is_empty() {
+            self.ready.push_back(self.buf.split().freeze());
+        }
+        self.buf.reserve(n.max(SEGMENT));
     }
 
     /// The next piece to send if it is at most `max` bytes.
