@@ -8,7 +8,7 @@
 mod common;
 
 use bytes::Bytes;
-use common::{await_in_order, engines, eq};
+use common::{await_in_order, check, engines, eq};
 use forkrpc::{arena_stats, in_shared_arena, octets, EngineKind, Octets, Options, Pool, Template};
 use libtest_mimic::{Arguments, Failed, Trial};
 use std::sync::Mutex;
@@ -52,8 +52,43 @@ fn template() -> Template {
             // A reply made here, not from the arguments.
             octets![flag(in_shared_arena(&a[0])), pattern(a[0].len(), 9)]
         })
+        // Writes a forged reply naming offset arg 0 of the arena, then
+        // replies normally.
+        .sync("s::forge", |a| {
+            let off = a.num(0).unwrap() as u64;
+            let body = Bytes::from(vec![0u8; 300 * 1024]);
+            let payload = forkrpc::wire::shared::encode(&[body], |_| Some(off))
+                .unwrap()
+                .to_bytes();
+            let mut frame = Vec::new();
+            frame.extend_from_slice(&1u32.to_be_bytes()); // the sync reply id
+            frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+            frame.extend_from_slice(&payload);
+            let fd = worker_socket();
+            // SAFETY: writes our own buffer to a descriptor this worker owns.
+            let n = unsafe { libc::write(fd, frame.as_ptr().cast(), frame.len()) };
+            assert_eq!(n, frame.len() as isize);
+            octets!["after"]
+        })
         .start()
         .expect("template starts")
+}
+
+/// The worker's socket: the one socket among its descriptors.
+fn worker_socket() -> i32 {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let target = std::fs::read_link(e.path()).ok()?;
+            target
+                .to_string_lossy()
+                .starts_with("socket:")
+                .then_some(())?;
+            e.file_name().to_str()?.parse().ok()
+        })
+        .next()
+        .expect("a worker has its socket")
 }
 
 /// Regions in use, after a round trip that lets release notes arrive (a
@@ -188,6 +223,35 @@ fn async_workers_share_too(t: &Template, kind: EngineKind) -> Result<(), Failed>
     Ok(())
 }
 
+fn forged_references_are_protocol_errors(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    // Another worker holds a region; a worker that names it (or a place
+    // nobody holds) fails its call instead of reading what is not its own.
+    let keeper = t.fork().run("s::keep", Options::default().engine(kind))?;
+    keeper.call_blocking(octets![pattern(MIB, 4)])?;
+    let held = arena_stats().map(|s| s.regions);
+    eq(held, Some(1))?;
+    for off in [0, 64 * MIB as u64] {
+        let quiet = Options::default().engine(kind).on_error(|_| {});
+        let forger = t.fork().run("s::forge", quiet)?;
+        match forger.call_blocking(octets![off.to_string()]) {
+            Err(forkrpc::Error::Protocol { detail, .. }) => check(
+                detail.contains("a reference names no shared string"),
+                format!("offset {off}: {detail}"),
+            )?,
+            other => {
+                return Err(
+                    format!("offset {off}: expected a protocol error, got {other:?}").into(),
+                )
+            }
+        }
+        drop(forger);
+    }
+    eq(arena_stats().map(|s| s.regions), held)?; // nothing taken, nothing lost
+    keeper.close_blocking()?;
+    eq(arena_stats().map(|s| s.regions), Some(0))?;
+    Ok(())
+}
+
 type Test = fn(&Template, EngineKind) -> Result<(), Failed>;
 
 fn main() {
@@ -197,7 +261,7 @@ fn main() {
     let t = template();
     let mut args = Arguments::from_args();
     args.test_threads = Some(1);
-    let tests: [(&str, Test); 6] = [
+    let tests: [(&str, Test); 7] = [
         ("echo_by_reference", echo_by_reference),
         (
             "what_does_not_fit_goes_by_socket",
@@ -213,6 +277,10 @@ fn main() {
         ),
         ("pool_calls_share", pool_calls_share),
         ("async_workers_share_too", async_workers_share_too),
+        (
+            "forged_references_are_protocol_errors",
+            forged_references_are_protocol_errors,
+        ),
     ];
     let mut trials = Vec::new();
     for (kind, available) in engines() {
