@@ -901,8 +901,9 @@ impl<I: Io> Driver<I> {
                             error = c.proto.frame(f.id, &frames, f.payload).err();
                         }
                     });
-                    if let Some(detail) = error {
-                        eprintln!("forkrpc: worker {}: protocol error: {detail}", c.pid);
+                    // The protocol reports the violation when the worker
+                    // is gone (to on_error, or stderr without one).
+                    if error.is_some() {
                         crate::process::kill(c.pid);
                         c.inbuf.clear();
                     }
