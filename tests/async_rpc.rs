@@ -9,9 +9,11 @@
 
 mod common;
 
-use common::{await_in_order, block, check, destroy_channel, engines, eq, logged, recv, Log};
+use common::{
+    await_in_order, block, check, destroy_channel, engine_trials, eq, logged, recv, EngineTest, Log,
+};
 use forkrpc::{octets, AsyncRuntime, Done, EngineKind, Error, Octets, Options, Template};
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::{Arguments, Failed};
 use std::cell::Cell;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
@@ -128,40 +130,28 @@ fn template() -> Result<Template, Error> {
 fn main() {
     let t = template().expect("template starts");
     let args = Arguments::from_args();
-    let mut trials = Vec::new();
-    for (kind, available) in engines() {
-        let tests: [(&str, AsyncTest); 18] = [
-            ("runs_on_the_expected_runtime", runtime_choice),
-            ("perl_async_test_order", perl_async_order),
-            ("seed_example2_async_countdown", seed_example2),
-            ("seed_example1a_async_rmdir", seed_example1a),
-            ("hundred_concurrent_calls_random_delays", hundred_concurrent),
-            ("done_before_return_and_async_fn", reply_forms),
-            ("panic_fails_only_that_call", panic_fails_call),
-            ("panic_in_a_task_fails_that_call", panic_in_task),
-            ("handler_error_fails_that_call", handler_error),
-            ("dropped_done_fails_that_call", dropped_done),
-            ("concurrency_limit_is_kept", concurrency_limit),
-            ("default_concurrency_runs_all_at_once", default_concurrency),
-            ("never_done_shows_in_pending", never_done),
-            ("big_replies_beyond_the_output_bound", big_replies),
-            ("async_handler_needs_async_option", needs_async),
-            ("sync_handler_on_async_backend", sync_on_async),
-            ("drop_drains_async_calls", drop_drains),
-            ("uring_file_io_in_a_handler", uring_file_io),
-        ];
-        for (name, f) in tests {
-            let t = t.clone();
-            trials.push(
-                Trial::test(format!("{}::{name}", kind.name()), move || f(&t, kind))
-                    .with_ignored_flag(!available),
-            );
-        }
-    }
-    libtest_mimic::run(&args, trials).exit();
+    let tests: [(&str, EngineTest); 18] = [
+        ("runs_on_the_expected_runtime", runtime_choice),
+        ("perl_async_test_order", perl_async_order),
+        ("seed_example2_async_countdown", seed_example2),
+        ("seed_example1a_async_rmdir", seed_example1a),
+        ("hundred_concurrent_calls_random_delays", hundred_concurrent),
+        ("done_before_return_and_async_fn", reply_forms),
+        ("panic_fails_only_that_call", panic_fails_call),
+        ("panic_in_a_task_fails_that_call", panic_in_task),
+        ("handler_error_fails_that_call", handler_error),
+        ("dropped_done_fails_that_call", dropped_done),
+        ("concurrency_limit_is_kept", concurrency_limit),
+        ("default_concurrency_runs_all_at_once", default_concurrency),
+        ("never_done_shows_in_pending", never_done),
+        ("big_replies_beyond_the_output_bound", big_replies),
+        ("async_handler_needs_async_option", needs_async),
+        ("sync_handler_on_async_backend", sync_on_async),
+        ("drop_drains_async_calls", drop_drains),
+        ("uring_file_io_in_a_handler", uring_file_io),
+    ];
+    libtest_mimic::run(&args, engine_trials(&t, &tests)).exit();
 }
-
-type AsyncTest = fn(&Template, EngineKind) -> Result<(), Failed>;
 
 fn opts(kind: EngineKind) -> Options {
     Options::default().engine(kind).asynchronous(true)

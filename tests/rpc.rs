@@ -8,7 +8,10 @@
 
 mod common;
 
-use common::{check, destroy_channel, engines, eq, logged, proc_exists, recv, wait_gone, Log};
+use common::{
+    check, destroy_channel, engine_trials, engines, eq, logged, proc_exists, recv, wait_gone,
+    EngineTest, Log,
+};
 use forkrpc::{octets, EngineKind, Error, ExitStatus, Octets, Options, Template, WorkerArgs};
 use libtest_mimic::{Arguments, Failed, Trial};
 use std::collections::BTreeSet;
@@ -147,53 +150,44 @@ fn main() {
     );
 
     let args = Arguments::from_args();
-    let mut trials = Vec::new();
-    for (kind, available) in engines() {
-        let rpc_tests: Vec<(&str, RpcTest)> = vec![
-            ("synopsis", synopsis),
-            ("perl_sync_test_order", perl_sync_test_order),
-            ("seed_example1_sync_rmdir_order", seed_example1),
-            ("call_forms_future_callback_blocking", call_forms),
-            ("tokio_multi_thread_callers", tokio_callers),
-            ("unknown_handler_is_an_error", unknown_handler),
-            ("handler_panic_reports_message", handler_panic),
-            ("worker_exit_code_fails_outstanding_calls", worker_exit_code),
-            (
-                "worker_exit_fails_calls_never_sent",
-                worker_exit_with_backlog,
-            ),
-            ("worker_killed_by_signal", worker_killed),
-            (
-                "error_goes_to_on_event_without_on_error",
-                error_fallback_to_on_event,
-            ),
-            ("payload_too_large_sends_nothing", payload_too_large),
-            ("drop_drains_queued_calls", drop_drains),
-            ("close_reaps_the_worker", close_reaps),
-            ("send_arg_reaches_init", send_arg_init),
-            ("send_fh_seed_recipe", send_fh_recipe),
-            ("derived_template_shares_init_state", derived_template),
-            ("workers_hold_no_other_sockets", no_socket_leaks),
-            ("calls_after_worker_end_fail_closed", calls_after_end),
-            ("panicking_callback_is_contained", panicking_callback),
-            ("handler_error_fails_only_that_call", handler_error),
-            ("big_arguments_round_trip_in_order", big_arguments),
-            ("small_calls_survive_full_socket_buffers", full_buffers),
-            ("calls_queued_together_go_out_in_one_send", batched_sends),
-            ("spent_arguments_are_released_when_idle", spent_arguments),
-            (
-                "arguments_of_calls_from_callbacks_are_freed_at_once",
-                driver_made_arguments,
-            ),
-        ];
-        for (name, f) in rpc_tests {
-            let t = t.clone();
-            trials.push(
-                Trial::test(format!("{}::{name}", kind.name()), move || f(&t, kind))
-                    .with_ignored_flag(!available),
-            );
-        }
-    }
+    let rpc_tests: Vec<(&str, EngineTest)> = vec![
+        ("synopsis", synopsis),
+        ("perl_sync_test_order", perl_sync_test_order),
+        ("seed_example1_sync_rmdir_order", seed_example1),
+        ("call_forms_future_callback_blocking", call_forms),
+        ("tokio_multi_thread_callers", tokio_callers),
+        ("unknown_handler_is_an_error", unknown_handler),
+        ("handler_panic_reports_message", handler_panic),
+        ("worker_exit_code_fails_outstanding_calls", worker_exit_code),
+        (
+            "worker_exit_fails_calls_never_sent",
+            worker_exit_with_backlog,
+        ),
+        ("worker_killed_by_signal", worker_killed),
+        (
+            "error_goes_to_on_event_without_on_error",
+            error_fallback_to_on_event,
+        ),
+        ("payload_too_large_sends_nothing", payload_too_large),
+        ("drop_drains_queued_calls", drop_drains),
+        ("close_reaps_the_worker", close_reaps),
+        ("send_arg_reaches_init", send_arg_init),
+        ("send_fh_seed_recipe", send_fh_recipe),
+        ("derived_template_shares_init_state", derived_template),
+        ("workers_hold_no_other_sockets", no_socket_leaks),
+        ("calls_after_worker_end_fail_closed", calls_after_end),
+        ("panicking_callback_is_contained", panicking_callback),
+        ("handler_error_fails_only_that_call", handler_error),
+        ("big_arguments_round_trip_in_order", big_arguments),
+        ("small_calls_survive_full_socket_buffers", full_buffers),
+        ("calls_queued_together_go_out_in_one_send", batched_sends),
+        ("spent_arguments_are_released_when_idle", spent_arguments),
+        (
+            "arguments_of_calls_from_callbacks_are_freed_at_once",
+            driver_made_arguments,
+        ),
+    ];
+    let mut trials = engine_trials(&t, &rpc_tests);
     let t2 = t.clone();
     trials.push(Trial::test("parent_fds_are_cloexec", move || {
         parent_fds_cloexec(&t2)
@@ -208,8 +202,6 @@ fn main() {
     ));
     libtest_mimic::run(&args, trials).exit();
 }
-
-type RpcTest = fn(&Template, EngineKind) -> Result<(), Failed>;
 
 fn opts(kind: EngineKind) -> Options {
     Options::default().engine(kind)

@@ -8,9 +8,9 @@
 mod common;
 
 use bytes::Bytes;
-use common::{await_in_order, check, engines, eq};
+use common::{await_in_order, check, engine_trials, eq, EngineTest};
 use forkrpc::{arena_stats, in_shared_arena, octets, EngineKind, Octets, Options, Pool, Template};
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::{Arguments, Failed};
 use std::sync::Mutex;
 
 const MIB: usize = 1 << 20;
@@ -252,8 +252,6 @@ fn forged_references_are_protocol_errors(t: &Template, kind: EngineKind) -> Resu
     Ok(())
 }
 
-type Test = fn(&Template, EngineKind) -> Result<(), Failed>;
-
 fn main() {
     // Before anything makes the arena (it is made for the first sync
     // worker), while this process has one thread.
@@ -261,7 +259,7 @@ fn main() {
     let t = template();
     let mut args = Arguments::from_args();
     args.test_threads = Some(1);
-    let tests: [(&str, Test); 7] = [
+    let tests: [(&str, EngineTest); 7] = [
         ("echo_by_reference", echo_by_reference),
         (
             "what_does_not_fit_goes_by_socket",
@@ -282,15 +280,6 @@ fn main() {
             forged_references_are_protocol_errors,
         ),
     ];
-    let mut trials = Vec::new();
-    for (kind, available) in engines() {
-        for (name, f) in tests {
-            let t = t.clone();
-            trials.push(
-                Trial::test(format!("{}::{name}", kind.name()), move || f(&t, kind))
-                    .with_ignored_flag(!available),
-            );
-        }
-    }
+    let trials = engine_trials(&t, &tests);
     libtest_mimic::run(&args, trials).exit();
 }

@@ -46,6 +46,28 @@ pub fn engines() -> Vec<(forkrpc::EngineKind, bool)> {
     ]
 }
 
+/// A test that runs on one engine, with the binary's template.
+pub type EngineTest = fn(&forkrpc::Template, forkrpc::EngineKind) -> Result<(), Failed>;
+
+/// One trial per engine and test, named `engine::test`; those on an engine
+/// the kernel refuses are ignored (see [`engines`]).
+pub fn engine_trials(
+    t: &forkrpc::Template,
+    tests: &[(&str, EngineTest)],
+) -> Vec<libtest_mimic::Trial> {
+    let mut trials = Vec::new();
+    for (kind, available) in engines() {
+        for &(name, f) in tests {
+            let t = t.clone();
+            trials.push(
+                libtest_mimic::Trial::test(format!("{}::{name}", kind.name()), move || f(&t, kind))
+                    .with_ignored_flag(!available),
+            );
+        }
+    }
+    trials
+}
+
 fn io_uring_works() -> bool {
     io_uring::IoUring::new(2).is_ok()
 }
