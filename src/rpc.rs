@@ -178,8 +178,8 @@ impl Payload {
     }
 
     /// Copies big strings into the shared `arena` (on the caller's thread:
-    /// the one copy they take on the way to a sync worker), unless they
-    /// lie there already or it is full.
+    /// the one copy they take on the way to the worker), unless they lie
+    /// there already or it is full.
     pub(crate) fn share(&mut self, arena: &'static Arena) {
         let Body::Octets(o) = &mut self.body else {
             return;
@@ -380,7 +380,7 @@ struct Inner {
     engine: &'static Engine,
     end: Arc<Latch<Result<()>>>,
     stats: Arc<ConnStats>,
-    /// The worker reads big strings here (a sync worker we started).
+    /// The worker reads big strings here (a worker we started).
     arena: Option<&'static Arena>,
 }
 
@@ -726,9 +726,10 @@ impl Session {
             Err(e) => return self.violation(format!("malformed release note: {e}")),
         };
         for off in offsets {
-            let region = arena.region_of(off as usize, 1);
-            let held = region.and_then(|r| self.held.iter().position(|(h, _)| *h == r));
-            let Some(i) = held else {
+            let held = arena
+                .region_of(off as usize, 1)
+                .and_then(|r| Some((r, self.held.iter().position(|(h, _)| *h == r)?)));
+            let Some((region, i)) = held else {
                 return self.violation(format!(
                     "the worker released offset {off} of the shared arena, which it does not hold"
                 ));
@@ -737,9 +738,28 @@ impl Session {
             if self.held[i].1 == 0 {
                 self.held.swap_remove(i);
             }
-            arena.release(region.unwrap());
+            arena.release(region);
         }
         Ok(())
+    }
+
+    /// The shared form of `args` (see [`shared`]) if some of its strings
+    /// lie in the arena; the worker holds their regions from now on.
+    fn shared_form(&mut self, args: &Payload) -> Option<Octets> {
+        if !args.shared {
+            return None;
+        }
+        let (arena, o) = (self.arena?, args.octets()?);
+        let mut regions = Vec::new();
+        let form = shared::encode(o, |b| {
+            let off = arena.offset_of(b).filter(|_| b.len() >= SHARE_MIN)?;
+            regions.push(arena.region_of(off, b.len())?);
+            Some(off as u64)
+        })?;
+        for r in regions {
+            self.hold(arena, r);
+        }
+        Some(form)
     }
 
     /// The strings a shared reply stands for: views of regions this worker
@@ -783,36 +803,10 @@ impl Session {
 
 impl Protocol for Session {
     fn encode(&mut self, call: Call, out: &mut SendQueue) {
-        if call.args.shared {
-            if let (Some(arena), Some(o)) = (self.arena, call.args.octets()) {
-                let mut regions = Vec::new();
-                let form = shared::encode(o, |b| {
-                    let off = arena.offset_of(b).filter(|_| b.len() >= SHARE_MIN)?;
-                    regions.push(arena.region_of(off, b.len())?);
-                    Some(off as u64)
-                });
-                if let Some(form) = form {
-                    let len = form.encoded_len() as u32;
-                    match &mut self.calls {
-                        Calls::Sync(q) => {
-                            q.push_back(call.done);
-                            put_len_header(&mut out.buf, len);
-                        }
-                        Calls::Async(w) => {
-                            let id = w.insert(call.done);
-                            put_id_header(&mut out.buf, id, len);
-                        }
-                    }
-                    for r in regions {
-                        self.hold(arena, r);
-                    }
-                    write_octets(&form, out);
-                    call.args.spend();
-                    return;
-                }
-            }
-        }
-        let len = call.args.len();
+        let form = self.shared_form(&call.args);
+        let len = form
+            .as_ref()
+            .map_or(call.args.len(), |f| f.encoded_len() as u32);
         let copied = (len as usize).min(crate::engine::SEND_IN_PLACE);
         match &mut self.calls {
             Calls::Sync(q) => {
@@ -826,7 +820,10 @@ impl Protocol for Session {
                 put_id_header(&mut out.buf, id, len);
             }
         }
-        call.args.write(out);
+        match &form {
+            Some(f) => write_octets(f, out),
+            None => call.args.write(out),
+        }
         call.args.spend();
     }
 
