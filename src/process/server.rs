@@ -160,7 +160,7 @@ impl Server {
                     crate::child::fatal(
                         sock.as_raw_fd(),
                         "start",
-                        format!("cannot map the shared arena: {e}"),
+                        format!("cannot map the shared arena: {e} (FORKRPC_ARENA=0 turns it off, =<bytes> sizes it)"),
                         crate::PANIC_EXIT_CODE,
                     );
                 }
