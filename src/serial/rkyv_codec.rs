@@ -7,7 +7,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use rkyv::api::high::{HighSerializer, HighValidator};
 use rkyv::bytecheck::CheckBytes;
 use rkyv::rancor;
-use rkyv::ser::allocator::ArenaHandle;
+use rkyv::ser::allocator::{Arena, ArenaHandle};
 use rkyv::util::AlignedVec;
 use rkyv::Portable;
 use std::marker::PhantomData;
@@ -71,8 +71,10 @@ fn lead(offset: usize) -> usize {
 }
 
 thread_local! {
-    /// Where `freeze` serialises, reused from call to call.
-    static SCRATCH: std::cell::RefCell<AlignedVec> = std::cell::RefCell::new(AlignedVec::new());
+    /// Where `freeze` serialises, and rkyv's scratch space, reused from
+    /// call to call (one thread-local instead of ours and rkyv's own).
+    static SCRATCH: std::cell::RefCell<(AlignedVec, Arena)> =
+        std::cell::RefCell::new((AlignedVec::new(), Arena::new()));
 }
 
 /// Appends `[length, zeros][archive][zeros]` for an archive behind an
@@ -103,10 +105,14 @@ where
     fn freeze(&self, value: &T, out: &mut BytesMut, offset: usize) -> Result<()> {
         // Serialise into this thread's scratch buffer (no allocation per
         // call once it has grown), then copy into the payload.
-        SCRATCH.with_borrow_mut(|scratch| {
+        SCRATCH.with_borrow_mut(|(scratch, arena)| {
             let mut buf = std::mem::take(scratch);
             buf.clear();
-            match rkyv::api::high::to_bytes_in::<_, rancor::Error>(value, buf) {
+            match rkyv::api::high::to_bytes_in_with_alloc::<_, _, rancor::Error>(
+                value,
+                buf,
+                arena.acquire(),
+            ) {
                 Ok(archive) => {
                     let done = write_payload(&archive, out, offset);
                     *scratch = archive;
