@@ -154,8 +154,16 @@ impl Out {
         if payload.len() as u64 > MAX_PAYLOAD {
             return false;
         }
-        self.buf.reserve(8 + payload.len());
         put_id_header(&mut self.buf, id, payload.len() as u32);
+        // The sync backend writes a big payload from where it lies (for a
+        // typed reply, the buffer it was frozen into) instead of copying it.
+        if self.wake.is_none() && payload.len() >= crate::engine::SEND_IN_PLACE {
+            self.flush();
+            if sys::send_all(self.fd, payload).is_err() {
+                exit_now(0); // the parent went away
+            }
+            return true;
+        }
         self.buf.extend_from_slice(payload);
         true
     }

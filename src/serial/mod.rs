@@ -110,4 +110,4 @@ where
 }
 
 mod rkyv_codec;
-pub use rkyv_codec::{Archived, Rkyv};
+pub use rkyv_codec::{Archived, PayloadWriter, Rkyv};

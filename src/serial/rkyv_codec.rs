@@ -8,6 +8,7 @@ use rkyv::api::high::{HighSerializer, HighValidator};
 use rkyv::bytecheck::CheckBytes;
 use rkyv::rancor;
 use rkyv::ser::allocator::{Arena, ArenaHandle};
+use rkyv::ser::{Positional, Writer};
 use rkyv::util::AlignedVec;
 use rkyv::Portable;
 use std::marker::PhantomData;
@@ -71,56 +72,82 @@ fn lead(offset: usize) -> usize {
 }
 
 thread_local! {
-    /// Where `freeze` serialises, and rkyv's scratch space, reused from
-    /// call to call (one thread-local instead of ours and rkyv's own).
-    static SCRATCH: std::cell::RefCell<(AlignedVec, Arena)> =
-        std::cell::RefCell::new((AlignedVec::new(), Arena::new()));
+    /// rkyv's scratch space for `freeze`, reused from call to call.
+    static SCRATCH: std::cell::RefCell<Arena> = std::cell::RefCell::new(Arena::new());
+    /// Size of the last archive this thread froze: the room reserved for
+    /// the next (up to [`HINT_MAX`]), so that a run of like calls grows no
+    /// buffer while writing.
+    static LAST: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
-/// Appends `[length, zeros][archive][zeros]` for an archive behind an
-/// `offset`-byte header (see the module docs).
-fn write_payload(archive: &[u8], out: &mut BytesMut, offset: usize) -> Result<()> {
-    let lead = lead(offset);
-    let len = u32::try_from(archive.len())
-        .map_err(|_| codec_error("rkyv encode", "archive over 4 GiB"))?;
-    let end = offset + lead + archive.len();
-    let tail = (ALIGN - end % ALIGN) % ALIGN;
-    out.reserve(lead + archive.len() + tail);
-    out.put_u32_le(len);
-    out.put_bytes(0, lead - 4);
-    out.put_slice(archive);
-    out.put_bytes(0, tail);
-    Ok(())
+/// Room reserved up front at most; a bigger archive grows its buffer by
+/// doubling as rkyv writes it.
+const HINT_MAX: usize = 64 * 1024;
+
+/// Where [`Rkyv`] serialises: straight into the payload being built,
+/// positions counted from the archive's start (which the lead padding puts
+/// on a 16-byte boundary in the receiver's buffer), so the archive is
+/// written once, not serialised elsewhere and copied.
+pub struct PayloadWriter<'o> {
+    out: &'o mut BytesMut,
+    start: usize,
+}
+
+impl Positional for PayloadWriter<'_> {
+    fn pos(&self) -> usize {
+        self.out.len() - self.start
+    }
+}
+
+impl<E> Writer<E> for PayloadWriter<'_> {
+    fn write(&mut self, bytes: &[u8]) -> std::result::Result<(), E> {
+        self.out.extend_from_slice(bytes);
+        Ok(())
+    }
 }
 
 impl<T> Codec<T> for Rkyv
 where
-    T: for<'a> rkyv::Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, rancor::Error>>
-        + rkyv::Archive
+    T: for<'a, 'o> rkyv::Serialize<
+            HighSerializer<PayloadWriter<'o>, ArenaHandle<'a>, rancor::Error>,
+        > + rkyv::Archive
         + 'static,
     T::Archived: Portable + for<'a> CheckBytes<HighValidator<'a, rancor::Error>> + 'static,
 {
     type Thawed = Archived<T>;
 
     fn freeze(&self, value: &T, out: &mut BytesMut, offset: usize) -> Result<()> {
-        // Serialise into this thread's scratch buffer (no allocation per
-        // call once it has grown), then copy into the payload.
-        SCRATCH.with_borrow_mut(|(scratch, arena)| {
-            let mut buf = std::mem::take(scratch);
-            buf.clear();
-            match rkyv::api::high::to_bytes_in_with_alloc::<_, _, rancor::Error>(
+        // `[length, zeros][archive][zeros]` for an archive behind an
+        // `offset`-byte header (see the module docs); the length is filled
+        // in once the archive is written.
+        let lead = lead(offset);
+        let at = out.len();
+        out.reserve(lead + LAST.get().min(HINT_MAX) + ALIGN);
+        out.put_u32_le(0);
+        out.put_bytes(0, lead - 4);
+        let start = out.len();
+        let writer = PayloadWriter { out, start };
+        let done = SCRATCH.with_borrow_mut(|arena| {
+            rkyv::api::high::to_bytes_in_with_alloc::<_, _, rancor::Error>(
                 value,
-                buf,
+                writer,
                 arena.acquire(),
-            ) {
-                Ok(archive) => {
-                    let done = write_payload(&archive, out, offset);
-                    *scratch = archive;
-                    done
-                }
-                Err(e) => Err(codec_error("rkyv encode", e)),
-            }
-        })
+            )
+        });
+        if let Err(e) = done {
+            out.truncate(at);
+            return Err(codec_error("rkyv encode", e));
+        }
+        let archive = out.len() - start;
+        let Ok(len) = u32::try_from(archive) else {
+            out.truncate(at);
+            return Err(codec_error("rkyv encode", "archive over 4 GiB"));
+        };
+        out[at..at + 4].copy_from_slice(&len.to_le_bytes());
+        LAST.set(archive);
+        let end = offset + lead + archive;
+        out.put_bytes(0, (ALIGN - end % ALIGN) % ALIGN);
+        Ok(())
     }
 
     fn thaw(&self, payload: Bytes, offset: usize) -> Result<Archived<T>> {
