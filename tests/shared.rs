@@ -160,9 +160,9 @@ fn fresh_replies_and_small_strings(t: &Template, kind: EngineKind) -> Result<(),
     let rpc = t.fork().run("s::fresh", Options::default().engine(kind))?;
     // Below the threshold nothing is shared; a reply the worker made goes
     // through the socket whatever its size.
-    for n in [1000, 256 * 1024 - 1, 256 * 1024, 3 * MIB] {
+    for n in [1000, 64 * 1024 - 1, 64 * 1024, 3 * MIB] {
         let reply = rpc.call_blocking(octets![vec![0u8; n]])?;
-        eq(reply.str(0), Some(flag(n >= 256 * 1024)))?;
+        eq(reply.str(0), Some(flag(n >= 64 * 1024)))?;
         eq(reply[1] == pattern(n, 9), true)?;
         eq(in_shared_arena(&reply[1]), false)?;
     }

@@ -14,7 +14,7 @@
 //!
 //! # Copies of a big payload
 //!
-//! To a worker we started (either backend), a byte string of 256 KiB or
+//! To a worker we started (either backend), a byte string of 64 KiB or
 //! more (`arena::SHARE_MIN`) in an octets call takes none of the paths
 //! below: the caller copies it once into the shared arena (see `arena.rs`),
 //! the worker reads it where it lies, and a reply that returns it names it
