@@ -105,8 +105,8 @@ pub struct ArenaStats {
     pub capacity: usize,
 }
 
-/// What the parent's shared arena holds: big strings of calls to sync
-/// workers are copied there once and read by the workers in place, and
+/// What the parent's shared arena holds: big strings of calls to workers
+/// are copied there once and read by the workers in place, and
 /// replies that return them (an echo) come back without a copy. `None`
 /// before the first worker starts, or without an arena
 /// (`FORKRPC_ARENA=0`, or no memfd seals on this kernel).
