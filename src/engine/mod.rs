@@ -147,6 +147,17 @@ pub(crate) trait Io {
     ) -> io::Result<()>;
 }
 
+/// Calls submitted to the workers of `conns` and not yet answered.
+fn in_flight(conns: &IdMap<u64, Conn>) -> u64 {
+    conns
+        .values()
+        .map(|c| {
+            let s = &c.stats;
+            s.submitted.0.load(Ordering::Relaxed) - s.answered.0.load(Ordering::Relaxed)
+        })
+        .sum()
+}
+
 /// When the driver polls before it sleeps. Waking a sleeping thread costs
 /// about as much as a whole round trip to a worker on these machines, so
 /// while few calls are in flight (a ping-pong, a caller awaiting each
@@ -188,10 +199,15 @@ impl Spin {
 
     /// How long to poll before a wait with `timeout`, `in_flight` calls
     /// being outstanding.
-    fn before_wait(&mut self, timeout: Option<Duration>, in_flight: u64) -> Duration {
+    /// `in_flight` is asked only when the rest allows polling.
+    fn before_wait(
+        &mut self,
+        timeout: Option<Duration>,
+        in_flight: impl FnOnce() -> u64,
+    ) -> Duration {
         if self.limit.is_zero()
             || timeout.is_some_and(|t| t < self.limit)
-            || in_flight > Self::MAX_IN_FLIGHT
+            || in_flight() > Self::MAX_IN_FLIGHT
         {
             return Duration::ZERO;
         }
@@ -645,7 +661,8 @@ impl<I: Io> Driver<I> {
                     Some(Duration::ZERO)
                 }
             };
-            let spun = self.spin.before_wait(timeout, self.in_flight());
+            let conns = &self.conns;
+            let spun = self.spin.before_wait(timeout, || in_flight(conns));
             let t = (!spun.is_zero()).then(Instant::now);
             let r = self.io.wait(&mut self.done, timeout, spun);
             if let Some(t) = t {
@@ -665,17 +682,6 @@ impl<I: Io> Driver<I> {
             self.done = done;
             self.expire();
         }
-    }
-
-    /// Calls submitted to the workers and not yet answered.
-    fn in_flight(&self) -> u64 {
-        self.conns
-            .values()
-            .map(|c| {
-                let s = &c.stats;
-                s.submitted.0.load(Ordering::Relaxed) - s.answered.0.load(Ordering::Relaxed)
-            })
-            .sum()
     }
 
     fn command(&mut self, cmd: Command) {
@@ -1021,18 +1027,21 @@ mod tests {
     #[test]
     fn the_driver_polls_only_with_few_calls_in_flight() {
         let mut s = Spin::new(30 * US);
-        assert_eq!(s.before_wait(None, 0), 30 * US);
-        assert_eq!(s.before_wait(None, Spin::MAX_IN_FLIGHT), 30 * US);
-        assert_eq!(s.before_wait(None, Spin::MAX_IN_FLIGHT + 1), Duration::ZERO);
-        assert_eq!(s.before_wait(Some(Duration::ZERO), 1), Duration::ZERO);
+        assert_eq!(s.before_wait(None, || 0), 30 * US);
+        assert_eq!(s.before_wait(None, || Spin::MAX_IN_FLIGHT), 30 * US);
         assert_eq!(
-            s.before_wait(Some(10 * US), 1),
+            s.before_wait(None, || Spin::MAX_IN_FLIGHT + 1),
+            Duration::ZERO
+        );
+        assert_eq!(s.before_wait(Some(Duration::ZERO), || 1), Duration::ZERO);
+        assert_eq!(
+            s.before_wait(Some(10 * US), || 1),
             Duration::ZERO,
             "a timer due first"
         );
-        assert_eq!(s.before_wait(Some(Duration::from_secs(1)), 1), 30 * US);
+        assert_eq!(s.before_wait(Some(Duration::from_secs(1)), || 1), 30 * US);
         let mut off = Spin::new(Duration::ZERO);
-        assert_eq!(off.before_wait(None, 1), Duration::ZERO);
+        assert_eq!(off.before_wait(None, || 1), Duration::ZERO);
     }
 
     #[test]
@@ -1042,7 +1051,7 @@ mod tests {
         let polled = |s: &mut Spin, waits: usize, found: bool| {
             (0..waits)
                 .filter(|_| {
-                    let spun = s.before_wait(None, 1);
+                    let spun = s.before_wait(None, || 1);
                     s.after_wait(spun, if found { 5 * US } else { 40 * US });
                     !spun.is_zero()
                 })
