@@ -222,7 +222,14 @@ impl Arena {
     /// A copy of `b` in a new region, held by the returned `Bytes`; `None`
     /// if the arena has no room for it.
     pub(crate) fn share(&'static self, b: &[u8]) -> Option<Bytes> {
-        let size = b.len().checked_next_multiple_of(PAGE)?.max(PAGE);
+        self.share_at(b, 0)
+    }
+
+    /// As [`Arena::share`], placing `b` `skip` bytes into its region (page
+    /// aligned), e.g. where a frozen payload expects to start after its
+    /// frame header.
+    pub(crate) fn share_at(&'static self, b: &[u8], skip: usize) -> Option<Bytes> {
+        let size = (skip + b.len()).checked_next_multiple_of(PAGE)?.max(PAGE);
         let start = {
             let mut st = self.state();
             let (&start, &len) = st.free.iter().find(|(_, &len)| len >= size)?;
@@ -235,15 +242,20 @@ impl Arena {
         };
         // SAFETY: `start..start + size` was free, so no `Bytes` of ours
         // and no worker holds it (a worker releases a region only once it
-        // dropped its last view of it); it lies inside the mapping, and
-        // `b` cannot overlap it (a view of the arena is never free).
+        // dropped its last view of it); `skip + b.len() <= size` keeps the
+        // copy inside it and the mapping, and `b` cannot overlap it (a view
+        // of the arena is never free).
         unsafe {
-            std::ptr::copy_nonoverlapping(b.as_ptr(), (self.base + start) as *mut u8, b.len())
+            std::ptr::copy_nonoverlapping(
+                b.as_ptr(),
+                (self.base + start + skip) as *mut u8,
+                b.len(),
+            )
         };
         Some(Bytes::from_owner(View {
             arena: self,
             region: start,
-            offset: start,
+            offset: start + skip,
             len: b.len(),
         }))
     }

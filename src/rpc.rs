@@ -179,10 +179,21 @@ impl Payload {
 
     /// Copies big strings into the shared `arena` (on the caller's thread:
     /// the one copy they take on the way to the worker), unless they lie
-    /// there already or it is full.
-    pub(crate) fn share(&mut self, arena: &'static Arena) {
-        let Body::Octets(o) = &mut self.body else {
-            return;
+    /// there already or it is full. A big frozen payload goes there whole,
+    /// `header` bytes into its region: where the frame header would have
+    /// put it, so a codec's alignment holds.
+    pub(crate) fn share(&mut self, arena: &'static Arena, header: usize) {
+        let o = match &mut self.body {
+            Body::Octets(o) => o,
+            Body::Frozen(b) => {
+                if b.len() >= SHARE_MIN && arena.offset_of(b).is_none() {
+                    if let Some(copy) = arena.share_at(b, header) {
+                        *b = copy;
+                        self.shared = true;
+                    }
+                }
+                return;
+            }
         };
         for b in o.0.iter_mut().filter(|b| b.len() >= SHARE_MIN) {
             if arena.offset_of(b).is_none() {
@@ -443,7 +454,7 @@ impl Rpc {
             Err(e) => return done.complete(Err(e)),
         };
         if let Some(a) = self.inner.arena {
-            args.share(a);
+            args.share(a, self.request_offset());
         }
         self.inner.stats.submitted.fetch_add(1, Ordering::Relaxed);
         self.inner.engine.push(Command::Call {
@@ -749,7 +760,16 @@ impl Session {
         if !args.shared {
             return None;
         }
-        let (arena, o) = (self.arena?, args.octets()?);
+        let arena = self.arena?;
+        let o = match &args.body {
+            Body::Octets(o) => o,
+            Body::Frozen(b) => {
+                let off = arena.offset_of(b)?;
+                let region = arena.region_of(off, b.len())?;
+                self.hold(arena, region);
+                return Some(shared::encode_frozen(off as u64, b.len() as u64));
+            }
+        };
         let mut regions = Vec::new();
         let form = shared::encode(o, |b| {
             let off = arena.offset_of(b).filter(|_| b.len() >= SHARE_MIN)?;

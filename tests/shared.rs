@@ -9,11 +9,20 @@ mod common;
 
 use bytes::Bytes;
 use common::{await_in_order, check, engine_trials, eq, EngineTest};
+use forkrpc::serial::{Archived, Rkyv};
 use forkrpc::{arena_stats, in_shared_arena, octets, EngineKind, Octets, Options, Pool, Template};
 use libtest_mimic::{Arguments, Failed};
 use std::sync::Mutex;
 
 const MIB: usize = 1 << 20;
+/// What a typed handler saw of its request.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, PartialEq)]
+struct Seen {
+    in_arena: bool,
+    in_place: bool,
+    sum: u64,
+}
+
 /// Worker-side stash of arguments, to hold arena strings past a call.
 static KEPT: Mutex<Vec<Octets>> = Mutex::new(Vec::new());
 
@@ -51,6 +60,11 @@ fn template() -> Template {
         .sync("s::fresh", |a| {
             // A reply made here, not from the arguments.
             octets![flag(in_shared_arena(&a[0])), pattern(a[0].len(), 9)]
+        })
+        .sync_with("s::typed", Rkyv::checked(), |v: Archived<Vec<u8>>| Seen {
+            in_arena: in_shared_arena(v.as_bytes()),
+            in_place: v.in_place(),
+            sum: v.iter().map(|&b| b as u64).sum(),
         })
         // Writes a forged reply naming offset arg 0 of the arena, then
         // replies normally.
@@ -223,6 +237,39 @@ fn async_workers_share_too(t: &Template, kind: EngineKind) -> Result<(), Failed>
     Ok(())
 }
 
+fn typed_requests_are_read_in_place(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    // A big frozen payload goes into the arena where its frame header
+    // would have put it: the worker reads the archive there, aligned.
+    for asynchronous in [false, true] {
+        let opts = Options::default().engine(kind).asynchronous(asynchronous);
+        let rpc = t.fork().run("s::typed", opts)?;
+        let typed = rpc.typed::<Vec<u8>, Seen, _>(Rkyv::checked());
+        for n in [1000, 2 * MIB] {
+            let data = pattern(n, 3).to_vec();
+            let seen = typed.call_blocking(&data)?.deserialize()?;
+            let big = n >= 64 * 1024;
+            eq(
+                seen,
+                Seen {
+                    in_arena: big,
+                    in_place: true,
+                    sum: data.iter().map(|&b| b as u64).sum(),
+                },
+            )?;
+        }
+        eq(regions_after_sync_typed(&typed)?, 0)?;
+        drop(typed); // it holds a clone of the handle
+        rpc.close_blocking()?;
+    }
+    Ok(())
+}
+
+/// As [`regions_after_sync`], through a typed handle.
+fn regions_after_sync_typed(typed: &forkrpc::Typed<Rkyv, Vec<u8>, Seen>) -> Result<usize, Failed> {
+    typed.call_blocking(&vec![0u8; 10])?;
+    Ok(arena_stats().map_or(0, |s| s.regions))
+}
+
 fn forged_references_are_protocol_errors(t: &Template, kind: EngineKind) -> Result<(), Failed> {
     // Another worker holds a region; a worker that names it (or a place
     // nobody holds) fails its call instead of reading what is not its own.
@@ -259,7 +306,7 @@ fn main() {
     let t = template();
     let mut args = Arguments::from_args();
     args.test_threads = Some(1);
-    let tests: [(&str, EngineTest); 7] = [
+    let tests: [(&str, EngineTest); 8] = [
         ("echo_by_reference", echo_by_reference),
         (
             "what_does_not_fit_goes_by_socket",
@@ -278,6 +325,10 @@ fn main() {
         (
             "forged_references_are_protocol_errors",
             forged_references_are_protocol_errors,
+        ),
+        (
+            "typed_requests_are_read_in_place",
+            typed_requests_are_read_in_place,
         ),
     ];
     let trials = engine_trials(&t, &tests);

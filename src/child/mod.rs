@@ -35,15 +35,20 @@ pub(crate) fn unshare(args: Octets) -> Result<Octets, WireError> {
     }
 }
 
-/// A typed handler's request payload; octets sent to it in the shared
-/// form are encoded back into plain octets, which it reads as its codec's
-/// bytes.
+/// A typed handler's request payload: a big one is read where it lies in
+/// the parent's arena; octets sent to it in the shared form are encoded
+/// back into plain octets, which it reads as its codec's bytes.
 pub(crate) fn unshare_raw(payload: Bytes) -> Result<Bytes, WireError> {
     if !(crate::arena::worker::mapped() && shared::starts_shared(&payload)) {
         return Ok(payload);
     }
     match Octets::decode(payload.clone()) {
-        Ok(args) if shared::is_shared(&args) => Ok(unshare(args)?.to_bytes()),
+        Ok(args) if shared::is_shared(&args) => {
+            match shared::decode_frozen(&args, crate::arena::worker::view)? {
+                Some(frozen) => Ok(frozen),
+                None => Ok(unshare(args)?.to_bytes()),
+            }
+        }
         _ => Ok(payload),
     }
 }

@@ -247,7 +247,10 @@ impl Shared {
         match Payload::new(args) {
             Ok(mut p) => {
                 if let Some(a) = self.arena {
-                    p.share(a);
+                    p.share(
+                        a,
+                        crate::wire::frame::request_header(self.opts.asynchronous),
+                    );
                 }
                 self.submit_job(p, Sink::One(waiter), admit)
             }

@@ -8,6 +8,9 @@
 //! byte `i` of `map` is 0 if `ei` is `si` itself, 1 if `ei` is 16 bytes,
 //! `offset, length` (u64 big-endian), naming `si` in the arena.
 //!
+//! `[SHARED_TAG, [2], e]` stands for a serialiser's frozen payload (not
+//! octets) that `e` names in the arena: a typed call's big request.
+//!
 //! A worker that has dropped every view of a string it received says so
 //! with the event `[RELEASE_TAG, offsets]` (offsets as received, u64
 //! big-endian each), sent after any reply that names the string.
@@ -57,6 +60,37 @@ pub fn encode(strings: &[Bytes], mut place: impl FnMut(&Bytes) -> Option<u64>) -
     }
     out[1] = map.into();
     Some(Octets(out))
+}
+
+/// The shared form of a frozen payload lying at `offset` in the arena.
+pub fn encode_frozen(offset: u64, len: u64) -> Octets {
+    let mut r = Vec::with_capacity(REF_LEN);
+    r.extend_from_slice(&offset.to_be_bytes());
+    r.extend_from_slice(&len.to_be_bytes());
+    Octets(vec![
+        Bytes::from_static(SHARED_TAG.as_bytes()),
+        Bytes::from_static(&[2]),
+        r.into(),
+    ])
+}
+
+/// The frozen payload a shared form names, if it is one (`None` for the
+/// octets form); `view` as for [`decode`].
+pub fn decode_frozen(
+    o: &Octets,
+    view: impl FnOnce(u64, u64) -> Option<Bytes>,
+) -> Result<Option<Bytes>, WireError> {
+    match &o.0[..] {
+        [_, map, e] if map[..] == [2] && e.len() == REF_LEN => {
+            let offset = u64::from_be_bytes(e[..8].try_into().unwrap());
+            let len = u64::from_be_bytes(e[8..].try_into().unwrap());
+            view(offset, len)
+                .map(Some)
+                .ok_or(WireError::Shared("a reference names no shared string"))
+        }
+        [_, map, ..] if map.contains(&2) => Err(WireError::Shared("a malformed frozen payload")),
+        _ => Ok(None),
+    }
 }
 
 /// The strings a shared payload stands for; `view(offset, length)` gives
@@ -163,6 +197,27 @@ mod tests {
             decode(&good_ref, |_, _| None),
             Err(WireError::Shared("a reference names no shared string"))
         );
+    }
+
+    #[test]
+    fn frozen_payloads_name_one_string() {
+        let f = encode_frozen(4100, 1 << 20);
+        assert!(starts_shared(&f.to_bytes()));
+        let got = decode_frozen(&f, |off, len| {
+            assert_eq!((off, len), (4100, 1 << 20));
+            Some(Bytes::from_static(b"payload"))
+        });
+        assert_eq!(got, Ok(Some(Bytes::from_static(b"payload"))));
+        assert_eq!(
+            decode_frozen(&f, |_, _| None),
+            Err(WireError::Shared("a reference names no shared string"))
+        );
+        // The octets form is not a frozen one, and a 2 among strings is bad.
+        let octets = encode(&[Bytes::from(vec![1u8; 9])], |_| Some(0)).unwrap();
+        assert_eq!(decode_frozen(&octets, |_, _| None), Ok(None));
+        let bad = octets![SHARED_TAG, vec![0u8, 2], "a", vec![0u8; 16]];
+        assert!(decode_frozen(&bad, |_, _| None).is_err());
+        assert!(decode(&f, |_, _| Some(Bytes::new())).is_err(), "not octets");
     }
 
     #[test]
