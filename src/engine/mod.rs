@@ -15,12 +15,13 @@
 //! # Copies of a big payload
 //!
 //! To a worker we started (either backend), a byte string of 64 KiB or
-//! more (`arena::SHARE_MIN`) in an octets call takes none of the paths
-//! below: the caller copies it once into the shared arena (see `arena.rs`),
-//! the worker reads it where it lies, and a reply that returns it names it
-//! again: one copy in all, none by the kernel. What follows is the socket
-//! path: exec'd workers, serialisers' frozen payloads, smaller strings,
-//! replies a worker made itself, and strings the arena has no room for.
+//! more (`arena::SHARE_MIN`) in an octets call, or a frozen payload that
+//! big, takes none of the paths below: the caller copies it once into the
+//! shared arena (see `arena.rs`), the worker reads it where it lies, and a
+//! reply that returns it names it again: one copy in all, none by the
+//! kernel. What follows is the socket path: exec'd workers, smaller
+//! payloads, replies a worker made itself, and strings the arena has no
+//! room for.
 //!
 //! - Send: a byte string of 64 KiB or more (`SEND_IN_PLACE`) in a call's
 //!   arguments is sent from the caller's own buffer (the `Bytes` inside its
