@@ -376,9 +376,9 @@ impl Call {
 }
 
 /// A handle to one worker process (`$rpc` in Perl). Cloning shares the
-/// worker; when the last clone is dropped (or [`Rpc::close`] runs), every
-/// queued call is still sent and answered, then the worker exits and
-/// `on_destroy` runs.
+/// worker; when the last clone is dropped (or [`Rpc::close`] runs, on any
+/// clone), every queued call is still sent and answered, then the worker
+/// exits and `on_destroy` runs.
 #[derive(Clone)]
 pub struct Rpc {
     inner: Arc<Inner>,
@@ -393,6 +393,9 @@ struct Inner {
     stats: Arc<ConnStats>,
     /// The worker reads big strings here (a worker we started).
     arena: Option<&'static Arena>,
+    /// [`Rpc::close`] ran: calls through other clones fail with
+    /// [`Error::Closed`].
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for Inner {
@@ -444,11 +447,15 @@ impl Rpc {
                 end,
                 stats,
                 arena,
+                closed: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
 
     pub(crate) fn submit(&self, args: impl Into<Body>, done: Waiter) {
+        if self.inner.closed.load(Ordering::Relaxed) {
+            return done.complete(Err(Error::Closed));
+        }
         let mut args = match Payload::new(args) {
             Ok(p) => p,
             Err(e) => return done.complete(Err(e)),
@@ -545,19 +552,23 @@ impl Rpc {
         self.inner.engine.kind()
     }
 
-    /// Drops this handle and waits until the worker has finished: `Ok` when
-    /// every call was answered and it exited (`on_destroy`), else the error.
-    /// Other clones keep the worker open until they are dropped too.
+    /// Closes the worker and waits until it has finished: `Ok` when every
+    /// call was answered and it exited (`on_destroy`), else the error.
+    /// Calls already made are still sent and answered; calls made after
+    /// this through other clones (a [`Typed`](crate::Typed) handle holds
+    /// one) fail with [`Error::Closed`], so no clone keeps the worker, or
+    /// this wait, open.
     pub fn close(self) -> Closing {
         let end = self.inner.end.clone();
+        self.inner.closed.store(true, Ordering::Relaxed);
+        self.inner.engine.push(Command::Close { id: self.inner.id });
         drop(self);
         Closing(end)
     }
 
     /// [`Rpc::close`] for threads without a runtime.
     pub fn close_blocking(self) -> Result<()> {
-        let end = self.inner.end.clone();
-        drop(self);
+        let end = self.close().0;
         end.wait_clone()
     }
 }

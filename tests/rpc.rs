@@ -9,8 +9,8 @@
 mod common;
 
 use common::{
-    check, destroy_channel, engine_trials, engines, eq, logged, proc_exists, recv, wait_gone,
-    EngineTest, Log,
+    block, check, destroy_channel, engine_trials, engines, eq, logged, proc_exists, recv,
+    wait_gone, EngineTest, Log,
 };
 use forkrpc::{octets, EngineKind, Error, ExitStatus, Octets, Options, Template, WorkerArgs};
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -171,6 +171,7 @@ fn main() {
         ("payload_too_large_sends_nothing", payload_too_large),
         ("drop_drains_queued_calls", drop_drains),
         ("close_reaps_the_worker", close_reaps),
+        ("close_ends_the_worker_for_every_clone", close_with_clones),
         ("send_arg_reaches_init", send_arg_init),
         ("send_fh_seed_recipe", send_fh_recipe),
         ("derived_template_shares_init_state", derived_template),
@@ -529,6 +530,21 @@ fn drop_drains(t: &Template, kind: EngineKind) -> Result<(), Failed> {
     }
     drop(rpc);
     eq(recv(&rx)?, 1000)
+}
+
+fn close_with_clones(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    let rpc = t
+        .fork()
+        .run(forkrpc::ECHO, Options::default().engine(kind))?;
+    let other = rpc.clone(); // as a typed handle holds one
+    let before = other.call(octets!["before"]);
+    // Returns although `other` is alive: close ends the worker for all.
+    rpc.close_blocking()?;
+    eq(block(before)?, octets!["before"])?;
+    match other.call_blocking(octets!["after"]) {
+        Err(Error::Closed) => Ok(()),
+        r => Err(format!("a call after close: expected Closed, got {r:?}").into()),
+    }
 }
 
 fn close_reaps(t: &Template, kind: EngineKind) -> Result<(), Failed> {

@@ -258,7 +258,6 @@ fn typed_requests_are_read_in_place(t: &Template, kind: EngineKind) -> Result<()
             )?;
         }
         eq(regions_after_sync_typed(&typed)?, 0)?;
-        drop(typed); // it holds a clone of the handle
         rpc.close_blocking()?;
     }
     Ok(())
