@@ -109,7 +109,7 @@ type PoolTest = fn(&Template) -> Result<(), Failed>;
 fn main() {
     let t = template().expect("template starts");
     let args = Arguments::from_args();
-    let tests: [(&str, PoolTest); 24] = [
+    let tests: [(&str, PoolTest); 25] = [
         ("perl_pool_test", perl_pool_test),
         ("example_pool_synopsis", example_pool),
         ("call_forms_and_stats", call_forms),
@@ -121,6 +121,7 @@ fn main() {
         ("dropped_future_leaves_the_queue", cancellation),
         ("queue_limit_bounds_the_queue", queue_limit),
         ("close_within_kills_what_is_left", close_within),
+        ("close_ends_the_pool_for_every_clone", close_with_clones),
         ("memory_ceiling_recycles_workers", memory_ceiling),
         ("map_keeps_order", map_ordered),
         ("map_unordered_yields_every_index", map_unordered),
@@ -432,6 +433,26 @@ fn queue_limit(t: &Template) -> Result<(), Failed> {
     }
     pool.close_blocking()?;
     Ok(())
+}
+
+fn close_with_clones(t: &Template) -> Result<(), Failed> {
+    let (destroy, destroyed) = destroy_channel();
+    let pool = Pool::new(
+        t,
+        "t::sleep",
+        Options::default().on_destroy(destroy),
+        PoolOptions::default().max(1).idle(1),
+    )?;
+    let other = pool.clone(); // as a typed pool or a running map holds one
+    let before = other.call(octets!["20"]);
+    // Returns although `other` is alive: close ends the pool for all.
+    pool.close_blocking()?;
+    recv(&destroyed)?;
+    eq(block(before)?.str(0), Some("20"))?;
+    match other.call_blocking(octets!["0"]) {
+        Err(Error::Closed) => Ok(()),
+        r => Err(format!("a call after close: expected Closed, got {r:?}").into()),
+    }
 }
 
 fn close_within(t: &Template) -> Result<(), Failed> {

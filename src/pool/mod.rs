@@ -301,19 +301,21 @@ impl Pool {
         self.shared().stats()
     }
 
-    /// Drops this handle and waits until the pool is done: every queued
-    /// call answered, every worker exited, `on_destroy` run. Other clones
-    /// keep the pool open until they are dropped too.
+    /// Closes the pool and waits until it is done: every queued call
+    /// answered, every worker exited, `on_destroy` run. Calls made after
+    /// this through other clones (a [`TypedPool`](crate::TypedPool) or a
+    /// running [`Map`] holds one) fail with [`Error::Closed`], so no clone
+    /// keeps the pool, or this wait, open.
     pub fn close(self) -> Closing {
         let end = self.shared().end.clone();
+        self.shared().close(None);
         drop(self);
         Closing(end)
     }
 
     /// [`Pool::close`] for threads without a runtime.
     pub fn close_blocking(self) -> Result<()> {
-        let end = self.shared().end.clone();
-        drop(self);
+        let end = self.close().0;
         end.wait_clone()
     }
 
