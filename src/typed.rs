@@ -268,7 +268,8 @@ where
         let codec = codec.clone();
         tokio::task::spawn_local(async move {
             let resp = fut.await;
-            done.reply_raw(freeze(&*codec, &resp, REPLY_OFFSET).map_err(|e| e.to_string()));
+            let reply = freeze(&*codec, &resp, REPLY_OFFSET);
+            done.reply_raw(reply.as_deref().map_err(|e| e.to_string()));
         });
     })
 }

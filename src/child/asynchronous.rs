@@ -75,7 +75,7 @@ impl Done {
     }
 
     /// Sends a frozen reply (typed handlers), or fails the call.
-    pub(crate) fn reply_raw(self, reply: Result<bytes::Bytes, String>) {
+    pub(crate) fn reply_raw(self, reply: Result<&[u8], String>) {
         let id = self.id;
         std::mem::forget(self);
         OUT.with(|cell| {
@@ -83,7 +83,7 @@ impl Done {
                 return;
             };
             let Some(o) = o.as_mut() else { return };
-            o.put_raw_reply(id, reply.as_deref().map_err(|m| ("error", m.clone())));
+            o.put_raw_reply(id, reply.map_err(|m| ("error", m)));
             o.put_releases();
             if let Some(st) = o.wake.clone() {
                 st.call_done();
@@ -305,11 +305,10 @@ fn start(handler: &Handler, done: Done, req: Request) {
     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || match (handler, req) {
         (Handler::Async(h), Request::Octets(args)) => h(done, args),
         (Handler::Sync(h), Request::Octets(args)) => done.reply(h(args)),
-        (Handler::Raw(h), Request::Raw(p)) => {
-            let mut out = bytes::BytesMut::new();
-            let r = h(p, ID_HEADER, &mut out);
-            done.reply_raw(r.map(|()| out.freeze()))
-        }
+        (Handler::Raw(h), Request::Raw(p)) => super::with_reply_buffer(|out| {
+            let r = h(p, ID_HEADER, out);
+            done.reply_raw(r.map(|()| &out[..]))
+        }),
         (Handler::RawAsync(h), Request::Raw(p)) => h(done, p, ID_HEADER),
         _ => unreachable!("requests are decoded for their handler's kind"),
     }));

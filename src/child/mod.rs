@@ -53,6 +53,22 @@ pub(crate) fn unshare_raw(payload: Bytes) -> Result<Bytes, WireError> {
     }
 }
 
+thread_local! {
+    /// Where typed handlers freeze their replies, kept from call to call.
+    static REPLY: std::cell::Cell<bytes::BytesMut> = std::cell::Cell::new(bytes::BytesMut::new());
+}
+
+/// Runs `f` with this thread's (emptied) reply buffer: a typed reply is
+/// frozen there and queued from there, so no buffer is allocated per reply.
+/// A panic in `f` leaves a fresh buffer for the next call.
+pub(crate) fn with_reply_buffer<R>(f: impl FnOnce(&mut bytes::BytesMut) -> R) -> R {
+    let mut out = REPLY.take();
+    out.clear();
+    let r = f(&mut out);
+    REPLY.set(out);
+    r
+}
+
 /// The worker's output buffer, reachable from [`event`] inside a handler.
 pub(crate) struct Out {
     pub fd: RawFd,

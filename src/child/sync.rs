@@ -3,8 +3,8 @@
 //! events are coalesced into one write per chunk. No runtime, no threads.
 
 use super::{
-    capture_panics, fatal, run_chunk, take_panic_message, unshare, unshare_raw, Out, OUT,
-    PANIC_EXIT_CODE, PROTOCOL_EXIT_CODE,
+    capture_panics, fatal, run_chunk, take_panic_message, unshare, unshare_raw, with_reply_buffer,
+    Out, OUT, PANIC_EXIT_CODE, PROTOCOL_EXIT_CODE,
 };
 use crate::octets;
 use crate::registry::{Handler, RawHandler};
@@ -121,21 +121,15 @@ fn typed_call(fd: RawFd, h: &RawHandler, payload: bytes::Bytes, last: bool) {
             PROTOCOL_EXIT_CODE,
         ),
     };
-    // The reply is frozen into a buffer kept from call to call.
-    let mut out = REPLY.take();
-    out.clear();
-    let r = caught(fd, || h(payload, crate::wire::frame::LEN_HEADER, &mut out));
-    output(|o| {
-        o.put_raw_reply(
-            SYNC_REPLY_ID,
-            r.map(|()| &out[..]).map_err(|m| ("error", m)),
-        )
-    });
-    REPLY.set(out);
-}
-
-thread_local! {
-    static REPLY: std::cell::Cell<BytesMut> = std::cell::Cell::new(BytesMut::new());
+    with_reply_buffer(|out| {
+        let r = caught(fd, || h(payload, crate::wire::frame::LEN_HEADER, out));
+        output(|o| {
+            o.put_raw_reply(
+                SYNC_REPLY_ID,
+                r.map(|()| &out[..]).map_err(|m| ("error", m)),
+            )
+        });
+    })
 }
 
 /// Runs a handler; a panic is reported to the parent and ends the worker.
