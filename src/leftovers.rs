@@ -98,6 +98,8 @@ impl Bin {
             || self.raw.len() == BIN_ITEMS
     }
 
+    /// Grown past [`BIN_ITEMS`]: not kept for reuse, so a burst does not
+    /// pin its memory.
     fn roomy(&self) -> bool {
         [
             self.payloads.capacity(),
@@ -105,13 +107,10 @@ impl Bin {
             self.raw.capacity(),
         ]
         .iter()
-        .any(|&c| c > SPARE_ROOM)
+        .any(|&c| c > BIN_ITEMS)
     }
 }
 
-/// Emptied bins kept for reuse hold at most this many items of a kind, so
-/// a burst does not pin its memory.
-const SPARE_ROOM: usize = BIN_ITEMS;
 /// A bin of at most this many items joins the last shelved one.
 const FEW: usize = 64;
 /// A bin holds at most this many items of a kind: the driver then starts
@@ -314,7 +313,7 @@ mod tests {
     fn roomy_bins_and_extra_spares_are_let_go() {
         let mut shelf = Shelf::default();
         let mut roomy = Bin::new();
-        roomy.callbacks.reserve(SPARE_ROOM + 1);
+        roomy.callbacks.reserve(BIN_ITEMS + 1);
         let mut bins = vec![roomy];
         bins.extend((0..SPARES + 2).map(|_| Bin::new()));
         shelf.put_back(bins);

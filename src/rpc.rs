@@ -9,7 +9,7 @@ use crate::latch::{Latch, Take};
 use crate::leftovers::{self, Callback, RawCallback, Spent};
 use crate::window::Window;
 use crate::wire::frame::{put_id_header, put_len_header, EVENT_ID, SYNC_REPLY_ID};
-use crate::wire::{shared, CHUNK_PART_TAG, ERROR_TAG, FATAL_TAG, RELEASE_TAG};
+use crate::wire::{shared, starts_with_tag, CHUNK_PART_TAG, ERROR_TAG, FATAL_TAG, RELEASE_TAG};
 use crate::{octets, Octets};
 use bytes::Bytes;
 use std::collections::VecDeque;
@@ -594,10 +594,6 @@ impl Future for Closing {
 }
 
 /// True if an event payload's first octet string is `tag`.
-fn has_tag(payload: &[u8], tag: &str) -> bool {
-    payload.first() == Some(&(tag.len() as u8)) && payload[1..].starts_with(tag.as_bytes())
-}
-
 /// The calls a connection waits for.
 enum Calls {
     /// Sync backend: replies come in request order.
@@ -680,13 +676,13 @@ impl Session {
     /// An event frame: a note of ours (fatal, per-call error), or the
     /// user's event (raw to a typed `on_event`, else decoded as octets).
     fn event(&mut self, payload: Bytes) -> Result<(), String> {
-        if has_tag(&payload, CHUNK_PART_TAG) {
+        if starts_with_tag(&payload, CHUNK_PART_TAG) {
             return self.chunk_part(payload);
         }
-        if self.arena.is_some() && has_tag(&payload, RELEASE_TAG) {
+        if self.arena.is_some() && starts_with_tag(&payload, RELEASE_TAG) {
             return self.released(payload);
         }
-        let ours = has_tag(&payload, FATAL_TAG) || has_tag(&payload, ERROR_TAG);
+        let ours = starts_with_tag(&payload, FATAL_TAG) || starts_with_tag(&payload, ERROR_TAG);
         if !ours {
             if let Some(f) = &self.opts.on_event_raw {
                 guard("on_event", || f(payload));

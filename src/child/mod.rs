@@ -42,14 +42,13 @@ pub(crate) fn unshare_raw(payload: Bytes) -> Result<Bytes, WireError> {
     if !(crate::arena::worker::mapped() && shared::starts_shared(&payload)) {
         return Ok(payload);
     }
-    match Octets::decode(payload.clone()) {
-        Ok(args) if shared::is_shared(&args) => {
-            match shared::decode_frozen(&args, crate::arena::worker::view)? {
-                Some(frozen) => Ok(frozen),
-                None => Ok(unshare(args)?.to_bytes()),
-            }
-        }
-        _ => Ok(payload),
+    // The tag is there; a payload that still is not octets is the codec's.
+    let Ok(args) = Octets::decode(payload.clone()) else {
+        return Ok(payload);
+    };
+    match shared::decode_frozen(&args, crate::arena::worker::view)? {
+        Some(frozen) => Ok(frozen),
+        None => Ok(unshare(args)?.to_bytes()),
     }
 }
 

@@ -72,5 +72,11 @@ pub const SHARED_TAG: &str = "\0forkrpc-shm";
 /// the shared arena: `[RELEASE_TAG, offsets]` (see [`shared`]).
 pub const RELEASE_TAG: &str = "\0forkrpc-release";
 
+/// Whether an encoded octets payload's first string is `tag` (one of the
+/// tags above), without decoding it.
+pub fn starts_with_tag(payload: &[u8], tag: &str) -> bool {
+    payload.first() == Some(&(tag.len() as u8)) && payload[1..].starts_with(tag.as_bytes())
+}
+
 pub mod chunk;
 pub mod shared;

@@ -29,8 +29,22 @@ pub fn is_shared(o: &Octets) -> bool {
 /// Whether an encoded payload may be a shared one (its first string is
 /// [`SHARED_TAG`]), without decoding it.
 pub fn starts_shared(payload: &[u8]) -> bool {
-    let tag = SHARED_TAG.as_bytes();
-    payload.first() == Some(&(tag.len() as u8)) && payload[1..].starts_with(tag)
+    super::starts_with_tag(payload, SHARED_TAG)
+}
+
+/// A reference element: `offset, len`.
+fn reference(offset: u64, len: u64) -> Bytes {
+    [offset.to_be_bytes(), len.to_be_bytes()].concat().into()
+}
+
+/// The `offset, len` of a reference element, if it is one.
+fn referred(e: &[u8]) -> Option<(u64, u64)> {
+    let e: &[u8; REF_LEN] = e.try_into().ok()?;
+    let (off, len) = e.split_at(8);
+    Some((
+        u64::from_be_bytes(off.try_into().unwrap()),
+        u64::from_be_bytes(len.try_into().unwrap()),
+    ))
 }
 
 /// The shared form of `strings`: those `place` finds an offset for become
@@ -44,10 +58,7 @@ pub fn encode(strings: &[Bytes], mut place: impl FnMut(&Bytes) -> Option<u64>) -
         match place(s) {
             Some(offset) => {
                 map.push(1);
-                let mut r = Vec::with_capacity(REF_LEN);
-                r.extend_from_slice(&offset.to_be_bytes());
-                r.extend_from_slice(&(s.len() as u64).to_be_bytes());
-                out.push(r.into());
+                out.push(reference(offset, s.len() as u64));
             }
             None => {
                 map.push(0);
@@ -64,13 +75,10 @@ pub fn encode(strings: &[Bytes], mut place: impl FnMut(&Bytes) -> Option<u64>) -
 
 /// The shared form of a frozen payload lying at `offset` in the arena.
 pub fn encode_frozen(offset: u64, len: u64) -> Octets {
-    let mut r = Vec::with_capacity(REF_LEN);
-    r.extend_from_slice(&offset.to_be_bytes());
-    r.extend_from_slice(&len.to_be_bytes());
     Octets(vec![
         Bytes::from_static(SHARED_TAG.as_bytes()),
         Bytes::from_static(&[2]),
-        r.into(),
+        reference(offset, len),
     ])
 }
 
@@ -81,9 +89,9 @@ pub fn decode_frozen(
     view: impl FnOnce(u64, u64) -> Option<Bytes>,
 ) -> Result<Option<Bytes>, WireError> {
     match &o.0[..] {
-        [_, map, e] if map[..] == [2] && e.len() == REF_LEN => {
-            let offset = u64::from_be_bytes(e[..8].try_into().unwrap());
-            let len = u64::from_be_bytes(e[8..].try_into().unwrap());
+        [_, map, e] if map[..] == [2] => {
+            let (offset, len) =
+                referred(e).ok_or(WireError::Shared("a malformed frozen payload"))?;
             view(offset, len)
                 .map(Some)
                 .ok_or(WireError::Shared("a reference names no shared string"))
@@ -107,11 +115,11 @@ pub fn decode(
     for (&kind, e) in map.iter().zip(elems) {
         out.push(match kind {
             0 => e.clone(),
-            1 if e.len() == REF_LEN => {
-                let offset = u64::from_be_bytes(e[..8].try_into().unwrap());
-                let len = u64::from_be_bytes(e[8..].try_into().unwrap());
-                view(offset, len).ok_or(WireError::Shared("a reference names no shared string"))?
-            }
+            1 => match referred(e) {
+                Some((offset, len)) => view(offset, len)
+                    .ok_or(WireError::Shared("a reference names no shared string"))?,
+                None => return Err(WireError::Shared("a malformed element")),
+            },
             _ => return Err(WireError::Shared("a malformed element")),
         });
     }
@@ -217,6 +225,11 @@ mod tests {
         assert_eq!(decode_frozen(&octets, |_, _| None), Ok(None));
         let bad = octets![SHARED_TAG, vec![0u8, 2], "a", vec![0u8; 16]];
         assert!(decode_frozen(&bad, |_, _| None).is_err());
+        let short = octets![SHARED_TAG, vec![2u8], vec![0u8; 15]];
+        assert_eq!(
+            decode_frozen(&short, |_, _| Some(Bytes::new())),
+            Err(WireError::Shared("a malformed frozen payload"))
+        );
         assert!(decode(&f, |_, _| Some(Bytes::new())).is_err(), "not octets");
     }
 
