@@ -23,6 +23,7 @@ use crate::error::Result;
 use crate::rpc::Payload;
 use crate::Octets;
 use bytes::Bytes;
+use smallbox::{space::S2, SmallBox};
 use std::cell::RefCell;
 use std::time::Duration;
 
@@ -43,10 +44,22 @@ impl<T, F: FnOnce(T) + Send> Reply<T> for Option<F> {
     }
 }
 
-/// A boxed reply callback for decoded replies.
-pub(crate) type Callback = Box<dyn Reply<Result<Octets>>>;
-/// A boxed reply callback for undecoded replies.
-pub(crate) type RawCallback = Box<dyn Reply<Result<Bytes>>>;
+/// A reply callback for decoded replies: kept inside the call when it
+/// captures at most two words (a reference, an `Arc`, a sender), else
+/// boxed. An inline one leaves nothing to free once it ran, and its bytes
+/// travel to the driver with the call instead of in a block of the
+/// caller's heap that the driver must fetch and the caller free.
+pub(crate) type Callback = SmallBox<dyn Reply<Result<Octets>>, S2>;
+/// A reply callback for undecoded replies (see [`Callback`]).
+pub(crate) type RawCallback = SmallBox<dyn Reply<Result<Bytes>>, S2>;
+
+/// Wraps `f` as a [`Callback`] or [`RawCallback`].
+macro_rules! callback {
+    ($f:expr) => {
+        smallbox::smallbox!(Some($f))
+    };
+}
+pub(crate) use callback;
 
 /// Spent arguments and callbacks.
 pub(crate) struct Bin {
@@ -220,6 +233,11 @@ pub(crate) fn keep(s: Spent, made_on_driver: bool) {
     if made_on_driver || !crate::engine::on_driver_thread() {
         return;
     }
+    match &s {
+        Spent::Callback(c) if !c.is_heap() => return,
+        Spent::Raw(c) if !c.is_heap() => return,
+        _ => {}
+    }
     LOCAL.with_borrow_mut(|l| l.put(s))
 }
 
@@ -259,8 +277,11 @@ mod tests {
                 self.0.fetch_add(1, Ordering::Relaxed);
             }
         }
-        let c = Counted(drops.clone());
-        Box::new(Some(move |_: Result<Octets>| drop(c)))
+        // Boxed (a callback held inline is not kept): three words.
+        let c = (Counted(drops.clone()), [0usize; 2]);
+        let f: Callback = callback!(move |_: Result<Octets>| drop(c));
+        assert!(f.is_heap());
+        f
     }
 
     fn fill(n: usize, drops: &Arc<AtomicUsize>) {
@@ -307,6 +328,33 @@ mod tests {
         let mut bins = shelf.take().unwrap();
         empty(&mut bins);
         assert_eq!(drops.load(Ordering::Relaxed), 2 * FEW + 7);
+    }
+
+    #[test]
+    fn small_callbacks_are_held_inline_and_never_kept() {
+        let drops = Arc::new(AtomicUsize::new(0));
+        let d = drops.clone();
+        let mut small: Callback = callback!(move |_: Result<Octets>| {
+            d.fetch_add(1, Ordering::Relaxed);
+        });
+        assert!(!small.is_heap(), "an Arc's worth of captures stays inline");
+        small.reply(Ok(Octets::new()));
+        assert_eq!(drops.load(Ordering::Relaxed), 1);
+        let big = unrun(&drops);
+        crate::engine::ON_DRIVER.set(true);
+        keep(Spent::Callback(small), false);
+        keep(Spent::Callback(big), false);
+        crate::engine::ON_DRIVER.set(false);
+        LOCAL.with_borrow_mut(|l| {
+            assert_eq!(
+                l.bin.callbacks.len(),
+                1,
+                "only the boxed one waits for a caller"
+            );
+            assert!(l.bin.callbacks[0].is_heap());
+            l.bin.clear();
+        });
+        assert_eq!(drops.load(Ordering::Relaxed), 2);
     }
 
     #[test]

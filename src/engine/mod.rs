@@ -439,7 +439,7 @@ pub(crate) struct Engine {
 }
 
 thread_local! {
-    static ON_DRIVER: Cell<bool> = const { Cell::new(false) };
+    pub(crate) static ON_DRIVER: Cell<bool> = const { Cell::new(false) };
 }
 
 /// True on a driver thread (inside callbacks).

@@ -9,9 +9,10 @@ use super::shared::{complete, Shared, Sink};
 use crate::engine::SEND_IN_PLACE;
 use crate::error::{Error, Result};
 use crate::rpc::{ChunkWaiter, Payload};
+use crate::wire::ber;
 use crate::wire::chunk::{self, ItemResult};
 use crate::Octets;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use forkrpc_pool::WorkerId;
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -20,18 +21,23 @@ use std::sync::Arc;
 /// two, all octets, none big (big arguments are sent in place, which a
 /// chunk's one blob would undo).
 pub(crate) fn request<'a>(args: impl Iterator<Item = &'a Payload> + Clone) -> Option<Payload> {
-    let mut n = 0;
+    let (mut n, mut total) = (0, 0);
     for a in args.clone() {
-        if a.octets().is_none() || a.len() as usize >= SEND_IN_PLACE {
+        if !a.is_octets() || a.len() as usize >= SEND_IN_PLACE {
             return None;
         }
         n += 1;
+        total += ber::encoded_len(u64::from(a.len())) + a.len() as usize;
     }
     if n < 2 {
         return None;
     }
-    let sized = args.filter_map(|a| Some((u64::from(a.len()), a.octets()?)));
-    Payload::new(chunk::request_sized(sized)).ok()
+    let mut blob = BytesMut::with_capacity(total);
+    for a in args {
+        ber::encode(u64::from(a.len()), &mut blob);
+        a.encode_octets(&mut blob);
+    }
+    Payload::new(chunk::request_from_blob(blob.freeze())).ok()
 }
 
 /// Counts a chunk's results and turns them into call results.
@@ -223,7 +229,7 @@ impl ChunkWaiter for MapChunk {
         };
         if let Some(e) = e {
             let left = self.results.n - first - rs.len();
-            rs.extend(std::iter::repeat(Err(e)).take(left));
+            rs.extend(std::iter::repeat_n(Err(e), left));
         }
         self.sink.deliver(first, rs);
     }

@@ -15,7 +15,7 @@
 //! Callbacks run on the engine's driver thread; the pool's lock is never
 //! held while user code runs.
 
-mod chunked;
+pub(crate) mod chunked;
 mod map;
 mod shared;
 
@@ -440,9 +440,9 @@ fn physical_from_sysfs() -> Option<usize> {
         let e = e.ok()?;
         let name = e.file_name();
         let name = name.to_str()?;
-        if !name
+        if name
             .strip_prefix("cpu")
-            .is_some_and(|n| n.parse::<u32>().is_ok())
+            .is_none_or(|n| n.parse::<u32>().is_err())
         {
             continue;
         }

@@ -69,6 +69,12 @@ pub fn request_sized<'a>(calls: impl Iterator<Item = (u64, &'a Octets)> + Clone)
     tagged(blob.freeze())
 }
 
+/// A chunk request around a request blob built elsewhere (see the module
+/// docs for its layout).
+pub(crate) fn request_from_blob(blob: Bytes) -> Octets {
+    tagged(blob)
+}
+
 /// Reads one BER length at `*pos` of `buf` and returns the range of the
 /// `len` bytes after it.
 fn next_field(buf: &[u8], pos: &mut usize) -> Result<std::ops::Range<usize>, WireError> {
