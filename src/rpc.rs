@@ -521,11 +521,13 @@ impl Rpc {
         if let Some(a) = self.inner.arena {
             args.share(a, self.request_offset());
         }
-        self.inner.stats.submitted.fetch_add(1, Ordering::Relaxed);
-        self.inner.engine.push(Command::Call {
-            id: self.inner.id,
-            call: Call { args, done },
-        });
+        self.inner.engine.push_counted(
+            Command::Call {
+                id: self.inner.id,
+                call: Call { args, done },
+            },
+            Some((&self.inner.stats.submitted, 1)),
+        );
     }
 
     /// The size of the frame header in front of a request payload: 4 on
@@ -548,11 +550,13 @@ impl Rpc {
     /// Sends several calls in one go (one command for the engine).
     pub(crate) fn submit_batch(&self, calls: Vec<Call>) {
         let n = calls.len() as u64;
-        self.inner.stats.submitted.fetch_add(n, Ordering::Relaxed);
-        self.inner.engine.push(Command::Calls {
-            id: self.inner.id,
-            calls,
-        });
+        self.inner.engine.push_counted(
+            Command::Calls {
+                id: self.inner.id,
+                calls,
+            },
+            Some((&self.inner.stats.submitted, n)),
+        );
     }
 
     /// Calls the handler; the future resolves with its reply. Works on any

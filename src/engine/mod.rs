@@ -327,7 +327,8 @@ pub(crate) trait Protocol: Send {
 /// `submitted`, the driver the rest: they sit on separate cache lines.
 #[derive(Default)]
 pub(crate) struct ConnStats {
-    /// Calls handed to the engine (by callers).
+    /// Calls handed to the engine (by callers, under the engine's queue
+    /// lock: see [`Engine::push_counted`]).
     pub submitted: CacheLine<AtomicU64>,
     /// Calls resolved by a reply or an error note (by the driver).
     pub answered: CacheLine<AtomicU64>,
@@ -544,8 +545,19 @@ impl Engine {
     /// Queues a command and wakes the driver if it sleeps. Takes what
     /// earlier calls left behind and frees it here, on the caller's thread.
     pub(crate) fn push(&self, cmd: Command) {
+        self.push_counted(cmd, None)
+    }
+
+    /// As [`Engine::push`], adding `n` to `count` under the queue's lock.
+    /// Every writer of a connection's `submitted` counter goes through
+    /// here, so the lock orders them and a plain store does: no locked
+    /// add per call.
+    pub(crate) fn push_counted(&self, cmd: Command, count: Option<(&AtomicU64, u64)>) {
         let leftovers = {
             let mut q = self.shared.queue.lock().unwrap();
+            if let Some((c, n)) = count {
+                c.store(c.load(Ordering::Relaxed) + n, Ordering::Relaxed);
+            }
             q.commands.push(cmd);
             if on_driver_thread() {
                 None
