@@ -42,7 +42,7 @@
 //! - `template`: [`Template`], [`Builder`], [`Fork`], [`init`].
 //! - `registry`: handlers and init functions by name.
 //! - `sys`: the few raw syscalls outside the backends; `idmap`: maps keyed
-//!   by our own ids.
+//!   by our own ids; `prefetch`: cache hints for the callers' queues.
 
 #![warn(missing_docs)]
 
@@ -54,6 +54,7 @@ mod idmap;
 mod latch;
 mod leftovers;
 mod pool;
+mod prefetch;
 mod process;
 mod registry;
 mod rpc;

@@ -271,6 +271,15 @@ impl<J> Scheduler<J> {
         self.queue.len()
     }
 
+    /// The address where the next job submitted will most likely be
+    /// stored: a hint for a caller that wants to prefetch it (wrong when
+    /// the queue wraps around or grows; never dereferenced).
+    pub fn queue_tail_hint(&self) -> usize {
+        let (front, back) = self.queue.as_slices();
+        let tail = if back.is_empty() { front } else { back };
+        tail.as_ptr_range().end as usize
+    }
+
     /// Workers starting or ready (those that count against `max`).
     pub fn active(&self) -> usize {
         self.workers

@@ -567,7 +567,11 @@ impl Engine {
                 self.shared.take_bins(&mut q)
             }
         };
-        prefetch_next_slot(next_slot);
+        // The slot's lines were last read by the driver on the other core:
+        // fetching them while this caller prepares its next call shortens
+        // the next push's wait for them at the unlock (which drains the
+        // pending stores).
+        crate::prefetch::two_lines(next_slot);
         // The queue's mutex orders this load after the driver's store of
         // `sleeping` whenever the driver could have missed our command, so
         // a plain load filters the common case without a locked RMW.
@@ -580,29 +584,6 @@ impl Engine {
         }
         self.shared.free_bins(leftovers);
     }
-}
-
-/// Asks for the lines of the queue slot the next command will take: they
-/// were last read by the driver on the other core, and fetching them while
-/// this caller prepares its next call shortens the next push's wait for
-/// them when it releases the lock (which drains the pending stores). A
-/// plain read prefetch: the write-intent one (`prefetchw`) needs a CPU
-/// feature outside the x86_64 baseline and measured no better here.
-#[inline]
-fn prefetch_next_slot(addr: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let p = addr as *const i8;
-        // SAFETY: sse is part of the x86_64 baseline, and a prefetch is a
-        // hint: it reads nothing and cannot fault, whatever the address.
-        unsafe {
-            _mm_prefetch::<_MM_HINT_T0>(p);
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = addr;
 }
 
 struct Conn {

@@ -276,6 +276,7 @@ impl Shared {
             admit
         };
         let mut d = Deferred::default();
+        let next_slot;
         let r = {
             let mut st = self.lock();
             if let Some(limit) = self.popts.queue_limit {
@@ -330,8 +331,12 @@ impl Shared {
                 st.sched.submit(now, Job { args, sink })
             };
             self.execute(&mut st, &mut d);
+            next_slot = st.sched.queue_tail_hint();
             r
         };
+        // As for the engine's queue (see `prefetch`): the driver took the
+        // last jobs from these lines.
+        crate::prefetch::two_lines(next_slot);
         self.finish(d);
         Ok(r)
     }
