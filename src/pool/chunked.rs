@@ -9,7 +9,6 @@ use super::shared::{complete, Shared, Sink};
 use crate::engine::SEND_IN_PLACE;
 use crate::error::{Error, Result};
 use crate::rpc::{ChunkWaiter, Payload};
-use crate::wire::ber;
 use crate::wire::chunk::{self, ItemResult};
 use crate::Octets;
 use bytes::{Bytes, BytesMut};
@@ -21,23 +20,22 @@ use std::sync::Arc;
 /// two, all octets, none big (big arguments are sent in place, which a
 /// chunk's one blob would undo).
 pub(crate) fn request<'a>(args: impl Iterator<Item = &'a Payload> + Clone) -> Option<Payload> {
-    let (mut n, mut total) = (0, 0);
+    let mut n = 0;
     for a in args.clone() {
         if !a.is_octets() || a.len() as usize >= SEND_IN_PLACE {
             return None;
         }
         n += 1;
-        total += ber::encoded_len(u64::from(a.len())) + a.len() as usize;
     }
     if n < 2 {
         return None;
     }
-    let mut blob = BytesMut::with_capacity(total);
-    for a in args {
-        ber::encode(u64::from(a.len()), &mut blob);
-        a.encode_octets(&mut blob);
-    }
-    Payload::new(chunk::request_from_blob(blob.freeze())).ok()
+    let calls = args.map(|a| {
+        (u64::from(a.len()), |blob: &mut BytesMut| {
+            a.encode_octets(blob)
+        })
+    });
+    Payload::new(chunk::request_with(calls)).ok()
 }
 
 /// Counts a chunk's results and turns them into call results.
