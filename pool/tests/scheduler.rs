@@ -185,6 +185,20 @@ fn perl(max: usize, idle: usize, load: usize) -> PoolConfig {
     }
 }
 
+/// The prefetch hint names where the next job will be stored: one job's
+/// size further after each job (while the queue neither wraps nor grows).
+#[test]
+fn queue_tail_hint_follows_the_queue_tail() {
+    let mut s = Scheduler::<u64>::new(PoolConfig::default(), Duration::ZERO);
+    // No worker has started yet: jobs wait in the queue.
+    s.submit(ms(0), 7);
+    let h1 = s.queue_tail_hint();
+    s.submit(ms(0), 8);
+    let h2 = s.queue_tail_hint();
+    assert_eq!(s.queued(), 2);
+    assert_eq!(h2 - h1, std::mem::size_of::<(JobId, u64)>());
+}
+
 #[test]
 fn burst_grows_one_worker_per_start_interval_up_to_max() {
     let mut sim = Sim::new(perl(4, 0, 2));
