@@ -34,8 +34,9 @@
 //! - `child`: what runs in a worker: the sync backend, the async backend
 //!   ([`Done`]) and its runtime (tokio-uring, else tokio), [`event`].
 //! - `rpc`: the RPC handle ([`Rpc`]) and the protocol of a connection;
-//!   `window`: async calls in flight by id; `leftovers`: spent arguments
-//!   and callbacks freed on a caller's thread, not the driver's.
+//!   `window`: async calls in flight by id; `outbox`: sync calls framed
+//!   on the caller's thread; `leftovers`: spent arguments and callbacks
+//!   freed on a caller's thread, not the driver's.
 //! - `typed`: typed handles ([`Typed`], [`TypedPool`]) over a codec.
 //! - `pool`: [`Pool`], acting on the decisions of `forkrpc-pool`'s
 //!   scheduler; bulk [`Pool::map`].
@@ -53,6 +54,7 @@ mod error;
 mod idmap;
 mod latch;
 mod leftovers;
+mod outbox;
 mod pool;
 mod prefetch;
 mod process;

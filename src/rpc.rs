@@ -7,6 +7,7 @@ use crate::engine::{Command, ConnStats, Engine, EngineKind, Protocol, SendQueue}
 use crate::error::{Error, ExitStatus, Result};
 use crate::latch::{Latch, Take};
 use crate::leftovers::{self, Callback, RawCallback, Spent};
+use crate::outbox::Outbox;
 use crate::window::Window;
 use crate::wire::frame::{put_id_header, put_len_header, EVENT_ID, SYNC_REPLY_ID};
 use crate::wire::{shared, starts_with_tag, CHUNK_PART_TAG, ERROR_TAG, FATAL_TAG, RELEASE_TAG};
@@ -254,6 +255,34 @@ impl Payload {
         self.len
     }
 
+    /// The shared form of the arguments (see [`shared`]) if some of their
+    /// strings lie in `arena`, pushing to `regions` the regions it names
+    /// (each a hold for the worker to be given).
+    pub(crate) fn shared_form(&self, arena: &Arena, regions: &mut Vec<usize>) -> Option<Octets> {
+        if !self.shared {
+            return None;
+        }
+        let o = match &self.body {
+            Body::Octets(o) => o,
+            Body::Small(_) => return None,
+            Body::Frozen(b) => {
+                let off = arena.offset_of(b)?;
+                regions.push(arena.region_of(off, b.len())?);
+                return Some(shared::encode_frozen(off as u64, b.len() as u64));
+            }
+        };
+        let start = regions.len();
+        let form = shared::encode(o, |b| {
+            let off = arena.offset_of(b).filter(|_| b.len() >= SHARE_MIN)?;
+            regions.push(arena.region_of(off, b.len())?);
+            Some(off as u64)
+        });
+        if form.is_none() {
+            regions.truncate(start);
+        }
+        form
+    }
+
     /// Lets sent arguments go: small ones made on a caller's thread are
     /// kept for a caller to free (see [`leftovers`]); big ones, sent in
     /// place, go at once, as the caller may want their buffers back.
@@ -288,7 +317,7 @@ impl Payload {
 
     /// Appends the payload; big byte strings are queued in place, not
     /// copied.
-    fn write(&self, out: &mut SendQueue) {
+    pub(crate) fn write(&self, out: &mut SendQueue) {
         match &self.body {
             Body::Octets(o) => write_octets(o, out),
             Body::Frozen(b) => out.put_shared(b),
@@ -297,7 +326,7 @@ impl Payload {
     }
 }
 
-fn write_octets(o: &Octets, out: &mut SendQueue) {
+pub(crate) fn write_octets(o: &Octets, out: &mut SendQueue) {
     for b in &o.0 {
         crate::wire::ber::encode(b.len() as u64, &mut out.buf);
         out.put_shared(b);
@@ -451,6 +480,8 @@ struct Inner {
     stats: Arc<ConnStats>,
     /// The worker reads big strings here (a worker we started).
     arena: Option<&'static Arena>,
+    /// Sync workers: where callers frame their calls (see `outbox`).
+    outbox: Option<Arc<Outbox>>,
     /// [`Rpc::close`] ran: calls through other clones fail with
     /// [`Error::Closed`].
     closed: std::sync::atomic::AtomicBool,
@@ -474,7 +505,9 @@ impl Rpc {
         let end = Latch::new();
         let stats = Arc::new(ConnStats::default());
         let asynchronous = opts.asynchronous;
+        let outbox = (!asynchronous).then(|| Arc::new(Outbox::default()));
         let session = Session {
+            outbox: outbox.clone(),
             pid,
             calls: if opts.asynchronous {
                 Calls::Async(Window::starting_at(1))
@@ -505,6 +538,7 @@ impl Rpc {
                 end,
                 stats,
                 arena,
+                outbox,
                 closed: std::sync::atomic::AtomicBool::new(false),
             }),
         }
@@ -520,6 +554,15 @@ impl Rpc {
         };
         if let Some(a) = self.inner.arena {
             args.share(a, self.request_offset());
+        }
+        if let Some(ob) = &self.inner.outbox {
+            // Framed here; the arguments are freed here too.
+            match ob.put(&args, done, self.inner.arena, &self.inner.stats.framed) {
+                Ok(true) => self.inner.engine.push(Command::Flush { id: self.inner.id }),
+                Ok(false) => {}
+                Err(done) => done.complete(Err(Error::Closed)),
+            }
+            return;
         }
         self.inner.engine.push_counted(
             Command::Call {
@@ -606,7 +649,8 @@ impl Rpc {
             return 0;
         }
         let answered = s.answered.load(Ordering::Relaxed);
-        s.submitted.load(Ordering::Relaxed).saturating_sub(answered)
+        (s.submitted.load(Ordering::Relaxed) + s.framed.load(Ordering::Relaxed))
+            .saturating_sub(answered)
     }
 
     /// The engine driving this worker.
@@ -705,6 +749,8 @@ struct Session {
     /// Regions of the arena sent to the worker and not yet released, with
     /// how many times each.
     held: Vec<(usize, u32)>,
+    /// Sync workers: calls framed by callers (see `outbox`).
+    outbox: Option<Arc<Outbox>>,
 }
 
 impl Session {
@@ -797,6 +843,11 @@ impl Session {
     /// A region sent to the worker once more.
     fn hold(&mut self, arena: &Arena, region: usize) {
         arena.hold(region);
+        self.note_held(region);
+    }
+
+    /// Counts a hold of `region` the worker was given (taken already).
+    fn note_held(&mut self, region: usize) {
         match self.held.iter_mut().find(|(r, _)| *r == region) {
             Some((_, n)) => *n += 1,
             None => self.held.push((region, 1)),
@@ -830,29 +881,12 @@ impl Session {
         Ok(())
     }
 
-    /// The shared form of `args` (see [`shared`]) if some of its strings
-    /// lie in the arena; the worker holds their regions from now on.
+    /// The shared form of `args` (see [`Payload::shared_form`]); the
+    /// worker holds its regions from now on.
     fn shared_form(&mut self, args: &Payload) -> Option<Octets> {
-        if !args.shared {
-            return None;
-        }
         let arena = self.arena?;
-        let o = match &args.body {
-            Body::Octets(o) => o,
-            Body::Small(_) => return None,
-            Body::Frozen(b) => {
-                let off = arena.offset_of(b)?;
-                let region = arena.region_of(off, b.len())?;
-                self.hold(arena, region);
-                return Some(shared::encode_frozen(off as u64, b.len() as u64));
-            }
-        };
         let mut regions = Vec::new();
-        let form = shared::encode(o, |b| {
-            let off = arena.offset_of(b).filter(|_| b.len() >= SHARE_MIN)?;
-            regions.push(arena.region_of(off, b.len())?);
-            Some(off as u64)
-        })?;
+        let form = args.shared_form(arena, &mut regions)?;
         for r in regions {
             self.hold(arena, r);
         }
@@ -966,7 +1000,27 @@ impl Protocol for Session {
         }
     }
 
+    fn take_framed(&mut self, out: &mut SendQueue, live: bool) {
+        let mut held = Vec::new();
+        if let (Some(ob), Calls::Sync(q)) = (&self.outbox, &mut self.calls) {
+            ob.take(out, q, &mut held, live);
+        }
+        for r in held {
+            self.note_held(r);
+        }
+    }
+
     fn finish(&mut self, pid: i32, status: Option<ExitStatus>) {
+        // Calls framed since the driver last looked fail with the others
+        // (their regions are released with the others); later ones are
+        // refused (Closed).
+        let mut held = Vec::new();
+        if let (Some(ob), Calls::Sync(q)) = (&self.outbox, &mut self.calls) {
+            q.append(&mut ob.end(&mut held));
+        }
+        for r in held {
+            self.note_held(r);
+        }
         // The worker is gone: what it held is free (our own views remain).
         if let Some(arena) = self.arena {
             for (region, n) in self.held.drain(..) {

@@ -141,6 +141,45 @@ fn echo_by_reference(t: &Template, kind: EngineKind) -> Result<(), Failed> {
     Ok(())
 }
 
+/// Small calls are framed by the caller (the outbox) and shared ones go
+/// to the driver as commands. Made alternately from a callback on the
+/// driver thread, all are queued before the driver looks at any; their
+/// replies must still come back in call order (a sync worker's replies
+/// are matched to calls by order alone).
+fn framed_and_shared_calls_keep_their_order(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    const N: usize = 40;
+    let rpc = t.fork().run("s::where", Options::default().engine(kind))?;
+    let echo = t
+        .fork()
+        .run(forkrpc::ECHO, Options::default().engine(kind))?;
+    let args: Vec<Octets> = (0..N)
+        .map(|i| {
+            let size = if i % 2 == 0 { 3000 } else { MIB };
+            octets![i.to_string(), pattern(size, i as u8)]
+        })
+        .collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (rpc2, args2) = (rpc.clone(), args.clone());
+    echo.call_with(octets!["go"], move |_| {
+        for (i, a) in args2.into_iter().enumerate() {
+            let tx = tx.clone();
+            rpc2.call_with(a, move |r| tx.send((i, r)).unwrap());
+        }
+    });
+    for n in 0..N {
+        let (i, r) = rx.recv_timeout(std::time::Duration::from_secs(10))?;
+        let r = r?;
+        eq(i, n)?; // callbacks run in reply order
+        eq(r.str(1), Some(i.to_string().as_str()))?; // the reply of call i
+        eq(r.str(0), Some(if i % 2 == 0 { "0" } else { "1" }))?;
+        eq(r[2] == args[i][1], true)?;
+    }
+    echo.close_blocking()?;
+    eq(regions_after_sync(&rpc)?, 0)?;
+    rpc.close_blocking()?;
+    Ok(())
+}
+
 fn what_does_not_fit_goes_by_socket(t: &Template, kind: EngineKind) -> Result<(), Failed> {
     let rpc = t.fork().run("s::where", Options::default().engine(kind))?;
     // 40 MiB of arena: two strings of 16 MiB fit, the third does not. Each
@@ -297,8 +336,12 @@ fn main() {
     let t = template();
     let mut args = Arguments::from_args();
     args.test_threads = Some(1);
-    let tests: [(&str, EngineTest); 8] = [
+    let tests: [(&str, EngineTest); 9] = [
         ("echo_by_reference", echo_by_reference),
+        (
+            "framed_and_shared_calls_keep_their_order",
+            framed_and_shared_calls_keep_their_order,
+        ),
         (
             "what_does_not_fit_goes_by_socket",
             what_does_not_fit_goes_by_socket,

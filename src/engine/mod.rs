@@ -154,7 +154,8 @@ fn in_flight(conns: &IdMap<u64, Conn>) -> u64 {
         .values()
         .map(|c| {
             let s = &c.stats;
-            s.submitted.0.load(Ordering::Relaxed) - s.answered.0.load(Ordering::Relaxed)
+            (s.submitted.0.load(Ordering::Relaxed) + s.framed.0.load(Ordering::Relaxed))
+                .saturating_sub(s.answered.0.load(Ordering::Relaxed))
         })
         .sum()
 }
@@ -281,6 +282,20 @@ impl SendQueue {
         self.buf.reserve(n.max(SEGMENT));
     }
 
+    /// Moves everything queued in `other` to the end of this queue.
+    pub(crate) fn append(&mut self, other: &mut SendQueue) {
+        if other.is_empty() {
+            return;
+        }
+        if !self.buf.is_empty() {
+            self.ready.push_back(self.buf.split().freeze());
+        }
+        self.ready.append(&mut other.ready);
+        if !other.buf.is_empty() {
+            self.ready.push_back(other.buf.split().freeze());
+        }
+    }
+
     /// The next piece to send if it is at most `max` bytes.
     fn next_small(&mut self, max: usize) -> Option<Bytes> {
         match self.ready.front() {
@@ -294,13 +309,13 @@ impl SendQueue {
     }
 
     /// The next piece to send, if any.
-    fn next(&mut self) -> Option<Bytes> {
+    pub(crate) fn next(&mut self) -> Option<Bytes> {
         self.ready
             .pop_front()
             .or_else(|| (!self.buf.is_empty()).then(|| self.buf.split().freeze()))
     }
 
-    fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.buf.clear();
         self.ready.clear();
     }
@@ -321,6 +336,10 @@ pub(crate) trait Protocol: Send {
     ) -> Result<(), String>;
     /// The connection ended: EOF (or a read error), and `status` if known.
     fn finish(&mut self, pid: i32, status: Option<ExitStatus>);
+    /// Takes the calls that callers framed themselves (see `outbox`),
+    /// appending their frames to `out`, or dropping them when `live` is
+    /// false (the worker can no longer read).
+    fn take_framed(&mut self, _out: &mut SendQueue, _live: bool) {}
 }
 
 /// Counters of one connection, readable from any thread. Callers write
@@ -330,6 +349,9 @@ pub(crate) struct ConnStats {
     /// Calls handed to the engine (by callers, under the engine's queue
     /// lock: see [`Engine::push_counted`]).
     pub submitted: CacheLine<AtomicU64>,
+    /// Calls framed by callers (under the connection's outbox lock: see
+    /// `outbox`).
+    pub framed: CacheLine<AtomicU64>,
     /// Calls resolved by a reply or an error note (by the driver).
     pub answered: CacheLine<AtomicU64>,
     /// Send operations submitted (a batch of frames each, or the rest of
@@ -373,6 +395,10 @@ pub(crate) enum Command {
         calls: Vec<Call>,
     },
     Close {
+        id: u64,
+    },
+    /// Take the calls framed in the outbox of connection `id`.
+    Flush {
         id: u64,
     },
     Exited {
@@ -750,9 +776,17 @@ impl<I: Io> Driver<I> {
                 );
                 self.arm_read(id);
             }
-            Command::Call { id, call } => self.calls(id, std::iter::once(call)),
-            Command::Calls { id, calls } => self.calls(id, calls.into_iter()),
+            Command::Call { id, call } => {
+                self.take_framed(id);
+                self.calls(id, std::iter::once(call))
+            }
+            Command::Calls { id, calls } => {
+                self.take_framed(id);
+                self.calls(id, calls.into_iter())
+            }
+            Command::Flush { id } => self.take_framed(id),
             Command::Close { id } => {
+                self.take_framed(id);
                 if let Some(c) = self.conns.get_mut(&id) {
                     c.closing = true;
                     self.dirty.push(id);
@@ -938,6 +972,8 @@ impl<I: Io> Driver<I> {
                     Some(needed) if !c.inbuf.is_empty() => read_want(needed, &c.inbuf, READ_CHUNK),
                     _ => READ_CHUNK,
                 };
+                // Calls framed while these replies were on their way.
+                self.take_framed(comp.id);
                 self.arm_read(comp.id);
             }
         }
@@ -963,6 +999,20 @@ impl<I: Io> Driver<I> {
             c.proto.encode(call, &mut c.out);
         }
         if empty {
+            self.dirty.push(id);
+        }
+    }
+
+    /// Takes the calls framed in connection `id`'s outbox, before any
+    /// later command for it, so that calls keep their order.
+    fn take_framed(&mut self, id: u64) {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return; // ended: its outbox was emptied then (`Protocol::finish`)
+        };
+        let live = !(c.eof || c.shut);
+        let empty = c.out.is_empty();
+        c.proto.take_framed(&mut c.out, live);
+        if live && empty && !c.out.is_empty() {
             self.dirty.push(id);
         }
     }
