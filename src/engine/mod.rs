@@ -51,6 +51,10 @@
 //! Callers on any thread push `Command`s to a queue and write an eventfd
 //! only when the driver is asleep; the driver drains the queue once per
 //! loop. Code running on the driver thread (callbacks) never wakes it.
+//! Calls to sync workers skip the queue: callers frame them in the
+//! connection's outbox (`crate::outbox`), and the driver takes it after
+//! each read of that connection's replies, so while calls are outstanding
+//! nobody wakes it for more (`Command::Flush` tells it otherwise).
 
 pub(crate) mod epoll;
 pub(crate) mod uring;
