@@ -9,8 +9,8 @@
 mod common;
 
 use common::{
-    block, check, destroy_channel, engine_trials, engines, eq, logged, proc_exists, recv,
-    wait_gone, EngineTest, Log,
+    await_in_order, block, check, destroy_channel, engine_trials, engines, eq, logged, proc_exists,
+    recv, wait_gone, EngineTest, Log,
 };
 use forkrpc::{octets, EngineKind, Error, ExitStatus, Octets, Options, Template, WorkerArgs};
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -182,6 +182,10 @@ fn main() {
         ("big_arguments_round_trip_in_order", big_arguments),
         ("small_calls_survive_full_socket_buffers", full_buffers),
         ("calls_queued_together_go_out_in_one_send", batched_sends),
+        (
+            "calls_behind_a_slow_one_leave_with_its_reply",
+            calls_behind_a_slow_one,
+        ),
         ("spent_arguments_are_released_when_idle", spent_arguments),
         (
             "arguments_of_calls_from_callbacks_are_freed_at_once",
@@ -707,6 +711,34 @@ fn batched_sends(t: &Template, kind: EngineKind) -> Result<(), Failed> {
         sends <= 3,
         format!("1001 calls took {sends} send operations"),
     )
+}
+
+/// Calls made while a slow call is outstanding wait in the caller's
+/// outbox, without waking the driver, and leave together when the slow
+/// call's reply arrives: one send for all of them (a sync worker could not
+/// have started them earlier anyway). They are made 2 ms apart, so that
+/// a driver woken for each would send each on its own.
+fn calls_behind_a_slow_one(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    let rpc = t.fork().run("t::sleep", opts(kind))?;
+    eq(rpc.call_blocking(octets!["0"])?, octets!["slept"])?;
+    let before = rpc.send_ops();
+    let slow = rpc.call(octets!["500"]);
+    let quick: Vec<_> = (0..50)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(2));
+            rpc.call(octets!["0"])
+        })
+        .collect();
+    eq(block(slow)?, octets!["slept"])?;
+    for r in await_in_order(quick) {
+        eq(r?, octets!["slept"])?;
+    }
+    let sends = rpc.send_ops() - before;
+    // The slow call's batch, then the rest in one (a third if the socket
+    // took it in two).
+    check(sends <= 3, format!("51 calls took {sends} send operations"))?;
+    rpc.close_blocking()?;
+    Ok(())
 }
 
 fn parent_fds_cloexec(t: &Template) -> Result<(), Failed> {
