@@ -60,26 +60,54 @@ impl Outbox {
         arena: Option<&Arena>,
         count: &AtomicU64,
     ) -> Result<bool, Waiter> {
+        self.frame(done, count, |f| {
+            let start = f.held.len();
+            let form = arena.and_then(|a| args.shared_form(a, &mut f.held));
+            let len = form.as_ref().map_or(args.len(), |o| o.encoded_len() as u32);
+            f.out
+                .reserve(LEN_HEADER + (len as usize).min(SEND_IN_PLACE));
+            put_len_header(&mut f.out.buf, len);
+            match &form {
+                Some(o) => {
+                    for &r in &f.held[start..] {
+                        arena.expect("a shared form names the arena").hold(r);
+                    }
+                    write_octets(o, &mut f.out)
+                }
+                None => args.write(&mut f.out),
+            }
+        })
+    }
+
+    /// Frames a sync request of `len` bytes that `write` appends (copying
+    /// every byte); as [`Outbox::put`].
+    pub(crate) fn put_with(
+        &self,
+        len: u32,
+        write: impl FnOnce(&mut SendQueue),
+        done: Waiter,
+        count: &AtomicU64,
+    ) -> Result<bool, Waiter> {
+        self.frame(done, count, |f| {
+            f.out.reserve(LEN_HEADER + len as usize);
+            put_len_header(&mut f.out.buf, len);
+            write(&mut f.out);
+        })
+    }
+
+    /// Under the lock: `write` appends the request frame, `done` waits for
+    /// its reply (see [`Outbox::put`]).
+    fn frame(
+        &self,
+        done: Waiter,
+        count: &AtomicU64,
+        write: impl FnOnce(&mut Framed),
+    ) -> Result<bool, Waiter> {
         let mut f = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if f.ended {
             return Err(done);
         }
-        let f = &mut *f;
-        let start = f.held.len();
-        let form = arena.and_then(|a| args.shared_form(a, &mut f.held));
-        let len = form.as_ref().map_or(args.len(), |o| o.encoded_len() as u32);
-        f.out
-            .reserve(LEN_HEADER + (len as usize).min(SEND_IN_PLACE));
-        put_len_header(&mut f.out.buf, len);
-        match &form {
-            Some(o) => {
-                for &r in &f.held[start..] {
-                    arena.expect("a shared form names the arena").hold(r);
-                }
-                write_octets(o, &mut f.out)
-            }
-            None => args.write(&mut f.out),
-        }
+        write(&mut f);
         f.waiters.push_back(done);
         count.store(count.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
         Ok(!std::mem::replace(&mut f.armed, true))

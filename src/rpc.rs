@@ -168,6 +168,31 @@ impl Small {
     }
 }
 
+impl Body {
+    /// The encoded size if no string is big enough to be shared or sent in
+    /// place (below 64 KiB each) and the whole fits a frame: a payload the
+    /// caller can simply copy into a frame.
+    fn plain_len(&self) -> Option<u32> {
+        let small = |n: usize| n < SHARE_MIN.min(crate::engine::SEND_IN_PLACE);
+        let len = match self {
+            Body::Octets(o) if o.iter().all(|b| small(b.len())) => o.encoded_len(),
+            Body::Frozen(b) if small(b.len()) => b.len() as u64,
+            Body::Small(s) => s.len as u64,
+            _ => return None,
+        };
+        u32::try_from(len).ok()
+    }
+
+    /// Appends the payload, copying every string (see [`Body::plain_len`]).
+    fn encode_plain(&self, out: &mut SendQueue) {
+        match self {
+            Body::Octets(o) => o.encode(&mut out.buf),
+            Body::Frozen(b) => out.buf.extend_from_slice(b),
+            Body::Small(s) => out.buf.extend_from_slice(s.as_slice()),
+        }
+    }
+}
+
 impl From<Octets> for Body {
     fn from(o: Octets) -> Self {
         Body::Octets(o)
@@ -548,6 +573,21 @@ impl Rpc {
         if self.inner.closed.load(Ordering::Relaxed) {
             return done.complete(Err(Error::Closed));
         }
+        let args = args.into();
+        if let Some(ob) = &self.inner.outbox {
+            if let Some(len) = args.plain_len() {
+                // Encoded straight into the outbox and dropped here: no
+                // payload built and moved on the way (each move of a value
+                // just written stalls on store forwarding).
+                let put = ob.put_with(
+                    len,
+                    |out| args.encode_plain(out),
+                    done,
+                    &self.inner.stats.framed,
+                );
+                return self.framed(put);
+            }
+        }
         let mut args = match Payload::new(args) {
             Ok(p) => p,
             Err(e) => return done.complete(Err(e)),
@@ -557,12 +597,8 @@ impl Rpc {
         }
         if let Some(ob) = &self.inner.outbox {
             // Framed here; the arguments are freed here too.
-            match ob.put(&args, done, self.inner.arena, &self.inner.stats.framed) {
-                Ok(true) => self.inner.engine.push(Command::Flush { id: self.inner.id }),
-                Ok(false) => {}
-                Err(done) => done.complete(Err(Error::Closed)),
-            }
-            return;
+            let put = ob.put(&args, done, self.inner.arena, &self.inner.stats.framed);
+            return self.framed(put);
         }
         self.inner.engine.push_counted(
             Command::Call {
@@ -571,6 +607,16 @@ impl Rpc {
             },
             Some((&self.inner.stats.submitted, 1)),
         );
+    }
+
+    /// After a call was put in the outbox: tells the driver if it must be
+    /// told; a call the ended connection refused fails.
+    fn framed(&self, put: std::result::Result<bool, Waiter>) {
+        match put {
+            Ok(true) => self.inner.engine.push(Command::Flush { id: self.inner.id }),
+            Ok(false) => {}
+            Err(done) => done.complete(Err(Error::Closed)),
+        }
     }
 
     /// The size of the frame header in front of a request payload: 4 on
