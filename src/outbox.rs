@@ -136,12 +136,15 @@ impl Outbox {
         } else {
             waiters.append(&mut f.waiters);
         }
+        f.armed = !waiters.is_empty();
         if live {
             out.append(&mut f.out);
-        } else {
-            f.out.clear();
+            return;
         }
-        f.armed = !waiters.is_empty();
+        // Dropped after the lock: a caller's buffer may run code when freed.
+        let dead = std::mem::take(&mut f.out);
+        drop(f);
+        drop(dead);
     }
 
     /// Driver: the connection ended. Later calls are refused; those
@@ -151,8 +154,11 @@ impl Outbox {
         let mut f = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         f.ended = true;
         held.append(&mut f.held);
-        f.out.clear();
-        std::mem::take(&mut f.waiters)
+        let dead = std::mem::take(&mut f.out);
+        let waiters = std::mem::take(&mut f.waiters);
+        drop(f);
+        drop(dead); // after the lock, as in `take`
+        waiters
     }
 }
 
