@@ -10,6 +10,13 @@
 //! and encode. On a pipelined echo that was about a quarter of the
 //! driver's time per call, and the driver is the stage that bounds it.
 //!
+//! The driver looks at the outbox after every read of the connection's
+//! replies, so a caller tells it (a `Flush` command, which wakes it) only
+//! when no call of the connection was outstanding. A call made behind an
+//! outstanding one therefore leaves when that one's reply arrives, with
+//! everything queued meanwhile; a sync worker could not have started it
+//! any earlier.
+//!
 //! A call whose strings lie in the shared arena is framed here too, in its
 //! shared form: the caller takes the worker's holds on the regions it
 //! names, and the driver adds them to its count with the batch. Async
