@@ -169,25 +169,26 @@ impl Small {
 }
 
 impl Body {
-    /// The encoded size if no string is big enough to be shared or sent in
-    /// place (below 64 KiB each) and the whole fits a frame: a payload the
-    /// caller can simply copy into a frame.
+    /// The encoded size of arguments as they come from a caller, if no
+    /// string is big enough to be shared or sent in place (below 64 KiB
+    /// each) and the whole fits a frame: a payload [`Body::write`] simply
+    /// copies into a frame.
     fn plain_len(&self) -> Option<u32> {
         let small = |n: usize| n < SHARE_MIN.min(crate::engine::SEND_IN_PLACE);
         let len = match self {
             Body::Octets(o) if o.iter().all(|b| small(b.len())) => o.encoded_len(),
             Body::Frozen(b) if small(b.len()) => b.len() as u64,
-            Body::Small(s) => s.len as u64,
             _ => return None,
         };
         u32::try_from(len).ok()
     }
 
-    /// Appends the payload, copying every string (see [`Body::plain_len`]).
-    fn encode_plain(&self, out: &mut SendQueue) {
+    /// Appends the payload; big byte strings are queued in place, not
+    /// copied.
+    fn write(&self, out: &mut SendQueue) {
         match self {
-            Body::Octets(o) => o.encode(&mut out.buf),
-            Body::Frozen(b) => out.buf.extend_from_slice(b),
+            Body::Octets(o) => write_octets(o, out),
+            Body::Frozen(b) => out.put_shared(b),
             Body::Small(s) => out.buf.extend_from_slice(s.as_slice()),
         }
     }
@@ -343,11 +344,7 @@ impl Payload {
     /// Appends the payload; big byte strings are queued in place, not
     /// copied.
     pub(crate) fn write(&self, out: &mut SendQueue) {
-        match &self.body {
-            Body::Octets(o) => write_octets(o, out),
-            Body::Frozen(b) => out.put_shared(b),
-            Body::Small(s) => out.buf.extend_from_slice(s.as_slice()),
-        }
+        self.body.write(out)
     }
 }
 
@@ -579,12 +576,7 @@ impl Rpc {
                 // Encoded straight into the outbox and dropped here: no
                 // payload built and moved on the way (each move of a value
                 // just written stalls on store forwarding).
-                let put = ob.put_with(
-                    len,
-                    |out| args.encode_plain(out),
-                    done,
-                    &self.inner.stats.framed,
-                );
+                let put = ob.put_with(len, |out| args.write(out), done, &self.inner.stats.framed);
                 return self.framed(put);
             }
         }
@@ -694,9 +686,7 @@ impl Rpc {
         if s.ended.load(Ordering::Acquire) {
             return 0;
         }
-        let answered = s.answered.load(Ordering::Relaxed);
-        (s.submitted.load(Ordering::Relaxed) + s.framed.load(Ordering::Relaxed))
-            .saturating_sub(answered)
+        s.unanswered()
     }
 
     /// The engine driving this worker.

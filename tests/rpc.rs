@@ -729,6 +729,8 @@ fn calls_behind_a_slow_one(t: &Template, kind: EngineKind) -> Result<(), Failed>
             rpc.call(octets!["0"])
         })
         .collect();
+    // All still waiting behind the slow call, framed ones included.
+    eq(rpc.pending(), 51)?;
     eq(block(slow)?, octets!["slept"])?;
     for r in await_in_order(quick) {
         eq(r?, octets!["slept"])?;

@@ -154,14 +154,7 @@ pub(crate) trait Io {
 
 /// Calls submitted to the workers of `conns` and not yet answered.
 fn in_flight(conns: &IdMap<u64, Conn>) -> u64 {
-    conns
-        .values()
-        .map(|c| {
-            let s = &c.stats;
-            (s.submitted.0.load(Ordering::Relaxed) + s.framed.0.load(Ordering::Relaxed))
-                .saturating_sub(s.answered.0.load(Ordering::Relaxed))
-        })
-        .sum()
+    conns.values().map(|c| c.stats.unanswered()).sum()
 }
 
 /// When the driver polls before it sleeps. Waking a sleeping thread costs
@@ -366,6 +359,14 @@ pub(crate) struct ConnStats {
     /// Set by whoever killed the worker on purpose: the error its
     /// outstanding calls get instead of "worker exited".
     pub note: Mutex<Option<Error>>,
+}
+
+impl ConnStats {
+    /// Calls handed over (as commands or framed) and not answered yet.
+    pub(crate) fn unanswered(&self) -> u64 {
+        let made = self.submitted.load(Ordering::Relaxed) + self.framed.load(Ordering::Relaxed);
+        made.saturating_sub(self.answered.load(Ordering::Relaxed))
+    }
 }
 
 /// A value alone on its cache line, so writers on other threads do not
