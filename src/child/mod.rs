@@ -7,7 +7,7 @@ pub(crate) mod sync;
 
 use crate::serial::Codec;
 use crate::sys::{self, exit_now};
-use crate::wire::chunk::{self, ItemResult};
+use crate::wire::chunk;
 use crate::wire::frame::{put_id_header, EVENT_ID, MAX_PAYLOAD};
 use crate::wire::{shared, WireError, ERROR_TAG, FATAL_TAG, RETIRE_TAG};
 use crate::{octets, Octets};
@@ -308,10 +308,9 @@ pub(crate) fn run_chunk(
             PROTOCOL_EXIT_CODE,
         ),
     };
-    // Checked: decoding cannot fail.
-    let items = chunk::each_item(req).map_while(Result::ok);
+    let blob = &req[1];
     // An echo's results take what its requests took, plus a status byte.
-    let room = req[1].len() + n;
+    let room = blob.len() + n;
     // The results wait in `OUT` so that an event from a handler can send
     // those of earlier items before itself (see `queue_event`).
     let with_part = |f: &mut dyn FnMut(&mut chunk::ReplyWriter)| {
@@ -322,26 +321,39 @@ pub(crate) fn run_chunk(
             }
         })
     };
-    let mut panicked = None;
+    let mut panicked: Option<String> = None;
     let mut sent_at = sys::coarse_now();
-    for args in items {
-        let r = if panicked.is_some() {
-            ItemResult::NotRun
-        } else {
-            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(args))) {
-                Ok(Ok(r)) => ItemResult::Reply(r),
-                Ok(Err(m)) => ItemResult::Error(m),
-                Err(_) => {
-                    let m = take_panic_message();
-                    panicked = Some(m.clone());
-                    ItemResult::Panic(m)
-                }
-            }
+    let mut pos = 0;
+    while pos < blob.len() {
+        // Checked above: neither can fail.
+        let Ok(range) = chunk::next_item(blob, &mut pos) else {
+            break;
         };
-        with_part(&mut |p| p.push(&r));
+        if panicked.is_some() {
+            with_part(&mut |p| p.not_run());
+            continue;
+        }
+        // The item is decoded, run and its result written inside the
+        // guard: nothing the size of a result moves through the unwind
+        // boundary (those moves were the worker's main cost per item).
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let Ok(args) = Octets::decode_in(blob, range) else {
+                return with_part(&mut |p| p.error("malformed arguments"));
+            };
+            match handler(args) {
+                Ok(r) => with_part(&mut |p| p.reply(&r)),
+                Err(m) => with_part(&mut |p| p.error(&m)),
+            }
+        }));
+        if ran.is_err() {
+            let m = take_panic_message();
+            with_part(&mut |p| p.panic(&m));
+            panicked = Some(m);
+            continue;
+        }
         // Results of slow calls go out as they come, not all at the end.
         let now = sys::coarse_now();
-        if panicked.is_none() && now.saturating_sub(sent_at) >= PART_EVERY {
+        if now.saturating_sub(sent_at) >= PART_EVERY {
             sent_at = now;
             OUT.with_borrow_mut(|o| {
                 if let Some(o) = o.as_mut() {

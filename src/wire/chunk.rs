@@ -95,6 +95,13 @@ fn next_field(buf: &[u8], pos: &mut usize) -> Result<std::ops::Range<usize>, Wir
     Ok(start..end)
 }
 
+/// The range of the next item of a chunk's blob at `pos` (an argument
+/// list or a result), moving `pos` past it.
+#[inline]
+pub(crate) fn next_item(blob: &[u8], pos: &mut usize) -> Result<std::ops::Range<usize>, WireError> {
+    next_field(blob, pos)
+}
+
 /// The argument lists of a chunk request (slices of its blob).
 pub fn items(req: &Octets) -> Result<Vec<Octets>, WireError> {
     check(req)?;
@@ -160,18 +167,35 @@ impl ReplyWriter {
     /// Appends one outcome.
     pub fn push(&mut self, r: &ItemResult) {
         match r {
-            ItemResult::Reply(o) => {
-                self.blob.put_u8(b'r');
-                ber::encode(o.encoded_len(), &mut self.blob);
-                o.encode(&mut self.blob);
-            }
-            ItemResult::Error(m) => self.text(b'e', m),
-            ItemResult::Panic(m) => self.text(b'p', m),
-            ItemResult::NotRun => {
-                self.blob.put_u8(b'n');
-                ber::encode(0, &mut self.blob);
-            }
+            ItemResult::Reply(o) => self.reply(o),
+            ItemResult::Error(m) => self.error(m),
+            ItemResult::Panic(m) => self.panic(m),
+            ItemResult::NotRun => self.not_run(),
         }
+    }
+
+    /// Appends a reply ([`ItemResult::Reply`]).
+    #[inline]
+    pub fn reply(&mut self, o: &Octets) {
+        self.blob.put_u8(b'r');
+        ber::encode(o.encoded_len(), &mut self.blob);
+        o.encode(&mut self.blob);
+    }
+
+    /// Appends a handler's error ([`ItemResult::Error`]).
+    pub fn error(&mut self, m: &str) {
+        self.text(b'e', m)
+    }
+
+    /// Appends a handler's panic ([`ItemResult::Panic`]).
+    pub fn panic(&mut self, m: &str) {
+        self.text(b'p', m)
+    }
+
+    /// Appends [`ItemResult::NotRun`].
+    pub fn not_run(&mut self) {
+        self.blob.put_u8(b'n');
+        ber::encode(0, &mut self.blob);
     }
 
     fn text(&mut self, status: u8, m: &str) {
