@@ -133,6 +133,20 @@ pub(crate) struct Batch {
     pub(crate) worker: WorkerId,
 }
 
+/// How many sinks ahead of the one completed [`next_sink`] asks for.
+const AHEAD: usize = 8;
+
+/// The next sink of a batch. The caller wrote the sinks on its own core;
+/// asking for one [`AHEAD`] now overlaps fetching it with completing
+/// the ones before it.
+#[inline]
+fn next_sink(sinks: &mut VecDeque<Sink>) -> Option<Sink> {
+    if let Some(s) = sinks.get(AHEAD) {
+        crate::prefetch::two_lines(s as *const Sink as usize);
+    }
+    sinks.pop_front()
+}
+
 impl Batch {
     fn fail(&mut self, e: Error) {
         let pid = self.results.pid;
@@ -146,7 +160,7 @@ impl ChunkWaiter for Batch {
     fn part(&mut self, results: &Bytes) -> std::result::Result<(), String> {
         let (sinks, pid) = (&mut self.sinks, self.results.pid);
         self.results.each(results, |r| {
-            if let Some(s) = sinks.pop_front() {
+            if let Some(s) = next_sink(sinks) {
                 complete(s, r, pid);
             }
         })
@@ -160,7 +174,7 @@ impl ChunkWaiter for Batch {
             let (sinks, results) = (&mut b.sinks, &mut b.results);
             let e = match r.map(|reply| {
                 results.last(&reply, |r| {
-                    if let Some(s) = sinks.pop_front() {
+                    if let Some(s) = next_sink(sinks) {
                         complete(s, r, pid);
                     }
                 })
