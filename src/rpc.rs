@@ -174,13 +174,11 @@ impl Body {
     /// each) and the whole fits a frame: a payload [`Body::write`] simply
     /// copies into a frame.
     fn plain_len(&self) -> Option<u32> {
-        let small = |n: usize| n < SHARE_MIN.min(crate::engine::SEND_IN_PLACE);
-        let len = match self {
-            Body::Octets(o) if o.iter().all(|b| small(b.len())) => o.encoded_len(),
-            Body::Frozen(b) if small(b.len()) => b.len() as u64,
-            _ => return None,
-        };
-        u32::try_from(len).ok()
+        match self {
+            Body::Octets(o) => plain_octets_len(o),
+            Body::Frozen(b) if small_string(b.len()) => Some(b.len() as u32),
+            _ => None,
+        }
     }
 
     /// Appends the payload; big byte strings are queued in place, not
@@ -345,6 +343,20 @@ impl Payload {
     /// copied.
     pub(crate) fn write(&self, out: &mut SendQueue) {
         self.body.write(out)
+    }
+}
+
+/// A string this long is neither shared nor sent in place.
+fn small_string(n: usize) -> bool {
+    n < SHARE_MIN.min(crate::engine::SEND_IN_PLACE)
+}
+
+/// The encoded size of `o` if [`Body::plain_len`] would give one.
+pub(crate) fn plain_octets_len(o: &Octets) -> Option<u32> {
+    if o.iter().all(|b| small_string(b.len())) {
+        u32::try_from(o.encoded_len()).ok()
+    } else {
+        None
     }
 }
 
@@ -1147,6 +1159,7 @@ impl Protocol for Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pool::shared::Args;
     use crate::wire::chunk;
 
     fn sent(p: &Payload) -> Vec<u8> {
@@ -1180,7 +1193,8 @@ mod tests {
         assert!(matches!(p.body, Body::Small(_)));
         assert!(!p.is_octets());
         assert_eq!(sent(&p), frozen);
-        assert!(crate::pool::chunked::request([p.clone(), p].iter()).is_none());
+        let frozen = [Args::Payload(p.clone()), Args::Payload(p)];
+        assert!(crate::pool::chunked::request(frozen.iter(), &Bytes::new()).is_none());
     }
 
     #[test]
@@ -1191,9 +1205,65 @@ mod tests {
             .cloned()
             .map(|o| Payload::new(o).unwrap())
             .collect();
-        let req = crate::pool::chunked::request(payloads.iter()).expect("a chunk");
+        let args: Vec<Args> = payloads.into_iter().map(Args::Payload).collect();
+        let req = crate::pool::chunked::request(args.iter(), &Bytes::new()).expect("a chunk");
         let mut out = SendQueue::default();
         req.write(&mut out);
         assert_eq!(out.buf.to_vec(), chunk::request(calls.iter()).to_bytes());
+        // One plain call alone goes as it is, not as a chunk.
+        let one = [Args::Payload(Payload::new(octets!["a"]).unwrap())];
+        assert!(crate::pool::chunked::request(one.iter(), &Bytes::new()).is_none());
+    }
+
+    /// A staged call's chunk item, as a pool's submit writes it.
+    fn stage(o: &Octets, staging: &mut bytes::BytesMut) -> Args {
+        let start = staging.len();
+        crate::wire::ber::encode(o.encoded_len(), staging);
+        o.encode(staging);
+        Args::Staged((staging.len() - start) as u32)
+    }
+
+    #[test]
+    fn chunks_of_staged_and_plain_calls_match_the_wire_encoding() {
+        let calls = [
+            octets!["a"],
+            octets!["bc", ""],
+            octets![vec![3u8; 200]],
+            octets![],
+        ];
+        // Staged, plain, staged, plain: the staged items are cut from
+        // their buffer in order, between the plain ones.
+        let mut staging = bytes::BytesMut::new();
+        let args = [
+            stage(&calls[0], &mut staging),
+            Args::Payload(Payload::new(calls[1].clone()).unwrap()),
+            stage(&calls[2], &mut staging),
+            Args::Payload(Payload::new(calls[3].clone()).unwrap()),
+        ];
+        let staged = staging.freeze();
+        let req = crate::pool::chunked::request(args.iter(), &staged).expect("a chunk");
+        let mut out = SendQueue::default();
+        req.write(&mut out);
+        assert_eq!(out.buf.to_vec(), chunk::request(calls.iter()).to_bytes());
+        // All staged: the buffer is the blob; even one is a chunk.
+        let mut staging = bytes::BytesMut::new();
+        let lone = [stage(&calls[2], &mut staging)];
+        let staged = staging.freeze();
+        let req = crate::pool::chunked::request(lone.iter(), &staged).expect("a chunk");
+        let mut out = SendQueue::default();
+        req.write(&mut out);
+        assert_eq!(
+            out.buf.to_vec(),
+            chunk::request(calls[2..3].iter()).to_bytes()
+        );
+        // And read back as a payload of its own, it is the call's.
+        let p = crate::pool::chunked::unstage(&staged).unwrap();
+        let mut out = SendQueue::default();
+        p.write(&mut out);
+        assert_eq!(out.buf.to_vec(), calls[2].to_bytes());
+        assert!(matches!(
+            crate::pool::chunked::unstage(&Bytes::from_static(b"\x05ab")),
+            Err(Error::Protocol { .. })
+        ));
     }
 }

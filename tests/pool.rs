@@ -109,7 +109,7 @@ type PoolTest = fn(&Template) -> Result<(), Failed>;
 fn main() {
     let t = template().expect("template starts");
     let args = Arguments::from_args();
-    let tests: [(&str, PoolTest); 25] = [
+    let tests: [(&str, PoolTest); 26] = [
         ("perl_pool_test", perl_pool_test),
         ("example_pool_synopsis", example_pool),
         ("call_forms_and_stats", call_forms),
@@ -119,6 +119,10 @@ fn main() {
         ("max_calls_recycles_workers", max_calls),
         ("timeout_kills_and_requeues", timeout),
         ("dropped_future_leaves_the_queue", cancellation),
+        (
+            "dropped_staged_future_leaves_the_queue",
+            staged_cancellation,
+        ),
         ("queue_limit_bounds_the_queue", queue_limit),
         ("close_within_kills_what_is_left", close_within),
         ("close_ends_the_pool_for_every_clone", close_with_clones),
@@ -385,6 +389,44 @@ fn cancellation(t: &Template) -> Result<(), Failed> {
         last.await
     })?;
     eq(log, octets!["sleep:300", "last"])?;
+    pool.close_blocking()?;
+    Ok(())
+}
+
+/// Calls that join a waiting queue are staged as chunk items; dropping
+/// one in the middle must take out exactly its bytes, so the others keep
+/// their own arguments (each reply is the log up to and with its call).
+fn staged_cancellation(t: &Template) -> Result<(), Failed> {
+    let pool = Pool::new(
+        t,
+        "t::log",
+        Options::default(),
+        PoolOptions::default().max(1).idle(1).load(1),
+    )?;
+    let busy = pool.call(octets!["sleep:300"]);
+    let names = ["a", "bb", "ccc", "dddd", "eeeee", "f"];
+    let calls: Vec<_> = names.iter().map(|n| pool.call(octets![*n])).collect();
+    let logs = block(async move {
+        let mut calls: Vec<_> = calls.into_iter().map(Box::pin).collect();
+        for c in &mut calls {
+            assert!(futures_poll_once(c.as_mut()).await.is_none());
+        }
+        // The third (staged between staged ones) and the last.
+        drop(calls.remove(5));
+        drop(calls.remove(2));
+        let _ = busy.await;
+        let mut logs = Vec::new();
+        for c in calls {
+            logs.push(c.await);
+        }
+        logs
+    });
+    let want = ["a", "bb", "dddd", "eeeee"];
+    for (i, log) in logs.into_iter().enumerate() {
+        let mut expect = vec!["sleep:300"];
+        expect.extend_from_slice(&want[..=i]);
+        eq(log?, expect.into_iter().collect::<Octets>())?;
+    }
     pool.close_blocking()?;
     Ok(())
 }

@@ -266,6 +266,11 @@ impl<J> Scheduler<J> {
         self.now
     }
 
+    /// The queued jobs, oldest first.
+    pub fn queued_jobs(&self) -> impl Iterator<Item = &(JobId, J)> + '_ {
+        self.queue.iter()
+    }
+
     /// Jobs waiting in the queue.
     pub fn queued(&self) -> usize {
         self.queue.len()

@@ -5,10 +5,11 @@
 //! per call. Results are handed out part by part, in order.
 
 use super::map::ChunkSink;
-use super::shared::{complete, Shared, Sink};
+use super::shared::{complete, Args, Shared, Sink};
 use crate::engine::SEND_IN_PLACE;
 use crate::error::{Error, Result};
 use crate::rpc::{ChunkWaiter, Payload};
+use crate::wire::ber;
 use crate::wire::chunk::{self, ItemResult};
 use crate::Octets;
 use bytes::{Bytes, BytesMut};
@@ -16,26 +17,65 @@ use forkrpc_pool::WorkerId;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-/// The chunk request of a batch, if its calls can travel as one: at least
-/// two, all octets, none big (big arguments are sent in place, which a
-/// chunk's one blob would undo).
-pub(crate) fn request<'a>(args: impl Iterator<Item = &'a Payload> + Clone) -> Option<Payload> {
-    let mut n = 0;
+/// The chunk request of a batch, if its calls can travel as one: all
+/// octets, none big (big arguments are sent in place, which a chunk's one
+/// blob would undo), and more than one unless it was staged (a lone
+/// plain call is cheaper for the worker; a staged one is a chunk item
+/// already). `staged` holds the staged jobs' items, in order: when every
+/// job is staged, it is the chunk's blob as it stands.
+pub(crate) fn request<'a>(
+    args: impl Iterator<Item = &'a Args> + Clone,
+    staged: &Bytes,
+) -> Option<Payload> {
+    let (mut n, mut total, mut all_staged) = (0, 0, true);
     for a in args.clone() {
-        if !a.is_octets() || a.len() as usize >= SEND_IN_PLACE {
-            return None;
+        match a {
+            Args::Payload(p) => {
+                if !p.is_octets() || p.len() as usize >= SEND_IN_PLACE {
+                    return None;
+                }
+                total += ber::encoded_len(u64::from(p.len())) + p.len() as usize;
+                all_staged = false;
+            }
+            Args::Staged(k) => total += *k as usize,
         }
         n += 1;
     }
-    if n < 2 {
+    if n == 0 || (n == 1 && !all_staged) {
         return None;
     }
-    let calls = args.map(|a| {
-        (u64::from(a.len()), |blob: &mut BytesMut| {
-            a.encode_octets(blob)
-        })
-    });
-    Payload::new(chunk::request_with(calls)).ok()
+    let blob = if all_staged {
+        staged.clone()
+    } else {
+        let mut blob = BytesMut::with_capacity(total);
+        let mut pos = 0;
+        for a in args {
+            match a {
+                Args::Payload(p) => {
+                    ber::encode(u64::from(p.len()), &mut blob);
+                    p.encode_octets(&mut blob);
+                }
+                Args::Staged(k) => {
+                    let end = pos + *k as usize;
+                    blob.extend_from_slice(&staged[pos..end]);
+                    pos = end;
+                }
+            }
+        }
+        blob.freeze()
+    };
+    Payload::new(chunk::tagged(blob)).ok()
+}
+
+/// The arguments of a staged job (its chunk item) as a payload of their
+/// own.
+pub(crate) fn unstage(item: &Bytes) -> Result<Payload> {
+    let bad = |e: crate::wire::WireError| Error::Protocol {
+        pid: 0,
+        detail: format!("a staged call could not be read back: {e}"),
+    };
+    let range = chunk::next_item(item, &mut 0).map_err(bad)?;
+    Payload::new(Octets::decode_in(item, range).map_err(bad)?)
 }
 
 /// Counts a chunk's results and turns them into call results.

@@ -10,7 +10,7 @@
 //! [`Map::chunk_size`] overrides it.
 
 use super::chunked::{MapChunk, Results};
-use super::shared::Sink;
+use super::shared::{Incoming, Sink};
 use super::{Admit, Pool};
 use crate::error::{Error, Result};
 use crate::rpc::{ChunkWaiter, Payload, Waiter};
@@ -176,7 +176,7 @@ impl<I: Iterator<Item = Octets>> Map<I> {
                 });
                 match Payload::new(chunk::request(items.iter())) {
                     Ok(args) => {
-                        let _ = shared.submit_job(args, sink, Admit::Force);
+                        let _ = shared.submit_job(Incoming::Payload(args), sink, Admit::Force);
                     }
                     Err(e) => {
                         if let Sink::Chunk(c) = sink {

@@ -17,7 +17,7 @@
 
 pub(crate) mod chunked;
 mod map;
-mod shared;
+pub(crate) mod shared;
 
 pub use forkrpc_pool::PoolConfig;
 pub use map::Map;

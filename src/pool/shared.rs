@@ -17,6 +17,7 @@ use crate::rpc::{Body, Call, Options, Payload, Rpc, Waiter};
 use crate::template::Template;
 use crate::wire::RETIRE_TAG;
 use crate::Octets;
+use bytes::{Bytes, BytesMut};
 use forkrpc_pool::{Action, JobId, Scheduler, WorkerId};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
@@ -38,8 +39,42 @@ pub(crate) enum Sink {
 
 /// A job in the scheduler's queue.
 pub(crate) struct Job {
-    args: Payload,
+    args: Args,
     sink: Sink,
+}
+
+/// A queued job's arguments.
+pub(crate) enum Args {
+    /// As given.
+    Payload(Payload),
+    /// Written as a chunk item (BER length, then the octets encoding),
+    /// this many bytes, into [`State::staging`]: small octets calls that
+    /// join a waiting queue of a pool whose batches go as chunks. A
+    /// batch's chunk is then cut from there rather than built from each
+    /// job, and the caller frees its argument list on its own thread.
+    Staged(u32),
+}
+
+impl Args {
+    /// Bytes of `State::staging` it holds.
+    fn staged(&self) -> usize {
+        match self {
+            Args::Staged(n) => *n as usize,
+            Args::Payload(_) => 0,
+        }
+    }
+}
+
+/// Bytes of `State::staging` that `jobs` hold.
+fn staged_len<'a>(jobs: impl IntoIterator<Item = &'a (JobId, Job)>) -> usize {
+    jobs.into_iter().map(|(_, j)| j.args.staged()).sum()
+}
+
+/// What a caller hands to [`Shared::submit_job`].
+pub(crate) enum Incoming {
+    Payload(Payload),
+    /// Small octets (encoded size given) that may be staged.
+    Small(Octets, u32),
 }
 
 /// Per-call bookkeeping when retries, timeouts or a memory ceiling are on:
@@ -86,6 +121,9 @@ pub(crate) struct State {
     tracked: HashMap<JobId, Tracked>,
     deadlines: BinaryHeap<Reverse<(Instant, JobId)>>,
     space_wakers: Vec<Waker>,
+    /// The staged jobs' arguments (see [`Args::Staged`]), in queue order:
+    /// whatever takes jobs out of the queue takes their bytes from here.
+    staging: BytesMut,
     /// Why recently ended workers were killed (their failed calls are
     /// handled after the worker is gone); the last few only.
     killed: std::collections::VecDeque<(WorkerId, Killed)>,
@@ -129,6 +167,8 @@ struct Outgoing {
     rpc: Rpc,
     worker: WorkerId,
     jobs: Vec<(JobId, Job)>,
+    /// The staged jobs' bytes, in order.
+    staged: Bytes,
 }
 
 /// What to do once the lock is released.
@@ -172,6 +212,7 @@ impl Shared {
                 tracked: HashMap::new(),
                 deadlines: BinaryHeap::new(),
                 space_wakers: Vec::new(),
+                staging: BytesMut::new(),
                 killed: std::collections::VecDeque::new(),
                 manager_exit: false,
             }),
@@ -244,7 +285,20 @@ impl Shared {
         waiter: Waiter,
         admit: Admit,
     ) -> Result<JobId> {
-        match Payload::new(args) {
+        let body = match args.into() {
+            Body::Octets(o) if self.chunks => {
+                match crate::rpc::plain_octets_len(&o)
+                    .filter(|&n| (n as usize) < crate::engine::SEND_IN_PLACE)
+                {
+                    Some(n) => {
+                        return self.submit_job(Incoming::Small(o, n), Sink::One(waiter), admit)
+                    }
+                    None => Body::Octets(o),
+                }
+            }
+            body => body,
+        };
+        match Payload::new(body) {
             Ok(mut p) => {
                 if let Some(a) = self.arena {
                     p.share(
@@ -252,7 +306,7 @@ impl Shared {
                         crate::wire::frame::request_header(self.opts.asynchronous),
                     );
                 }
-                self.submit_job(p, Sink::One(waiter), admit)
+                self.submit_job(Incoming::Payload(p), Sink::One(waiter), admit)
             }
             Err(e) => {
                 waiter.complete(Err(e.clone()));
@@ -263,7 +317,7 @@ impl Shared {
 
     pub(crate) fn submit_job(
         self: &Arc<Self>,
-        args: Payload,
+        args: Incoming,
         sink: Sink,
         admit: Admit,
     ) -> Result<JobId> {
@@ -277,6 +331,8 @@ impl Shared {
         };
         let mut d = Deferred::default();
         let next_slot;
+        // Staged arguments, freed after the lock.
+        let mut spent = None;
         let r = {
             let mut st = self.lock();
             if let Some(limit) = self.popts.queue_limit {
@@ -304,7 +360,31 @@ impl Shared {
             } else {
                 st.sched.now()
             };
+            let args = match args {
+                Incoming::Payload(p) => Args::Payload(p),
+                // It will wait (see `Scheduler::submit`): stage it.
+                Incoming::Small(o, n) if st.sched.queued() > 0 => {
+                    let start = st.staging.len();
+                    crate::wire::ber::encode(u64::from(n), &mut st.staging);
+                    o.encode(&mut st.staging);
+                    spent = Some(o);
+                    Args::Staged((st.staging.len() - start) as u32)
+                }
+                // It may leave at once, alone: a plain call.
+                Incoming::Small(o, _) => match Payload::new(o) {
+                    Ok(p) => Args::Payload(p),
+                    Err(e) => {
+                        drop(st);
+                        fail_sink(sink, e.clone(), 0);
+                        return Err(e);
+                    }
+                },
+            };
             let r = if self.tracking {
+                // Only pools that send chunks stage, and those track nothing.
+                let Args::Payload(args) = args else {
+                    unreachable!("a tracking pool staged a job")
+                };
                 let retries = self.popts.retries;
                 let deadline = self.popts.timeout.map(|t| Instant::now() + t);
                 let tracked = Tracked {
@@ -317,7 +397,7 @@ impl Shared {
                 let id = st.sched.submit(
                     now,
                     Job {
-                        args,
+                        args: Args::Payload(args),
                         sink: Sink::Tracked,
                     },
                 );
@@ -337,6 +417,7 @@ impl Shared {
         // As for the engine's queue (see `prefetch`): the driver took the
         // last jobs from these lines.
         crate::prefetch::two_lines(next_slot);
+        drop(spent);
         self.finish(d);
         Ok(r)
     }
@@ -383,7 +464,21 @@ impl Shared {
     pub(crate) fn cancel(self: &Arc<Self>, id: JobId) {
         self.with(|st, d| {
             let now = self.now();
-            if st.sched.cancel(now, id).is_some() {
+            // Where its bytes are, if it is still queued and staged.
+            let mut at = 0;
+            for (j, job) in st.sched.queued_jobs() {
+                if *j == id {
+                    break;
+                }
+                at += job.args.staged();
+            }
+            if let Some(job) = st.sched.cancel(now, id) {
+                let n = job.args.staged();
+                if n > 0 {
+                    let mut rest = st.staging.split_off(at);
+                    bytes::Buf::advance(&mut rest, n);
+                    st.staging.extend_from_slice(&rest);
+                }
                 st.tracked.remove(&id);
                 d.wake_space = true;
             }
@@ -422,6 +517,8 @@ impl Shared {
                     }
                     Action::Send { worker, jobs } => {
                         d.wake_space = self.popts.queue_limit.is_some();
+                        // The queue's front: so are their bytes.
+                        let staged = st.staging.split_to(staged_len(&jobs)).freeze();
                         match st.workers.get(&worker).and_then(|s| s.rpc.clone()) {
                             Some(rpc) => {
                                 if self.tracking {
@@ -431,7 +528,12 @@ impl Shared {
                                         }
                                     }
                                 }
-                                d.sends.push(Outgoing { rpc, worker, jobs });
+                                d.sends.push(Outgoing {
+                                    rpc,
+                                    worker,
+                                    jobs,
+                                    staged,
+                                });
                             }
                             // Cannot happen: the scheduler sends only to
                             // started workers, and stops them only idle.
@@ -463,6 +565,8 @@ impl Shared {
                         }
                     }
                     Action::Fail(jobs) => {
+                        // Taken from the queue: so are their bytes.
+                        let _ = st.staging.split_to(staged_len(&jobs));
                         for (id, job) in jobs {
                             let sink = match st.tracked.remove(&id) {
                                 Some(t) => t.sink,
@@ -500,17 +604,20 @@ impl Shared {
             rpc,
             worker: w,
             jobs,
+            staged,
         } = s;
         let pid = rpc.pid();
-        let n = jobs.len();
         let plain = |(_, j): &(JobId, Job)| matches!(j.sink, Sink::One(_));
         if self.chunks && jobs.iter().all(plain) {
-            if let Some(args) = chunked::request(jobs.iter().map(|(_, j)| &j.args)) {
+            if let Some(args) = chunked::request(jobs.iter().map(|(_, j)| &j.args), &staged) {
+                let n = jobs.len();
                 // Collected in place: the sinks take the jobs' vector.
                 let sinks: Vec<Sink> = jobs
                     .into_iter()
                     .map(|(_, job)| {
-                        job.args.spend();
+                        if let Args::Payload(p) = job.args {
+                            p.spend();
+                        }
                         job.sink
                     })
                     .collect();
@@ -524,6 +631,30 @@ impl Shared {
                 return;
             }
         }
+        // One call each: staged arguments become payloads again.
+        let mut pos = 0;
+        let mut each = Vec::with_capacity(jobs.len());
+        for (id, job) in jobs {
+            let args = match job.args {
+                Args::Payload(p) => p,
+                Args::Staged(k) => {
+                    let item = staged.slice(pos..pos + k as usize);
+                    pos += k as usize;
+                    match chunked::unstage(&item) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            complete(job.sink, Err(e), pid);
+                            continue;
+                        }
+                    }
+                }
+            };
+            each.push((id, args, job.sink));
+        }
+        let n = each.len();
+        if n == 0 {
+            return self.batch_done(w, pid, || {});
+        }
         let in_order = self.sync_workers();
         let batch = (self.tracking || !in_order).then(|| {
             Arc::new(Batch {
@@ -531,7 +662,7 @@ impl Shared {
             })
         });
         let mut calls = Vec::with_capacity(n);
-        for (i, (id, job)) in jobs.into_iter().enumerate() {
+        for (i, (id, args, sink)) in each.into_iter().enumerate() {
             let sh = self.clone();
             let done = match &batch {
                 Some(batch) if self.tracking => {
@@ -539,7 +670,7 @@ impl Shared {
                     Waiter::callback(move |r| sh.tracked_reply(w, pid, id, r, &batch))
                 }
                 Some(batch) => {
-                    let (batch, sink) = (batch.clone(), job.sink);
+                    let (batch, sink) = (batch.clone(), sink);
                     Waiter::callback(move |r| {
                         if batch.left.fetch_sub(1, Ordering::AcqRel) == 1 {
                             sh.batch_done(w, pid, || complete(sink, r, pid));
@@ -550,8 +681,8 @@ impl Shared {
                 }
                 // A sync worker answers in order: the batch is done when
                 // its last call is, and the others need no wrapper.
-                None if i + 1 < n => into_waiter(job.sink, pid),
-                None => match job.sink {
+                None if i + 1 < n => into_waiter(sink, pid),
+                None => match sink {
                     Sink::Chunk(c) => Waiter::Chunk(Box::new(chunked::Ending {
                         inner: c.chunk(pid),
                         shared: sh,
@@ -563,10 +694,7 @@ impl Shared {
                     }
                 },
             };
-            calls.push(Call {
-                args: job.args,
-                done,
-            });
+            calls.push(Call { args, done });
         }
         rpc.submit_batch(calls);
     }
@@ -639,7 +767,7 @@ impl Shared {
                         vec![(
                             id,
                             Job {
-                                args,
+                                args: Args::Payload(args),
                                 sink: Sink::Tracked,
                             },
                         )],
@@ -829,7 +957,9 @@ impl Shared {
                     if st.sched.active() == 0 {
                         // Nothing can run the queue: fail it rather than
                         // let it wait for ever.
-                        for (id, job) in st.sched.take_queue(now) {
+                        let jobs = st.sched.take_queue(now);
+                        let _ = st.staging.split_to(staged_len(&jobs));
+                        for (id, job) in jobs {
                             let sink = st.tracked.remove(&id).map_or(job.sink, |t| t.sink);
                             d.done.push((sink, Err(e.clone()), 0));
                         }

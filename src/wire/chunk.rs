@@ -38,7 +38,8 @@ pub fn is_chunk(args: &Octets) -> bool {
     args.len() == 2 && args[0][..] == *CHUNK_TAG.as_bytes()
 }
 
-fn tagged(blob: Bytes) -> Octets {
+/// The chunk request (or reply) whose items are `blob`.
+pub(crate) fn tagged(blob: Bytes) -> Octets {
     Octets(vec![Bytes::from_static(CHUNK_TAG.as_bytes()), blob])
 }
 
