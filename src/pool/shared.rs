@@ -718,6 +718,12 @@ impl Shared {
             }
             self.execute(&mut st, &mut d);
         }
+        // The next batch leaves before this one's results are handed out:
+        // the worker need not wait for that (on the driver thread, it is
+        // written once this reply's handling returns).
+        for s in std::mem::take(&mut d.sends) {
+            self.send(s);
+        }
         last();
         self.finish(d);
     }
