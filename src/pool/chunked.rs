@@ -5,7 +5,7 @@
 //! per call. Results are handed out part by part, in order.
 
 use super::map::ChunkSink;
-use super::shared::{complete, Args, Shared, Sink};
+use super::shared::{complete, Args, Job, Shared, Sink};
 use crate::engine::SEND_IN_PLACE;
 use crate::error::{Error, Result};
 use crate::rpc::{ChunkWaiter, Payload};
@@ -13,8 +13,7 @@ use crate::wire::ber;
 use crate::wire::chunk::{self, ItemResult};
 use crate::Octets;
 use bytes::{Bytes, BytesMut};
-use forkrpc_pool::WorkerId;
-use std::collections::VecDeque;
+use forkrpc_pool::{JobId, WorkerId};
 use std::sync::Arc;
 
 /// The chunk request of a batch, if its calls can travel as one: all
@@ -167,7 +166,9 @@ impl Results {
 /// A pool's batch sent as one chunk: each call's sink gets its result as
 /// it arrives; when the last has, the batch is done.
 pub(crate) struct Batch {
-    pub(crate) sinks: VecDeque<Sink>,
+    /// Its jobs, left in the scheduler's batch as they were (their sinks
+    /// are taken one at a time, not collected first).
+    pub(crate) jobs: std::vec::IntoIter<(JobId, Job)>,
     pub(crate) results: Results,
     pub(crate) shared: Arc<Shared>,
     pub(crate) worker: WorkerId,
@@ -176,21 +177,21 @@ pub(crate) struct Batch {
 /// How many sinks ahead of the one completed [`next_sink`] asks for.
 const AHEAD: usize = 8;
 
-/// The next sink of a batch. The caller wrote the sinks on its own core;
+/// The next sink of a batch. The caller wrote the jobs on its own core;
 /// asking for one [`AHEAD`] now overlaps fetching it with completing
 /// the ones before it.
 #[inline]
-fn next_sink(sinks: &mut VecDeque<Sink>) -> Option<Sink> {
-    if let Some(s) = sinks.get(AHEAD) {
-        crate::prefetch::two_lines(s as *const Sink as usize);
+fn next_sink(jobs: &mut std::vec::IntoIter<(JobId, Job)>) -> Option<Sink> {
+    if let Some(j) = jobs.as_slice().get(AHEAD) {
+        crate::prefetch::two_lines(j as *const (JobId, Job) as usize);
     }
-    sinks.pop_front()
+    jobs.next().map(|(_, j)| j.into_sink())
 }
 
 impl Batch {
     fn fail(&mut self, e: Error) {
         let pid = self.results.pid;
-        for s in self.sinks.drain(..) {
+        while let Some(s) = next_sink(&mut self.jobs) {
             complete(s, Err(e.clone()), pid);
         }
     }
@@ -198,7 +199,7 @@ impl Batch {
 
 impl ChunkWaiter for Batch {
     fn part(&mut self, results: &Bytes) -> std::result::Result<(), String> {
-        let (sinks, pid) = (&mut self.sinks, self.results.pid);
+        let (sinks, pid) = (&mut self.jobs, self.results.pid);
         self.results.each(results, |r| {
             if let Some(s) = next_sink(sinks) {
                 complete(s, r, pid);
@@ -211,7 +212,7 @@ impl ChunkWaiter for Batch {
         let (shared, worker) = (self.shared.clone(), self.worker);
         shared.batch_done(worker, pid, move || {
             let b = &mut *self;
-            let (sinks, results) = (&mut b.sinks, &mut b.results);
+            let (sinks, results) = (&mut b.jobs, &mut b.results);
             let e = match r.map(|reply| {
                 results.last(&reply, |r| {
                     if let Some(s) = next_sink(sinks) {

@@ -20,7 +20,7 @@ use crate::Octets;
 use bytes::{Bytes, BytesMut};
 use forkrpc_pool::{Action, JobId, Scheduler, WorkerId};
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::task::{Context, Waker};
@@ -53,6 +53,16 @@ pub(crate) enum Args {
     /// batch's chunk is then cut from there rather than built from each
     /// job, and the caller frees its argument list on its own thread.
     Staged(u32),
+}
+
+impl Job {
+    /// Its sink, letting its (sent) arguments go.
+    pub(crate) fn into_sink(self) -> Sink {
+        if let Args::Payload(p) = self.args {
+            p.spend();
+        }
+        self.sink
+    }
 }
 
 impl Args {
@@ -611,18 +621,8 @@ impl Shared {
         if self.chunks && jobs.iter().all(plain) {
             if let Some(args) = chunked::request(jobs.iter().map(|(_, j)| &j.args), &staged) {
                 let n = jobs.len();
-                // Collected in place: the sinks take the jobs' vector.
-                let sinks: Vec<Sink> = jobs
-                    .into_iter()
-                    .map(|(_, job)| {
-                        if let Args::Payload(p) = job.args {
-                            p.spend();
-                        }
-                        job.sink
-                    })
-                    .collect();
                 let done = Waiter::Chunk(Box::new(chunked::Batch {
-                    sinks: VecDeque::from(sinks),
+                    jobs: jobs.into_iter(),
                     results: chunked::Results::new(pid, n),
                     shared: self.clone(),
                     worker: w,
