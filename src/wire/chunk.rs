@@ -58,22 +58,14 @@ pub fn request<'a>(calls: impl Iterator<Item = &'a Octets> + Clone) -> Octets {
 /// As [`request`], for argument lists whose encoded sizes are known
 /// already (measured once, when each call was made).
 pub fn request_sized<'a>(calls: impl Iterator<Item = (u64, &'a Octets)> + Clone) -> Octets {
-    request_with(calls.map(|(n, a)| (n, move |blob: &mut BytesMut| a.encode(blob))))
-}
-
-/// As [`request_sized`], for calls that write their octets encoding (of
-/// the given size) themselves.
-pub(crate) fn request_with<W: FnOnce(&mut BytesMut)>(
-    calls: impl Iterator<Item = (u64, W)> + Clone,
-) -> Octets {
     let total: u64 = calls
         .clone()
         .map(|(n, _)| ber::encoded_len(n) as u64 + n)
         .sum();
     let mut blob = BytesMut::with_capacity(total as usize);
-    for (n, write) in calls {
+    for (n, a) in calls {
         ber::encode(n, &mut blob);
-        write(&mut blob);
+        a.encode(&mut blob);
     }
     tagged(blob.freeze())
 }
