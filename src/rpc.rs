@@ -1218,8 +1218,7 @@ mod tests {
     /// A staged call's chunk item, as a pool's submit writes it.
     fn stage(o: &Octets, staging: &mut bytes::BytesMut) -> Args {
         let start = staging.len();
-        crate::wire::ber::encode(o.encoded_len(), staging);
-        o.encode(staging);
+        chunk::put_item(o, o.encoded_len(), staging);
         Args::Staged((staging.len() - start) as u32)
     }
 

@@ -109,7 +109,7 @@ type PoolTest = fn(&Template) -> Result<(), Failed>;
 fn main() {
     let t = template().expect("template starts");
     let args = Arguments::from_args();
-    let tests: [(&str, PoolTest); 26] = [
+    let tests: [(&str, PoolTest); 27] = [
         ("perl_pool_test", perl_pool_test),
         ("example_pool_synopsis", example_pool),
         ("call_forms_and_stats", call_forms),
@@ -122,6 +122,10 @@ fn main() {
         (
             "dropped_staged_future_leaves_the_queue",
             staged_cancellation,
+        ),
+        (
+            "big_call_among_staged_ones_keeps_every_argument",
+            staged_with_big,
         ),
         ("queue_limit_bounds_the_queue", queue_limit),
         ("close_within_kills_what_is_left", close_within),
@@ -425,6 +429,35 @@ fn staged_cancellation(t: &Template) -> Result<(), Failed> {
     for (i, log) in logs.into_iter().enumerate() {
         let mut expect = vec!["sleep:300"];
         expect.extend_from_slice(&want[..=i]);
+        eq(log?, expect.into_iter().collect::<Octets>())?;
+    }
+    pool.close_blocking()?;
+    Ok(())
+}
+
+/// A big call queued among staged small ones: batches then mix staged
+/// items with payloads of their own (a chunk built from both, or calls one
+/// by one with staged items read back). Each reply is the log up to and
+/// with its call, so any argument cut at the wrong place shows.
+fn staged_with_big(t: &Template) -> Result<(), Failed> {
+    let pool = Pool::new(
+        t,
+        "t::log",
+        Options::default(),
+        PoolOptions::default().max(1).idle(1).load(1),
+    )?;
+    let big = "x".repeat(100 * 1024);
+    let busy = pool.call(octets!["sleep:200"]);
+    let args: Vec<String> = ["a", "bb", &big, "ccc", "dddd", "e"]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    let calls: Vec<_> = args.iter().map(|a| pool.call(octets![a.clone()])).collect();
+    let logs = await_in_order(calls);
+    let _ = block(busy);
+    for (i, log) in logs.into_iter().enumerate() {
+        let mut expect = vec!["sleep:200".to_owned()];
+        expect.extend_from_slice(&args[..=i]);
         eq(log?, expect.into_iter().collect::<Octets>())?;
     }
     pool.close_blocking()?;

@@ -326,7 +326,7 @@ pub(crate) fn run_chunk(
     let mut pos = 0;
     while pos < blob.len() {
         // Checked above: neither can fail.
-        let Ok(range) = chunk::next_item(blob, &mut pos) else {
+        let Ok(range) = chunk::next_field(blob, &mut pos) else {
             break;
         };
         if panicked.is_some() {

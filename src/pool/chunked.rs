@@ -73,7 +73,7 @@ pub(crate) fn unstage(item: &Bytes) -> Result<Payload> {
         pid: 0,
         detail: format!("a staged call could not be read back: {e}"),
     };
-    let range = chunk::next_item(item, &mut 0).map_err(bad)?;
+    let range = chunk::next_field(item, &mut 0).map_err(bad)?;
     Payload::new(Octets::decode_in(item, range).map_err(bad)?)
 }
 

@@ -375,8 +375,7 @@ impl Shared {
                 // It will wait (see `Scheduler::submit`): stage it.
                 Incoming::Small(o, n) if st.sched.queued() > 0 => {
                     let start = st.staging.len();
-                    crate::wire::ber::encode(u64::from(n), &mut st.staging);
-                    o.encode(&mut st.staging);
+                    crate::wire::chunk::put_item(&o, u64::from(n), &mut st.staging);
                     spent = Some(o);
                     Args::Staged((st.staging.len() - start) as u32)
                 }

@@ -64,15 +64,22 @@ pub fn request_sized<'a>(calls: impl Iterator<Item = (u64, &'a Octets)> + Clone)
         .sum();
     let mut blob = BytesMut::with_capacity(total as usize);
     for (n, a) in calls {
-        ber::encode(n, &mut blob);
-        a.encode(&mut blob);
+        put_item(a, n, &mut blob);
     }
     tagged(blob.freeze())
 }
 
+/// Appends `args` (encoded size `n`) to a chunk request's blob as one item.
+#[inline]
+pub(crate) fn put_item(args: &Octets, n: u64, blob: &mut BytesMut) {
+    ber::encode(n, blob);
+    args.encode(blob);
+}
+
 /// Reads one BER length at `*pos` of `buf` and returns the range of the
-/// `len` bytes after it.
-fn next_field(buf: &[u8], pos: &mut usize) -> Result<std::ops::Range<usize>, WireError> {
+/// `len` bytes after it (a chunk item's encoding, a result's payload),
+/// moving `*pos` past them.
+pub(crate) fn next_field(buf: &[u8], pos: &mut usize) -> Result<std::ops::Range<usize>, WireError> {
     let (len, used) = match ber::decode(&buf[*pos..]) {
         Varint::Value(n, used) => (n, used),
         Varint::Incomplete => return Err(WireError::Truncated),
@@ -86,13 +93,6 @@ fn next_field(buf: &[u8], pos: &mut usize) -> Result<std::ops::Range<usize>, Wir
         .ok_or(WireError::Truncated)?;
     *pos = end;
     Ok(start..end)
-}
-
-/// The range of the next item of a chunk's blob at `pos` (an argument
-/// list or a result), moving `pos` past it.
-#[inline]
-pub(crate) fn next_item(blob: &[u8], pos: &mut usize) -> Result<std::ops::Range<usize>, WireError> {
-    next_field(blob, pos)
 }
 
 /// The argument lists of a chunk request (slices of its blob).
