@@ -397,16 +397,17 @@ fn cancellation(t: &Template) -> Result<(), Failed> {
     Ok(())
 }
 
+/// A pool of one `t::log` worker taking one batch at a time.
+fn one_log_worker(t: &Template) -> Result<Pool, Failed> {
+    let opts = PoolOptions::default().max(1).idle(1).load(1);
+    Ok(Pool::new(t, "t::log", Options::default(), opts)?)
+}
+
 /// Calls that join a waiting queue are staged as chunk items; dropping
 /// one in the middle must take out exactly its bytes, so the others keep
 /// their own arguments (each reply is the log up to and with its call).
 fn staged_cancellation(t: &Template) -> Result<(), Failed> {
-    let pool = Pool::new(
-        t,
-        "t::log",
-        Options::default(),
-        PoolOptions::default().max(1).idle(1).load(1),
-    )?;
+    let pool = one_log_worker(t)?;
     let busy = pool.call(octets!["sleep:300"]);
     let names = ["a", "bb", "ccc", "dddd", "eeeee", "f"];
     let calls: Vec<_> = names.iter().map(|n| pool.call(octets![*n])).collect();
@@ -440,12 +441,7 @@ fn staged_cancellation(t: &Template) -> Result<(), Failed> {
 /// by one with staged items read back). Each reply is the log up to and
 /// with its call, so any argument cut at the wrong place shows.
 fn staged_with_big(t: &Template) -> Result<(), Failed> {
-    let pool = Pool::new(
-        t,
-        "t::log",
-        Options::default(),
-        PoolOptions::default().max(1).idle(1).load(1),
-    )?;
+    let pool = one_log_worker(t)?;
     let big = "x".repeat(100 * 1024);
     let busy = pool.call(octets!["sleep:200"]);
     let args: Vec<String> = ["a", "bb", &big, "ccc", "dddd", "e"]
