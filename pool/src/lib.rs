@@ -10,6 +10,8 @@
 //!   with [`Action`]s ("start a worker", "send these jobs to worker W",
 //!   "stop W", "arm a timer for T"). Time is a [`Duration`] since any
 //!   epoch the driver likes, so tests run on simulated time.
+//! - [`Jobs`]: the jobs of one batch. The queue keeps jobs in blocks, so a
+//!   batch leaves it as whole blocks rather than copied out job by job.
 //!
 //! ```
 //! use forkrpc_pool::{Action, PoolConfig, Scheduler};
@@ -26,16 +28,18 @@
 //! assert_eq!(
 //!     s.actions(),
 //!     [
-//!         Action::Send { worker: 0, jobs: vec![(job, "job 1")] },
+//!         Action::Send { worker: 0, jobs: vec![(job, "job 1")].into() },
 //!         Action::Timer(None),
 //!     ],
 //! );
 //! ```
 
 mod config;
+mod queue;
 mod scheduler;
 
 pub use config::PoolConfig;
+pub use queue::{IntoIter, Jobs};
 pub use scheduler::{Action, JobId, Scheduler, WorkerId, WorkerState};
 
 #[cfg(test)]

@@ -24,7 +24,8 @@
 //! crashed), and `tick` when the timer of [`Action::Timer`] fires.
 
 use crate::PoolConfig;
-use std::collections::{BTreeMap, VecDeque};
+use crate::queue::{Jobs, Queue};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// A worker's number, given by the scheduler in [`Action::Start`].
@@ -43,7 +44,7 @@ pub enum Action<J> {
         /// The worker.
         worker: WorkerId,
         /// The jobs, oldest first.
-        jobs: Vec<(JobId, J)>,
+        jobs: Jobs<J>,
     },
     /// Close the worker: it finishes what it has, then exits (report
     /// `exited`).
@@ -90,7 +91,7 @@ pub struct Scheduler<J> {
     cfg: PoolConfig,
     now: Duration,
     workers: BTreeMap<WorkerId, Worker>,
-    queue: VecDeque<(JobId, J)>,
+    queue: Queue<J>,
     next_job: JobId,
     next_worker: WorkerId,
     last_start: Option<Duration>,
@@ -113,7 +114,7 @@ impl<J> Scheduler<J> {
             cfg,
             now,
             workers: BTreeMap::new(),
-            queue: VecDeque::new(),
+            queue: Queue::new(),
             next_job: 0,
             next_worker: 0,
             last_start: None,
@@ -131,6 +132,11 @@ impl<J> Scheduler<J> {
         s
     }
 
+    /// True when [`Scheduler::actions`] has some to hand out.
+    pub fn has_actions(&self) -> bool {
+        !self.actions.is_empty()
+    }
+
     /// The actions decided since the last call, in order.
     pub fn actions(&mut self) -> Vec<Action<J>> {
         std::mem::take(&mut self.actions)
@@ -139,6 +145,7 @@ impl<J> Scheduler<J> {
     /// Queues a job (FIFO) and returns its id. After `close`, jobs are
     /// still accepted only from the driver's own retries; callers should
     /// refuse new work once they closed.
+    #[inline(always)] // lets a caller build the job where it is stored
     pub fn submit(&mut self, now: Duration, job: J) -> JobId {
         self.advance(now);
         let id = self.next_job;
@@ -167,17 +174,16 @@ impl<J> Scheduler<J> {
     /// sent already). Linear in the queue's length.
     pub fn cancel(&mut self, now: Duration, job: JobId) -> Option<J> {
         self.advance(now);
-        let i = self.queue.iter().rposition(|(id, _)| *id == job)?;
-        let j = self.queue.remove(i).map(|(_, j)| j);
+        let j = self.queue.remove(job)?;
         self.maintain();
-        j
+        Some(j)
     }
 
     /// Removes and returns every queued job (e.g. when no worker can be
     /// started to run them).
     pub fn take_queue(&mut self, now: Duration) -> Vec<(JobId, J)> {
         self.advance(now);
-        let jobs = self.queue.drain(..).collect();
+        let jobs = self.queue.take(usize::MAX).into_iter().collect();
         self.maintain();
         jobs
     }
@@ -280,9 +286,7 @@ impl<J> Scheduler<J> {
     /// stored: a hint for a caller that wants to prefetch it (wrong when
     /// the queue wraps around or grows; never dereferenced).
     pub fn queue_tail_hint(&self) -> usize {
-        let (front, back) = self.queue.as_slices();
-        let tail = if back.is_empty() { front } else { back };
-        tail.as_ptr_range().end as usize
+        self.queue.tail_hint()
     }
 
     /// Workers starting or ready (those that count against `max`).
@@ -354,7 +358,7 @@ impl<J> Scheduler<J> {
         self.aborted = true;
         self.deadline = None;
         if !self.queue.is_empty() {
-            let jobs = self.queue.drain(..).collect();
+            let jobs = self.queue.take(usize::MAX).into_iter().collect();
             self.actions.push(Action::Fail(jobs));
         }
         for (&id, w) in self.workers.iter_mut() {
@@ -420,7 +424,7 @@ impl<J> Scheduler<J> {
             wk.load += 1;
             wk.sent += n as u64;
             let retire = self.cfg.max_calls.is_some_and(|m| wk.sent >= m);
-            let jobs: Vec<(JobId, J)> = self.queue.drain(..n).collect();
+            let jobs = self.queue.take(n);
             self.actions.push(Action::Send { worker: id, jobs });
             if retire {
                 self.retire_worker(id);

@@ -168,7 +168,7 @@ impl Results {
 pub(crate) struct Batch {
     /// Its jobs, left in the scheduler's batch as they were (their sinks
     /// are taken one at a time, not collected first).
-    pub(crate) jobs: std::vec::IntoIter<(JobId, Job)>,
+    pub(crate) jobs: forkrpc_pool::IntoIter<Job>,
     pub(crate) results: Results,
     pub(crate) shared: Arc<Shared>,
     pub(crate) worker: WorkerId,
@@ -181,8 +181,8 @@ const AHEAD: usize = 8;
 /// asking for one [`AHEAD`] now overlaps fetching it with completing
 /// the ones before it.
 #[inline]
-fn next_sink(jobs: &mut std::vec::IntoIter<(JobId, Job)>) -> Option<Sink> {
-    if let Some(j) = jobs.as_slice().get(AHEAD) {
+fn next_sink(jobs: &mut forkrpc_pool::IntoIter<Job>) -> Option<Sink> {
+    if let Some(j) = jobs.ahead(AHEAD) {
         crate::prefetch::two_lines(j as *const (JobId, Job) as usize);
     }
     jobs.next().map(|(_, j)| j.into_sink())

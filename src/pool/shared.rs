@@ -18,7 +18,7 @@ use crate::template::Template;
 use crate::wire::RETIRE_TAG;
 use crate::Octets;
 use bytes::{Bytes, BytesMut};
-use forkrpc_pool::{Action, JobId, Scheduler, WorkerId};
+use forkrpc_pool::{Action, JobId, Jobs, Scheduler, WorkerId};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -176,7 +176,7 @@ pub(crate) struct Shared {
 struct Outgoing {
     rpc: Rpc,
     worker: WorkerId,
-    jobs: Vec<(JobId, Job)>,
+    jobs: Jobs<Job>,
     /// The staged jobs' bytes, in order.
     staged: Bytes,
 }
@@ -300,9 +300,7 @@ impl Shared {
                 match crate::rpc::plain_octets_len(&o)
                     .filter(|&n| (n as usize) < crate::engine::SEND_IN_PLACE)
                 {
-                    Some(n) => {
-                        return self.submit_job(Incoming::Small(o, n), Sink::One(waiter), admit)
-                    }
+                    Some(n) => return self.submit_small(o, n, waiter, admit),
                     None => Body::Octets(o),
                 }
             }
@@ -323,6 +321,56 @@ impl Shared {
                 Err(e)
             }
         }
+    }
+
+    /// A small octets call. The common case, a call joining a waiting
+    /// queue, is staged here with nothing else to do; anything else takes
+    /// [`Shared::submit_job`]. Kept apart so that its job is built where
+    /// it is stored: each move of a job just written stalls on store
+    /// forwarding, and the general path moved it several times.
+    fn submit_small(
+        self: &Arc<Self>,
+        o: Octets,
+        n: u32,
+        waiter: Waiter,
+        admit: Admit,
+    ) -> Result<JobId> {
+        if self.popts.queue_limit.is_some() {
+            return self.submit_job(Incoming::Small(o, n), Sink::One(waiter), admit);
+        }
+        crate::engine::collect_leftovers();
+        let (id, next_slot, d) = {
+            let mut st = self.lock();
+            if st.sched.queued() == 0 || st.sched.is_closing() {
+                drop(st);
+                return self.submit_job(Incoming::Small(o, n), Sink::One(waiter), admit);
+            }
+            let start = st.staging.len();
+            crate::wire::chunk::put_item(&o, u64::from(n), &mut st.staging);
+            let args = Args::Staged((st.staging.len() - start) as u32);
+            // It only waits: the scheduler's last time is good enough.
+            let now = st.sched.now();
+            let id = st.sched.submit(
+                now,
+                Job {
+                    args,
+                    sink: Sink::One(waiter),
+                },
+            );
+            let mut d = None;
+            if st.sched.has_actions() {
+                let mut deferred = Deferred::default();
+                self.execute(&mut st, &mut deferred);
+                d = Some(deferred);
+            }
+            (id, st.sched.queue_tail_hint(), d)
+        };
+        crate::prefetch::two_lines(next_slot);
+        drop(o);
+        if let Some(d) = d {
+            self.finish(d);
+        }
+        Ok(id)
     }
 
     pub(crate) fn submit_job(
@@ -527,11 +575,11 @@ impl Shared {
                     Action::Send { worker, jobs } => {
                         d.wake_space = self.popts.queue_limit.is_some();
                         // The queue's front: so are their bytes.
-                        let staged = st.staging.split_to(staged_len(&jobs)).freeze();
+                        let staged = st.staging.split_to(staged_len(jobs.iter())).freeze();
                         match st.workers.get(&worker).and_then(|s| s.rpc.clone()) {
                             Some(rpc) => {
                                 if self.tracking {
-                                    for (id, _) in &jobs {
+                                    for (id, _) in jobs.iter() {
                                         if let Some(t) = st.tracked.get_mut(id) {
                                             t.worker = Some(worker);
                                         }
