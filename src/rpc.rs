@@ -1159,6 +1159,7 @@ impl Protocol for Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pool::chunked::Staging;
     use crate::pool::shared::Args;
     use crate::wire::chunk;
 
@@ -1194,7 +1195,8 @@ mod tests {
         assert!(!p.is_octets());
         assert_eq!(sent(&p), frozen);
         let frozen = [Args::Payload(p.clone()), Args::Payload(p)];
-        assert!(crate::pool::chunked::request(frozen.iter(), &Bytes::new()).is_none());
+        let none = crate::pool::chunked::StagedBytes::default();
+        assert!(crate::pool::chunked::request(frozen.iter(), &none).is_none());
     }
 
     #[test]
@@ -1206,20 +1208,26 @@ mod tests {
             .map(|o| Payload::new(o).unwrap())
             .collect();
         let args: Vec<Args> = payloads.into_iter().map(Args::Payload).collect();
-        let req = crate::pool::chunked::request(args.iter(), &Bytes::new()).expect("a chunk");
+        let none = crate::pool::chunked::StagedBytes::default();
+        let req = crate::pool::chunked::request(args.iter(), &none).expect("a chunk");
         let mut out = SendQueue::default();
         req.write(&mut out);
         assert_eq!(out.buf.to_vec(), chunk::request(calls.iter()).to_bytes());
         // One plain call alone goes as it is, not as a chunk.
         let one = [Args::Payload(Payload::new(octets!["a"]).unwrap())];
-        assert!(crate::pool::chunked::request(one.iter(), &Bytes::new()).is_none());
+        assert!(crate::pool::chunked::request(one.iter(), &none).is_none());
     }
 
     /// A staged call's chunk item, as a pool's submit writes it.
-    fn stage(o: &Octets, staging: &mut bytes::BytesMut) -> Args {
-        let start = staging.len();
-        chunk::put_item(o, o.encoded_len(), staging);
-        Args::Staged((staging.len() - start) as u32)
+    fn stage(o: &Octets, staging: &mut Staging) -> Args {
+        Args::Staged(staging.stage(o, o.encoded_len() as u32))
+    }
+
+    /// The request's bytes on the wire.
+    fn wire(req: &Payload) -> Vec<u8> {
+        let mut out = SendQueue::default();
+        req.write(&mut out);
+        out.buf.to_vec()
     }
 
     #[test]
@@ -1232,31 +1240,26 @@ mod tests {
         ];
         // Staged, plain, staged, plain: the staged items are cut from
         // their buffer in order, between the plain ones.
-        let mut staging = bytes::BytesMut::new();
+        let mut staging = Staging::default();
         let args = [
             stage(&calls[0], &mut staging),
             Args::Payload(Payload::new(calls[1].clone()).unwrap()),
             stage(&calls[2], &mut staging),
             Args::Payload(Payload::new(calls[3].clone()).unwrap()),
         ];
-        let staged = staging.freeze();
+        let staged = staging.take(args.iter());
         let req = crate::pool::chunked::request(args.iter(), &staged).expect("a chunk");
-        let mut out = SendQueue::default();
-        req.write(&mut out);
-        assert_eq!(out.buf.to_vec(), chunk::request(calls.iter()).to_bytes());
+        assert_eq!(wire(&req), chunk::request(calls.iter()).to_bytes());
         // All staged: the buffer is the blob; even one is a chunk.
-        let mut staging = bytes::BytesMut::new();
         let lone = [stage(&calls[2], &mut staging)];
-        let staged = staging.freeze();
+        let staged = staging.take(lone.iter());
         let req = crate::pool::chunked::request(lone.iter(), &staged).expect("a chunk");
-        let mut out = SendQueue::default();
-        req.write(&mut out);
-        assert_eq!(
-            out.buf.to_vec(),
-            chunk::request(calls[2..3].iter()).to_bytes()
-        );
+        assert_eq!(wire(&req), chunk::request(calls[2..3].iter()).to_bytes());
         // And read back as a payload of its own, it is the call's.
-        let p = crate::pool::chunked::unstage(&staged).unwrap();
+        let Args::Staged(s) = lone[0] else {
+            unreachable!()
+        };
+        let p = crate::pool::chunked::unstage(&staged.item(s)).unwrap();
         let mut out = SendQueue::default();
         p.write(&mut out);
         assert_eq!(out.buf.to_vec(), calls[2].to_bytes());
@@ -1264,5 +1267,51 @@ mod tests {
             crate::pool::chunked::unstage(&Bytes::from_static(b"\x05ab")),
             Err(Error::Protocol { .. })
         ));
+    }
+
+    #[test]
+    fn a_cancelled_staged_call_is_cut_out_of_the_later_chunks() {
+        let calls = [
+            octets!["a"],
+            octets!["gone"],
+            octets!["bc", "d"],
+            octets!["e"],
+        ];
+        let mut staging = Staging::default();
+        let mut args: Vec<Args> = calls.iter().map(|c| stage(c, &mut staging)).collect();
+        // The first batch takes the first job only.
+        let first = staging.take(args[..1].iter());
+        let req = crate::pool::chunked::request(args[..1].iter(), &first).unwrap();
+        assert_eq!(wire(&req), chunk::request(calls[..1].iter()).to_bytes());
+        // The second is cancelled: its item goes, the later ones move up.
+        let Args::Staged(gone) = args.remove(1) else {
+            unreachable!()
+        };
+        let later = args.iter_mut().filter_map(|a| match a {
+            Args::Staged(s) => Some(s),
+            Args::Payload(_) => None,
+        });
+        staging.cut(gone, later);
+        let rest = staging.take(args[1..].iter());
+        let whole = chunk::request(calls[2..].iter()).to_bytes();
+        let req = crate::pool::chunked::staged_request(&rest).unwrap();
+        assert_eq!(wire(&req), whole);
+        let req = crate::pool::chunked::request(args[1..].iter(), &rest).unwrap();
+        assert_eq!(wire(&req), whole);
+        let Args::Staged(s) = args[1] else {
+            unreachable!()
+        };
+        let p = crate::pool::chunked::unstage(&rest.item(s)).unwrap();
+        let mut out = SendQueue::default();
+        p.write(&mut out);
+        assert_eq!(out.buf.to_vec(), calls[2].to_bytes());
+        // A batch with no staged job takes no bytes, and none were left:
+        // the next staged call's chunk is its item alone, as it stands.
+        let plain = [Args::Payload(Payload::new(octets!["x"]).unwrap())];
+        staging.take(plain.iter());
+        let next = [stage(&calls[3], &mut staging)];
+        let staged = staging.take(next.iter());
+        let req = crate::pool::chunked::request(next.iter(), &staged).unwrap();
+        assert_eq!(wire(&req), chunk::request(calls[3..].iter()).to_bytes());
     }
 }

@@ -110,6 +110,10 @@ impl<J> Queue<J> {
         self.blocks.iter().flatten()
     }
 
+    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = &mut (JobId, J)> + '_ {
+        self.blocks.iter_mut().flatten()
+    }
+
     /// Where the next job pushed will most likely be stored (never
     /// dereferenced; see `Scheduler::queue_tail_hint`).
     pub(crate) fn tail_hint(&self) -> usize {
@@ -160,7 +164,7 @@ impl<J> Jobs<J> {
     }
 
     /// The jobs by reference, in order.
-    pub fn iter(&self) -> impl Iterator<Item = &(JobId, J)> + Clone + '_ {
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = &(JobId, J)> + Clone + '_ {
         self.blocks.iter().flatten()
     }
 }

@@ -277,6 +277,12 @@ impl<J> Scheduler<J> {
         self.queue.iter()
     }
 
+    /// The queued jobs, oldest first, to change in place (their ids and
+    /// order stay).
+    pub fn queued_jobs_mut(&mut self) -> impl Iterator<Item = (JobId, &mut J)> + '_ {
+        self.queue.iter_mut().map(|(id, j)| (*id, j))
+    }
+
     /// Jobs waiting in the queue.
     pub fn queued(&self) -> usize {
         self.queue.len()

@@ -16,17 +16,119 @@ use bytes::{Bytes, BytesMut};
 use forkrpc_pool::{JobId, WorkerId};
 use std::sync::Arc;
 
+/// Where a staged job's chunk item lies: bytes `end - len .. end` of
+/// all the bytes ever staged in its pool (see [`Staging`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Staged {
+    end: u64,
+    len: u32,
+}
+
+impl Staged {
+    fn start(self) -> u64 {
+        self.end - u64::from(self.len)
+    }
+}
+
+/// The chunk items of small octets calls, written by their callers as
+/// they join a waiting queue (see [`Args::Staged`]): exactly those of the
+/// staged jobs in the queue, in queue order. Offsets count every byte
+/// ever staged, so a job's place does not move as batches take bytes
+/// from the front, and taking a batch's bytes needs only its last staged
+/// job.
+#[derive(Default)]
+pub(crate) struct Staging {
+    buf: BytesMut,
+    /// The offset of `buf[0]`.
+    base: u64,
+}
+
+impl Staging {
+    /// Writes the chunk item of `args` (whose encoding is `n` bytes).
+    pub(crate) fn stage(&mut self, args: &Octets, n: u32) -> Staged {
+        let start = self.buf.len();
+        chunk::put_item(args, u64::from(n), &mut self.buf);
+        Staged {
+            end: self.base + self.buf.len() as u64,
+            len: (self.buf.len() - start) as u32,
+        }
+    }
+
+    /// A staged job left the queue from its middle (cancelled): cuts its
+    /// item out and moves the items of `later` jobs up.
+    pub(crate) fn cut<'a>(&mut self, s: Staged, later: impl Iterator<Item = &'a mut Staged>) {
+        let (start, end) = (
+            (s.start() - self.base) as usize,
+            (s.end - self.base) as usize,
+        );
+        let tail = self.buf.split_off(end);
+        self.buf.truncate(start);
+        self.buf.extend_from_slice(&tail);
+        for t in later.filter(|t| t.end > s.end) {
+            t.end -= u64::from(s.len);
+        }
+    }
+
+    /// The bytes of jobs leaving the front of the queue, through their
+    /// last staged one.
+    pub(crate) fn take<'a>(
+        &mut self,
+        args: impl DoubleEndedIterator<Item = &'a Args>,
+    ) -> StagedBytes {
+        let at = self.base;
+        let last = if self.buf.is_empty() {
+            None // nothing staged: no need to look at the jobs
+        } else {
+            args.rev().find_map(|a| match a {
+                Args::Staged(s) => Some(s.end),
+                Args::Payload(_) => None,
+            })
+        };
+        let bytes = match last {
+            Some(end) => {
+                self.base = end;
+                self.buf.split_to((end - at) as usize).freeze()
+            }
+            None => Bytes::new(),
+        };
+        StagedBytes { at, bytes }
+    }
+}
+
+/// The staged bytes a batch took, from offset `at`.
+#[derive(Default)]
+pub(crate) struct StagedBytes {
+    at: u64,
+    bytes: Bytes,
+}
+
+impl StagedBytes {
+    fn range(&self, s: Staged) -> std::ops::Range<usize> {
+        (s.start() - self.at) as usize..(s.end - self.at) as usize
+    }
+
+    /// A staged job's chunk item.
+    pub(crate) fn item(&self, s: Staged) -> Bytes {
+        self.bytes.slice(self.range(s))
+    }
+}
+
+/// The chunk request of a batch whose jobs are all staged: their items
+/// are the chunk's blob as they stand.
+pub(crate) fn staged_request(staged: &StagedBytes) -> Option<Payload> {
+    Payload::new(chunk::tagged(staged.bytes.clone())).ok()
+}
+
 /// The chunk request of a batch, if its calls can travel as one: all
 /// octets, none big (big arguments are sent in place, which a chunk's one
 /// blob would undo), and more than one unless it was staged (a lone
 /// plain call is cheaper for the worker; a staged one is a chunk item
-/// already). `staged` holds the staged jobs' items, in order: when every
-/// job is staged, it is the chunk's blob as it stands.
+/// already). `staged` holds the staged jobs' items, in order.
 pub(crate) fn request<'a>(
     args: impl Iterator<Item = &'a Args> + Clone,
-    staged: &Bytes,
+    staged: &StagedBytes,
 ) -> Option<Payload> {
-    let (mut n, mut total, mut all_staged) = (0, 0, true);
+    let (mut n, mut total, mut plain) = (0, 0, false);
     for a in args.clone() {
         match a {
             Args::Payload(p) => {
@@ -34,31 +136,26 @@ pub(crate) fn request<'a>(
                     return None;
                 }
                 total += ber::encoded_len(u64::from(p.len())) + p.len() as usize;
-                all_staged = false;
+                plain = true;
             }
-            Args::Staged(k) => total += *k as usize,
+            Args::Staged(s) => total += s.len as usize,
         }
         n += 1;
     }
-    if n == 0 || (n == 1 && !all_staged) {
+    if n == 0 || (n == 1 && plain) {
         return None;
     }
-    let blob = if all_staged {
-        staged.clone()
+    let blob = if !plain {
+        staged.bytes.clone()
     } else {
         let mut blob = BytesMut::with_capacity(total);
-        let mut pos = 0;
         for a in args {
             match a {
                 Args::Payload(p) => {
                     ber::encode(u64::from(p.len()), &mut blob);
                     p.encode_octets(&mut blob);
                 }
-                Args::Staged(k) => {
-                    let end = pos + *k as usize;
-                    blob.extend_from_slice(&staged[pos..end]);
-                    pos = end;
-                }
+                Args::Staged(s) => blob.extend_from_slice(&staged.bytes[staged.range(*s)]),
             }
         }
         blob.freeze()

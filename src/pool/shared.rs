@@ -17,7 +17,6 @@ use crate::rpc::{Body, Call, Options, Payload, Rpc, Waiter};
 use crate::template::Template;
 use crate::wire::RETIRE_TAG;
 use crate::Octets;
-use bytes::{Bytes, BytesMut};
 use forkrpc_pool::{Action, JobId, Jobs, Scheduler, WorkerId};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
@@ -47,15 +46,21 @@ pub(crate) struct Job {
 pub(crate) enum Args {
     /// As given.
     Payload(Payload),
-    /// Written as a chunk item (BER length, then the octets encoding),
-    /// this many bytes, into [`State::staging`]: small octets calls that
-    /// join a waiting queue of a pool whose batches go as chunks. A
-    /// batch's chunk is then cut from there rather than built from each
-    /// job, and the caller frees its argument list on its own thread.
-    Staged(u32),
+    /// Written as a chunk item (BER length, then the octets encoding)
+    /// into [`State::staging`]: small octets calls that join a waiting
+    /// queue of a pool whose batches go as chunks. A batch's chunk is
+    /// then cut from there rather than built from each job, and the
+    /// caller frees its argument list on its own thread.
+    Staged(chunked::Staged),
 }
 
 impl Job {
+    /// Not a staged call with a waiter of its own: a batch with such a job
+    /// cannot be sent as its staged bytes alone.
+    fn is_odd(&self) -> bool {
+        !matches!((&self.args, &self.sink), (Args::Staged(_), Sink::One(_)))
+    }
+
     /// Its sink, letting its (sent) arguments go.
     pub(crate) fn into_sink(self) -> Sink {
         if let Args::Payload(p) = self.args {
@@ -63,21 +68,6 @@ impl Job {
         }
         self.sink
     }
-}
-
-impl Args {
-    /// Bytes of `State::staging` it holds.
-    fn staged(&self) -> usize {
-        match self {
-            Args::Staged(n) => *n as usize,
-            Args::Payload(_) => 0,
-        }
-    }
-}
-
-/// Bytes of `State::staging` that `jobs` hold.
-fn staged_len<'a>(jobs: impl IntoIterator<Item = &'a (JobId, Job)>) -> usize {
-    jobs.into_iter().map(|(_, j)| j.args.staged()).sum()
 }
 
 /// What a caller hands to [`Shared::submit_job`].
@@ -133,7 +123,10 @@ pub(crate) struct State {
     space_wakers: Vec<Waker>,
     /// The staged jobs' arguments (see [`Args::Staged`]), in queue order:
     /// whatever takes jobs out of the queue takes their bytes from here.
-    staging: BytesMut,
+    staging: chunked::Staging,
+    /// Queued jobs that are odd (see [`Job::is_odd`]): while there are
+    /// none, a batch is known to be all staged without looking at it.
+    odd: usize,
     /// Why recently ended workers were killed (their failed calls are
     /// handled after the worker is gone); the last few only.
     killed: std::collections::VecDeque<(WorkerId, Killed)>,
@@ -141,6 +134,52 @@ pub(crate) struct State {
 }
 
 impl State {
+    /// Queues a job.
+    #[inline(always)] // see `Shared::submit_small`
+    fn submit(&mut self, now: Duration, job: Job) -> JobId {
+        self.odd += usize::from(job.is_odd());
+        self.sched.submit(now, job)
+    }
+
+    /// Puts jobs back at the head of the queue (see `Scheduler::requeue`).
+    fn requeue(&mut self, now: Duration, jobs: Vec<(JobId, Job)>) {
+        self.odd += jobs.iter().filter(|(_, j)| j.is_odd()).count();
+        self.sched.requeue(now, jobs);
+    }
+
+    /// Jobs that just left the front of the queue (sent, failed): their
+    /// staged bytes, and whether none of them is odd. Looks at the jobs
+    /// only when some in the queue are odd.
+    fn leaving<'a>(
+        &mut self,
+        jobs: impl DoubleEndedIterator<Item = &'a Job> + Clone,
+    ) -> (chunked::StagedBytes, bool) {
+        let k = match self.odd {
+            0 => 0,
+            _ => jobs.clone().filter(|j| j.is_odd()).count(),
+        };
+        self.odd -= k;
+        let uniform = k == 0;
+        (self.staging.take(jobs.map(|j| &j.args)), uniform)
+    }
+
+    /// Takes job `id` out of the queue if it is still there.
+    fn cancel(&mut self, now: Duration, id: JobId) -> Option<Job> {
+        let job = self.sched.cancel(now, id)?;
+        self.odd -= usize::from(job.is_odd());
+        if let Args::Staged(s) = job.args {
+            let later = self
+                .sched
+                .queued_jobs_mut()
+                .filter_map(|(_, j)| match &mut j.args {
+                    Args::Staged(t) => Some(t),
+                    Args::Payload(_) => None,
+                });
+            self.staging.cut(s, later);
+        }
+        Some(job)
+    }
+
     fn kill_reason(&self, w: WorkerId) -> Option<Killed> {
         match self.workers.get(&w) {
             Some(s) => s.killed,
@@ -178,7 +217,9 @@ struct Outgoing {
     worker: WorkerId,
     jobs: Jobs<Job>,
     /// The staged jobs' bytes, in order.
-    staged: Bytes,
+    staged: chunked::StagedBytes,
+    /// No job is odd: all staged, each with its own waiter.
+    uniform: bool,
 }
 
 /// What to do once the lock is released.
@@ -222,7 +263,8 @@ impl Shared {
                 tracked: HashMap::new(),
                 deadlines: BinaryHeap::new(),
                 space_wakers: Vec::new(),
-                staging: BytesMut::new(),
+                staging: chunked::Staging::default(),
+                odd: 0,
                 killed: std::collections::VecDeque::new(),
                 manager_exit: false,
             }),
@@ -345,12 +387,10 @@ impl Shared {
                 drop(st);
                 return self.submit_job(Incoming::Small(o, n), Sink::One(waiter), admit);
             }
-            let start = st.staging.len();
-            crate::wire::chunk::put_item(&o, u64::from(n), &mut st.staging);
-            let args = Args::Staged((st.staging.len() - start) as u32);
+            let args = Args::Staged(st.staging.stage(&o, n));
             // It only waits: the scheduler's last time is good enough.
             let now = st.sched.now();
-            let id = st.sched.submit(
+            let id = st.submit(
                 now,
                 Job {
                     args,
@@ -422,10 +462,9 @@ impl Shared {
                 Incoming::Payload(p) => Args::Payload(p),
                 // It will wait (see `Scheduler::submit`): stage it.
                 Incoming::Small(o, n) if st.sched.queued() > 0 => {
-                    let start = st.staging.len();
-                    crate::wire::chunk::put_item(&o, u64::from(n), &mut st.staging);
+                    let staged = st.staging.stage(&o, n);
                     spent = Some(o);
-                    Args::Staged((st.staging.len() - start) as u32)
+                    Args::Staged(staged)
                 }
                 // It may leave at once, alone: a plain call.
                 Incoming::Small(o, _) => match Payload::new(o) {
@@ -451,7 +490,7 @@ impl Shared {
                     worker: None,
                     deadline,
                 };
-                let id = st.sched.submit(
+                let id = st.submit(
                     now,
                     Job {
                         args: Args::Payload(args),
@@ -465,7 +504,7 @@ impl Shared {
                 }
                 id
             } else {
-                st.sched.submit(now, Job { args, sink })
+                st.submit(now, Job { args, sink })
             };
             self.execute(&mut st, &mut d);
             next_slot = st.sched.queue_tail_hint();
@@ -521,21 +560,7 @@ impl Shared {
     pub(crate) fn cancel(self: &Arc<Self>, id: JobId) {
         self.with(|st, d| {
             let now = self.now();
-            // Where its bytes are, if it is still queued and staged.
-            let mut at = 0;
-            for (j, job) in st.sched.queued_jobs() {
-                if *j == id {
-                    break;
-                }
-                at += job.args.staged();
-            }
-            if let Some(job) = st.sched.cancel(now, id) {
-                let n = job.args.staged();
-                if n > 0 {
-                    let mut rest = st.staging.split_off(at);
-                    bytes::Buf::advance(&mut rest, n);
-                    st.staging.extend_from_slice(&rest);
-                }
+            if st.cancel(now, id).is_some() {
                 st.tracked.remove(&id);
                 d.wake_space = true;
             }
@@ -575,7 +600,7 @@ impl Shared {
                     Action::Send { worker, jobs } => {
                         d.wake_space = self.popts.queue_limit.is_some();
                         // The queue's front: so are their bytes.
-                        let staged = st.staging.split_to(staged_len(jobs.iter())).freeze();
+                        let (staged, uniform) = st.leaving(jobs.iter().map(|(_, j)| j));
                         match st.workers.get(&worker).and_then(|s| s.rpc.clone()) {
                             Some(rpc) => {
                                 if self.tracking {
@@ -590,6 +615,7 @@ impl Shared {
                                     worker,
                                     jobs,
                                     staged,
+                                    uniform,
                                 });
                             }
                             // Cannot happen: the scheduler sends only to
@@ -623,7 +649,7 @@ impl Shared {
                     }
                     Action::Fail(jobs) => {
                         // Taken from the queue: so are their bytes.
-                        let _ = st.staging.split_to(staged_len(&jobs));
+                        st.leaving(jobs.iter().map(|(_, j)| j));
                         for (id, job) in jobs {
                             let sink = match st.tracked.remove(&id) {
                                 Some(t) => t.sink,
@@ -662,11 +688,19 @@ impl Shared {
             worker: w,
             jobs,
             staged,
+            uniform,
         } = s;
         let pid = rpc.pid();
         let plain = |(_, j): &(JobId, Job)| matches!(j.sink, Sink::One(_));
-        if self.chunks && jobs.iter().all(plain) {
-            if let Some(args) = chunked::request(jobs.iter().map(|(_, j)| &j.args), &staged) {
+        if self.chunks && (uniform || jobs.iter().all(plain)) {
+            // Uniform: the chunk is the staged bytes as they stand, and
+            // the jobs are not read until their results arrive.
+            let args = if uniform {
+                chunked::staged_request(&staged)
+            } else {
+                chunked::request(jobs.iter().map(|(_, j)| &j.args), &staged)
+            };
+            if let Some(args) = args {
                 let n = jobs.len();
                 let done = Waiter::Chunk(Box::new(chunked::Batch {
                     jobs: jobs.into_iter(),
@@ -679,22 +713,17 @@ impl Shared {
             }
         }
         // One call each: staged arguments become payloads again.
-        let mut pos = 0;
         let mut each = Vec::with_capacity(jobs.len());
         for (id, job) in jobs {
             let args = match job.args {
                 Args::Payload(p) => p,
-                Args::Staged(k) => {
-                    let item = staged.slice(pos..pos + k as usize);
-                    pos += k as usize;
-                    match chunked::unstage(&item) {
-                        Ok(p) => p,
-                        Err(e) => {
-                            complete(job.sink, Err(e), pid);
-                            continue;
-                        }
+                Args::Staged(k) => match chunked::unstage(&staged.item(k)) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        complete(job.sink, Err(e), pid);
+                        continue;
                     }
-                }
+                },
             };
             each.push((id, args, job.sink));
         }
@@ -815,7 +844,7 @@ impl Shared {
                     t.worker = None;
                     let args = t.args.clone();
                     st.tracked.insert(id, t);
-                    st.sched.requeue(
+                    st.requeue(
                         now,
                         vec![(
                             id,
@@ -965,7 +994,7 @@ impl Shared {
             }
             match worker {
                 None => {
-                    st.sched.cancel(now, id);
+                    st.cancel(now, id);
                 }
                 Some(w) => {
                     if self.sync_workers() {
@@ -1011,7 +1040,7 @@ impl Shared {
                         // Nothing can run the queue: fail it rather than
                         // let it wait for ever.
                         let jobs = st.sched.take_queue(now);
-                        let _ = st.staging.split_to(staged_len(&jobs));
+                        st.leaving(jobs.iter().map(|(_, j)| j));
                         for (id, job) in jobs {
                             let sink = st.tracked.remove(&id).map_or(job.sink, |t| t.sink);
                             d.done.push((sink, Err(e.clone()), 0));
