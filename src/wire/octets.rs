@@ -86,7 +86,12 @@ impl Octets {
     /// Decodes the encoding at `range` of `buf`; the strings are slices of
     /// `buf` (no temporary slice of the range itself).
     pub fn decode_in(buf: &Bytes, range: std::ops::Range<usize>) -> Result<Octets, WireError> {
-        let mut items = Vec::new();
+        if range.is_empty() {
+            return Ok(Octets(Vec::new()));
+        }
+        // What the first push would reserve, without its slow path: most
+        // calls and replies carry one to three strings.
+        let mut items = Vec::with_capacity(4);
         walk(buf, range, |r| items.push(buf.slice(r)))?;
         Ok(Octets(items))
     }
