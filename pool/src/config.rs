@@ -28,9 +28,10 @@ pub struct PoolConfig {
     /// (`ceil(queued / (2 × ready workers × load))`, guided scheduling) so
     /// that throughput does not stall at `load` jobs per round trip;
     /// without a backlog a batch is one job. 1 gives Perl's pool exactly.
-    /// Default 1024: big batches under a big backlog are what lets the
+    /// Default 4096: big batches under a big backlog are what lets the
     /// pool keep up with one worker fed directly (forkrpc sends a batch as
-    /// one frame; see its pool docs).
+    /// one frame; see its pool docs), and each batch a worker finishes
+    /// before the next arrives costs it a sleep and a wake-up.
     pub max_batch: usize,
     /// Retire a worker after it was sent this many jobs (None: never),
     /// like Python's `maxtasksperchild`.
@@ -45,7 +46,7 @@ impl Default for PoolConfig {
             load: 2,
             start: Duration::from_millis(100),
             stop: Duration::from_secs(10),
-            max_batch: 1024,
+            max_batch: 4096,
             max_calls: None,
         }
     }
