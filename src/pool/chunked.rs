@@ -123,7 +123,8 @@ pub(crate) fn staged_request(staged: &StagedBytes) -> Option<Payload> {
 /// octets, none big (big arguments are sent in place, which a chunk's one
 /// blob would undo), and more than one unless it was staged (a lone
 /// plain call is cheaper for the worker; a staged one is a chunk item
-/// already). `staged` holds the staged jobs' items, in order.
+/// already). `staged` holds the staged jobs' items, in order, and
+/// nothing else (see [`Staging`]).
 pub(crate) fn request<'a>(
     args: impl Iterator<Item = &'a Args> + Clone,
     staged: &StagedBytes,
