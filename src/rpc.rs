@@ -1230,6 +1230,14 @@ mod tests {
         out.buf.to_vec()
     }
 
+    /// A staged job's arguments read back from a batch's bytes, as sent.
+    fn unstaged(staged: &crate::pool::chunked::StagedBytes, a: &Args) -> Vec<u8> {
+        let Args::Staged(s) = a else {
+            panic!("not a staged job")
+        };
+        wire(&crate::pool::chunked::unstage(&staged.item(*s)).unwrap())
+    }
+
     #[test]
     fn chunks_of_staged_and_plain_calls_match_the_wire_encoding() {
         let calls = [
@@ -1256,13 +1264,7 @@ mod tests {
         let req = crate::pool::chunked::request(lone.iter(), &staged).expect("a chunk");
         assert_eq!(wire(&req), chunk::request(calls[2..3].iter()).to_bytes());
         // And read back as a payload of its own, it is the call's.
-        let Args::Staged(s) = lone[0] else {
-            unreachable!()
-        };
-        let p = crate::pool::chunked::unstage(&staged.item(s)).unwrap();
-        let mut out = SendQueue::default();
-        p.write(&mut out);
-        assert_eq!(out.buf.to_vec(), calls[2].to_bytes());
+        assert_eq!(unstaged(&staged, &lone[0]), calls[2].to_bytes());
         assert!(matches!(
             crate::pool::chunked::unstage(&Bytes::from_static(b"\x05ab")),
             Err(Error::Protocol { .. })
@@ -1298,13 +1300,7 @@ mod tests {
         assert_eq!(wire(&req), whole);
         let req = crate::pool::chunked::request(args[1..].iter(), &rest).unwrap();
         assert_eq!(wire(&req), whole);
-        let Args::Staged(s) = args[1] else {
-            unreachable!()
-        };
-        let p = crate::pool::chunked::unstage(&rest.item(s)).unwrap();
-        let mut out = SendQueue::default();
-        p.write(&mut out);
-        assert_eq!(out.buf.to_vec(), calls[2].to_bytes());
+        assert_eq!(unstaged(&rest, &args[1]), calls[2].to_bytes());
         // A batch with no staged job takes no bytes, and none were left:
         // the next staged call's chunk is its item alone, as it stands.
         let plain = [Args::Payload(Payload::new(octets!["x"]).unwrap())];
