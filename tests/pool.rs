@@ -488,8 +488,10 @@ fn queue_limit(t: &Template) -> Result<(), Failed> {
     // Wait for the worker, so the first call is sent, not queued.
     pool.call_blocking(octets!["0"])?;
     let running = pool.try_call(octets!["300"])?;
-    let q1 = pool.try_call(octets!["0"])?;
-    let q2 = pool.try_call(octets!["0"])?;
+    // Queued behind it (staged as chunk items: each must keep its own
+    // argument).
+    let q1 = pool.try_call(octets!["1"])?;
+    let q2 = pool.try_call(octets!["2"])?;
     match pool.try_call(octets!["0"]) {
         Err(Error::QueueFull { limit: 2 }) => {}
         Err(e) => return Err(format!("expected QueueFull, got {e:?}").into()),
@@ -497,10 +499,10 @@ fn queue_limit(t: &Template) -> Result<(), Failed> {
     }
     eq(pool.stats().queued, 2)?;
     // A waiting `call` gets in once there is room.
-    let waited = pool.call(octets!["0"]);
+    let waited = pool.call(octets!["3"]);
     let (a, b, c, d) = block(async { (running.await, q1.await, q2.await, waited.await) });
-    for r in [a, b, c, d] {
-        r?;
+    for (r, arg) in [(a, "300"), (b, "1"), (c, "2"), (d, "3")] {
+        eq(r?.str(0), Some(arg))?;
     }
     pool.close_blocking()?;
     Ok(())

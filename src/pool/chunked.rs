@@ -146,22 +146,20 @@ pub(crate) fn request<'a>(
     if n == 0 || (n == 1 && plain) {
         return None;
     }
-    let blob = if !plain {
-        staged.bytes.clone()
-    } else {
-        let mut blob = BytesMut::with_capacity(total);
-        for a in args {
-            match a {
-                Args::Payload(p) => {
-                    ber::encode(u64::from(p.len()), &mut blob);
-                    p.encode_octets(&mut blob);
-                }
-                Args::Staged(s) => blob.extend_from_slice(&staged.bytes[staged.range(*s)]),
+    if !plain {
+        return staged_request(staged);
+    }
+    let mut blob = BytesMut::with_capacity(total);
+    for a in args {
+        match a {
+            Args::Payload(p) => {
+                ber::encode(u64::from(p.len()), &mut blob);
+                p.encode_octets(&mut blob);
             }
+            Args::Staged(s) => blob.extend_from_slice(&staged.bytes[staged.range(*s)]),
         }
-        blob.freeze()
-    };
-    Payload::new(chunk::tagged(blob)).ok()
+    }
+    Payload::new(chunk::tagged(blob.freeze())).ok()
 }
 
 /// The arguments of a staged job (its chunk item) as a payload of their

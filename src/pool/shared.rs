@@ -460,7 +460,9 @@ impl Shared {
             };
             let args = match args {
                 Incoming::Payload(p) => Args::Payload(p),
-                // It will wait (see `Scheduler::submit`): stage it.
+                // It will wait (see `Scheduler::submit`): stage it. (Only
+                // pools with a queue limit get here so; the others stage
+                // in `submit_small`.)
                 Incoming::Small(o, n) if st.sched.queued() > 0 => {
                     let staged = st.staging.stage(&o, n);
                     spent = Some(o);
