@@ -422,6 +422,40 @@ impl Waiter {
         }
     }
 
+    /// Whether this waiter takes the reply's payload undecoded (a typed
+    /// call thaws it itself).
+    pub(crate) fn wants_raw(&self) -> bool {
+        matches!(self, Waiter::Raw { .. })
+    }
+
+    /// A waiter that hands the reply on to `f` in the form a waiter that
+    /// [`wants_raw`](Waiter::wants_raw) (or not) takes it: for whoever
+    /// stands between a call and its own waiter (a pool's bookkeeping).
+    pub(crate) fn relay(raw: bool, f: impl FnOnce(Outcome) + Send + 'static) -> Waiter {
+        if raw {
+            Waiter::raw(move |r| f(Outcome::Raw(r)))
+        } else {
+            Waiter::callback(move |r| f(Outcome::Octets(r)))
+        }
+    }
+
+    /// Completes with an outcome a [`relay`](Waiter::relay) passed on.
+    pub(crate) fn complete_outcome(self, r: Outcome) {
+        match (self, r) {
+            (w, Outcome::Octets(r)) => w.complete(r),
+            (Waiter::Raw { mut f, on_driver }, Outcome::Raw(r)) => {
+                guard("a reply callback", || f.reply(r));
+                leftovers::keep(Spent::Raw(f), on_driver);
+            }
+            // A relay built for another kind of waiter: decode after all.
+            (w, Outcome::Raw(r)) => w.complete(r.and_then(|p| {
+                Octets::decode(p).map_err(|e| Error::Codec {
+                    detail: format!("malformed octets reply: {e}"),
+                })
+            })),
+        }
+    }
+
     pub(crate) fn complete(self, r: Result<Octets>) {
         match self {
             Waiter::Callback { mut f, on_driver } => {
@@ -479,6 +513,30 @@ impl Waiter {
                 }
             },
         }
+    }
+}
+
+/// A call's outcome on its way to its waiter through a [relay](Waiter::relay):
+/// the payload undecoded for a waiter that thaws it itself, the strings
+/// otherwise.
+pub(crate) enum Outcome {
+    Octets(Result<Octets>),
+    Raw(Result<Bytes>),
+}
+
+impl Outcome {
+    /// Why the call failed, if it did.
+    pub(crate) fn error(&self) -> Option<&Error> {
+        match self {
+            Outcome::Octets(Err(e)) | Outcome::Raw(Err(e)) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<Result<Octets>> for Outcome {
+    fn from(r: Result<Octets>) -> Outcome {
+        Outcome::Octets(r)
     }
 }
 

@@ -13,7 +13,7 @@ use super::{chunked, Admit, PoolOptions, PoolStats};
 use crate::error::{Error, Result};
 use crate::latch::Latch;
 use crate::registry;
-use crate::rpc::{Body, Call, Options, Payload, Rpc, Waiter};
+use crate::rpc::{Body, Call, Options, Outcome, Payload, Rpc, Waiter};
 use crate::template::Template;
 use crate::wire::RETIRE_TAG;
 use crate::Octets;
@@ -32,8 +32,20 @@ pub(crate) enum Sink {
     /// A chunk of `n` calls of a `map`, starting at item `base`.
     Chunk(super::map::ChunkSink),
     /// The real sink waits in `State::tracked` (retries, timeouts, memory
-    /// ceiling): whoever resolves the job takes it from there.
-    Tracked,
+    /// ceiling): whoever resolves the job takes it from there. `raw`: that
+    /// sink takes replies undecoded (see [`Waiter::wants_raw`]).
+    Tracked { raw: bool },
+}
+
+impl Sink {
+    /// Whether the reply must reach this sink undecoded (a typed call).
+    fn wants_raw(&self) -> bool {
+        match self {
+            Sink::One(w) => w.wants_raw(),
+            Sink::Chunk(_) => false,
+            Sink::Tracked { raw } => *raw,
+        }
+    }
 }
 
 /// A job in the scheduler's queue.
@@ -226,7 +238,7 @@ struct Outgoing {
 #[derive(Default)]
 struct Deferred {
     sends: Vec<Outgoing>,
-    done: Vec<(Sink, Result<Octets>, i32)>,
+    done: Vec<(Sink, Outcome, i32)>,
     destroyed: bool,
     wake_space: bool,
 }
@@ -485,6 +497,7 @@ impl Shared {
                 };
                 let retries = self.popts.retries;
                 let deadline = self.popts.timeout.map(|t| Instant::now() + t);
+                let raw = sink.wants_raw();
                 let tracked = Tracked {
                     sink,
                     args: args.clone(),
@@ -496,7 +509,7 @@ impl Shared {
                     now,
                     Job {
                         args: Args::Payload(args),
-                        sink: Sink::Tracked,
+                        sink: Sink::Tracked { raw },
                     },
                 );
                 st.tracked.insert(id, tracked);
@@ -627,7 +640,7 @@ impl Shared {
                             // started workers, and stops them only idle.
                             None => {
                                 for (_, job) in jobs {
-                                    d.done.push((job.sink, Err(Error::Closed), 0));
+                                    d.done.push((job.sink, Err(Error::Closed).into(), 0));
                                 }
                             }
                         }
@@ -663,7 +676,7 @@ impl Shared {
                             let e = Error::Shutdown {
                                 detail: "it was still queued when the close deadline passed".into(),
                             };
-                            d.done.push((sink, Err(e), 0));
+                            d.done.push((sink, Err(e).into(), 0));
                         }
                     }
                     Action::Timer(t) => {
@@ -745,14 +758,17 @@ impl Shared {
         let mut calls = Vec::with_capacity(n);
         for (i, (id, args, sink)) in each.into_iter().enumerate() {
             let sh = self.clone();
+            // Wrappers pass the reply on in the form the call's own waiter
+            // takes it: a typed call's payload is no list of strings.
+            let raw = sink.wants_raw();
             let done = match &batch {
                 Some(batch) if self.tracking => {
                     let batch = batch.clone();
-                    Waiter::callback(move |r| sh.tracked_reply(w, pid, id, r, &batch))
+                    Waiter::relay(raw, move |r| sh.tracked_reply(w, pid, id, r, &batch))
                 }
                 Some(batch) => {
                     let (batch, sink) = (batch.clone(), sink);
-                    Waiter::callback(move |r| {
+                    Waiter::relay(raw, move |r| {
                         if batch.left.fetch_sub(1, Ordering::AcqRel) == 1 {
                             sh.batch_done(w, pid, || complete(sink, r, pid));
                         } else {
@@ -770,9 +786,9 @@ impl Shared {
                         worker: w,
                         pid,
                     })),
-                    sink => {
-                        Waiter::callback(move |r| sh.batch_done(w, pid, || complete(sink, r, pid)))
-                    }
+                    sink => Waiter::relay(raw, move |r| {
+                        sh.batch_done(w, pid, || complete(sink, r, pid))
+                    }),
                 },
             };
             calls.push(Call { args, done });
@@ -815,7 +831,7 @@ impl Shared {
         w: WorkerId,
         pid: i32,
         id: JobId,
-        r: Result<Octets>,
+        r: Outcome,
         batch: &Batch,
     ) {
         let last = batch.left.fetch_sub(1, Ordering::AcqRel) == 1;
@@ -828,7 +844,7 @@ impl Shared {
             let now = self.now();
             if let Some(mut t) = st.tracked.remove(&id) {
                 let killed = st.kill_reason(w);
-                let died = matches!(r, Err(Error::WorkerExited { .. }));
+                let died = matches!(r.error(), Some(Error::WorkerExited { .. }));
                 let behind_timeout = matches!(killed, Some(Killed::Timeout(j)) if j != id) && died;
                 if behind_timeout
                     || (died && t.retries > 0 && !matches!(killed, Some(Killed::Deadline)))
@@ -848,6 +864,7 @@ impl Shared {
                     }
                     t.worker = None;
                     let args = t.args.clone();
+                    let raw = t.sink.wants_raw();
                     st.tracked.insert(id, t);
                     st.requeue(
                         now,
@@ -855,7 +872,7 @@ impl Shared {
                             id,
                             Job {
                                 args: Args::Payload(args),
-                                sink: Sink::Tracked,
+                                sink: Sink::Tracked { raw },
                             },
                         )],
                     );
@@ -1014,7 +1031,7 @@ impl Shared {
             }
             let t = st.tracked.remove(&id).unwrap();
             d.done
-                .push((t.sink, Err(Error::Timeout { after: timeout }), 0));
+                .push((t.sink, Err(Error::Timeout { after: timeout }).into(), 0));
         }
     }
 
@@ -1048,7 +1065,7 @@ impl Shared {
                         st.leaving(jobs.iter().map(|(_, j)| j));
                         for (id, job) in jobs {
                             let sink = st.tracked.remove(&id).map_or(job.sink, |t| t.sink);
-                            d.done.push((sink, Err(e.clone()), 0));
+                            d.done.push((sink, Err(e.clone()).into(), 0));
                         }
                     }
                     report = Some(e);
@@ -1070,17 +1087,19 @@ fn into_waiter(sink: Sink, pid: i32) -> Waiter {
     match sink {
         Sink::One(w) => w,
         Sink::Chunk(c) => c.waiter(pid),
-        Sink::Tracked => unreachable!("tracked jobs get a tracking waiter"),
+        Sink::Tracked { .. } => unreachable!("tracked jobs get a tracking waiter"),
     }
 }
 
 /// Delivers a job's outcome.
-pub(crate) fn complete(sink: Sink, r: Result<Octets>, pid: i32) {
+pub(crate) fn complete(sink: Sink, r: impl Into<Outcome>, pid: i32) {
     match sink {
-        Sink::One(w) => w.complete(r),
-        Sink::Chunk(c) => c.waiter(pid).complete(r),
+        Sink::One(w) => w.complete_outcome(r.into()),
+        Sink::Chunk(c) => c.waiter(pid).complete_outcome(r.into()),
         // Resolved through `State::tracked`, never directly.
-        Sink::Tracked => debug_assert!(false, "a tracked job completed without its entry"),
+        Sink::Tracked { .. } => {
+            debug_assert!(false, "a tracked job completed without its entry")
+        }
     }
 }
 
