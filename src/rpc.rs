@@ -677,7 +677,7 @@ impl Rpc {
         match put {
             Ok(true) => self.inner.engine.push(Command::Flush { id: self.inner.id }),
             Ok(false) => {}
-            Err(done) => done.complete(Err(Error::Closed)),
+            Err(done) => done.complete(Err(self.inner.stats.refusal())),
         }
     }
 
@@ -860,6 +860,45 @@ struct Session {
 }
 
 impl Session {
+    /// The error that says how the worker ended: `note` (set by whoever
+    /// killed it on purpose), a protocol violation, or its exit with
+    /// `outstanding` calls unanswered.
+    fn ending(
+        &self,
+        pid: i32,
+        status: ExitStatus,
+        outstanding: usize,
+        note: Option<Error>,
+    ) -> Error {
+        let (kind, msg) = self.fatal.clone().unzip();
+        if let Some(e) = note {
+            return e;
+        }
+        if let Some(detail) = self.protocol_error.clone() {
+            return Error::Protocol { pid, detail };
+        }
+        match kind.as_deref() {
+            Some("protocol") => Error::Protocol {
+                pid,
+                detail: format!("the worker rejected a request: {}", msg.unwrap_or_default()),
+            },
+            Some("start") => Error::Template(format!(
+                "worker {pid} could not start: {}",
+                msg.unwrap_or_default()
+            )),
+            _ => Error::WorkerExited {
+                pid,
+                status,
+                outstanding,
+                panic: match kind.as_deref() {
+                    Some("init-panic") => msg.map(|m| format!("in the init function: {m}")),
+                    Some("exit-after-panic") => msg.map(|m| format!("in an earlier call: {m}")),
+                    _ => msg,
+                },
+            },
+        }
+    }
+
     fn report(&self, e: &Error) {
         if let Some(f) = &self.opts.on_error {
             guard("on_error", || f(e.clone()))
@@ -1117,9 +1156,22 @@ impl Protocol for Session {
     }
 
     fn finish(&mut self, pid: i32, status: Option<ExitStatus>) {
+        // How it ended, for calls that arrive from now on: recorded before
+        // the outbox refuses any, so none of them reads a bare `Closed`.
+        let note = self
+            .stats
+            .note
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let status = status.unwrap_or(ExitStatus::StillRunning);
+        let _ = self
+            .stats
+            .death
+            .set(self.ending(pid, status, 0, note.clone()));
         // Calls framed since the driver last looked fail with the others
         // (their regions are released with the others); later ones are
-        // refused (Closed).
+        // refused with how it ended.
         let mut held = Vec::new();
         if let (Some(ob), Calls::Sync(q)) = (&self.outbox, &mut self.calls) {
             q.append(&mut ob.end(&mut held));
@@ -1147,47 +1199,8 @@ impl Protocol for Session {
             return;
         }
         let outstanding = self.calls.len();
-        let status = status.unwrap_or(ExitStatus::StillRunning);
         let (kind, msg) = self.fatal.clone().unzip();
-        let note = self
-            .stats
-            .note
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        let err = if let Some(e) = note {
-            e
-        } else if let Some(detail) = self.protocol_error.clone() {
-            Error::Protocol { pid, detail }
-        } else {
-            match kind.as_deref() {
-                Some("protocol") => Error::Protocol {
-                    pid,
-                    detail: format!(
-                        "the worker rejected a request: {}",
-                        msg.clone().unwrap_or_default()
-                    ),
-                },
-                Some("start") => Error::Template(format!(
-                    "worker {pid} could not start: {}",
-                    msg.clone().unwrap_or_default()
-                )),
-                _ => Error::WorkerExited {
-                    pid,
-                    status,
-                    outstanding,
-                    panic: match kind.as_deref() {
-                        Some("init-panic") => {
-                            msg.clone().map(|m| format!("in the init function: {m}"))
-                        }
-                        Some("exit-after-panic") => {
-                            msg.clone().map(|m| format!("in an earlier call: {m}"))
-                        }
-                        _ => msg.clone(),
-                    },
-                },
-            }
-        };
+        let err = self.ending(pid, status, outstanding, note);
         // Report first: once a call is failed its waiter may carry on (even
         // exit the process), and the report must not be lost or cut short.
         // The end hook too: a pool must know the worker is gone before the

@@ -176,7 +176,11 @@ fn main() {
         ("send_fh_seed_recipe", send_fh_recipe),
         ("derived_template_shares_init_state", derived_template),
         ("workers_hold_no_other_sockets", no_socket_leaks),
-        ("calls_after_worker_end_fail_closed", calls_after_end),
+        ("calls_after_worker_end_name_its_end", calls_after_end),
+        (
+            "calls_after_idle_death_name_the_signal",
+            calls_after_idle_death,
+        ),
         ("panicking_callback_is_contained", panicking_callback),
         ("handler_error_fails_only_that_call", handler_error),
         ("big_arguments_round_trip_in_order", big_arguments),
@@ -666,10 +670,62 @@ fn calls_after_end(t: &Template, kind: EngineKind) -> Result<(), Failed> {
         destroyed.try_recv().is_err(),
         "no on_destroy after an error",
     )?;
+    // Not `Closed` (that is for a handle the user closed): how it ended.
     match rpc.call_blocking(octets!["0"]) {
-        Err(Error::Closed) => Ok(()),
-        other => Err(format!("expected Closed, got {other:?}").into()),
+        Err(Error::WorkerExited {
+            status: ExitStatus::Code(0),
+            outstanding: 0,
+            ..
+        }) => Ok(()),
+        other => Err(format!("expected WorkerExited with exit code 0, got {other:?}").into()),
     }
+}
+
+/// A worker killed while idle: calls made after its end fail with the
+/// signal that killed it, on either backend (sync calls are refused by the
+/// outbox, async ones by the engine).
+fn calls_after_idle_death(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    for asynchronous in [false, true] {
+        let (destroy, destroyed) = destroy_channel();
+        let rpc = t.fork().run(
+            forkrpc::ECHO,
+            opts(kind)
+                .asynchronous(asynchronous)
+                .on_error(|_| {})
+                .on_destroy(destroy),
+        )?;
+        eq(rpc.call_blocking(octets!["x"])?, octets!["x"])?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(rpc.pid()),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
+        recv(&destroyed)?; // its connection ended
+        for form in ["blocking", "future", "callback"] {
+            let r = match form {
+                "blocking" => rpc.call_blocking(octets!["y"]),
+                "future" => block(rpc.call(octets!["y"])),
+                _ => {
+                    let (tx, rx) = std::sync::mpsc::channel();
+                    rpc.call_with(octets!["y"], move |r| tx.send(r).unwrap());
+                    recv(&rx)?
+                }
+            };
+            match r {
+                Err(Error::WorkerExited {
+                    status: ExitStatus::Signal(9),
+                    pid,
+                    ..
+                }) if pid == rpc.pid() => {}
+                other => {
+                    return Err(format!(
+                        "async {asynchronous}, {form}: expected WorkerExited by signal 9, got {other:?}"
+                    )
+                    .into())
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn panicking_callback(t: &Template, kind: EngineKind) -> Result<(), Failed> {

@@ -359,6 +359,9 @@ pub(crate) struct ConnStats {
     /// Set by whoever killed the worker on purpose: the error its
     /// outstanding calls get instead of "worker exited".
     pub note: Mutex<Option<Error>>,
+    /// How the worker ended, set when its connection does: what calls made
+    /// after that fail with (they were never sent).
+    pub death: OnceLock<Error>,
 }
 
 impl ConnStats {
@@ -366,6 +369,12 @@ impl ConnStats {
     pub(crate) fn unanswered(&self) -> u64 {
         let made = self.submitted.load(Ordering::Relaxed) + self.framed.load(Ordering::Relaxed);
         made.saturating_sub(self.answered.load(Ordering::Relaxed))
+    }
+
+    /// The error for a call that reached the connection after it ended:
+    /// how the worker ended, or `Closed` if that is not known.
+    pub(crate) fn refusal(&self) -> Error {
+        self.death.get().cloned().unwrap_or(Error::Closed)
     }
 }
 
@@ -641,6 +650,10 @@ struct Driver<I: Io> {
     io: I,
     shared: Arc<Shared>,
     conns: IdMap<u64, Conn>,
+    /// Ended connections whose handle is still alive: calls that reach
+    /// them fail with how the worker ended ([`ConnStats::refusal`]).
+    /// Dropped with the handle (`Command::Close`).
+    ended: IdMap<u64, Arc<ConnStats>>,
     by_pid: IdMap<i32, u64>,
     early_exits: VecDeque<(i32, ExitStatus)>,
     dirty: Vec<u64>,
@@ -662,6 +675,7 @@ impl<I: Io> Driver<I> {
             io,
             shared,
             conns: IdMap::default(),
+            ended: IdMap::default(),
             by_pid: IdMap::default(),
             early_exits: VecDeque::new(),
             dirty: Vec::new(),
@@ -795,6 +809,8 @@ impl<I: Io> Driver<I> {
                 if let Some(c) = self.conns.get_mut(&id) {
                     c.closing = true;
                     self.dirty.push(id);
+                } else {
+                    self.ended.remove(&id);
                 }
             }
             Command::Exited { pid, status } => match self.by_pid.get(&pid) {
@@ -989,7 +1005,8 @@ impl<I: Io> Driver<I> {
     /// how it ended once that is known, like the calls it left unanswered.
     fn calls(&mut self, id: u64, calls: impl Iterator<Item = Call>) {
         let Some(c) = self.conns.get_mut(&id) else {
-            return calls.for_each(|c| c.fail(Error::Closed));
+            let e = self.ended.get(&id).map_or(Error::Closed, |s| s.refusal());
+            return calls.for_each(|c| c.fail(e.clone()));
         };
         if c.eof || c.shut {
             let mut discard = SendQueue::default();
@@ -1041,6 +1058,10 @@ impl<I: Io> Driver<I> {
         }
         let status = c.status.or(c.deadline.map(|_| ExitStatus::StillRunning));
         c.proto.finish(c.pid, status);
+        if !c.closing {
+            // Its handle lives: later calls must learn how it ended.
+            self.ended.insert(id, c.stats.clone());
+        }
     }
 
     fn next_deadline(&self) -> Option<Instant> {

@@ -1024,6 +1024,8 @@ impl Shared {
                             if s.killed.is_none() {
                                 s.killed = Some(Killed::Timeout(id));
                                 crate::process::kill(s.pid);
+                                // No new jobs for it: it is about to die.
+                                st.sched.retire(now, w);
                             }
                         }
                     }
