@@ -103,6 +103,16 @@ pub enum Error {
         /// What happened to the call.
         detail: String,
     },
+    /// The pool's workers keep dying before they finish anything: worker
+    /// starts wait `backoff` (reported through `on_error`; calls wait in
+    /// the queue meanwhile). See `PoolOptions::crash_loop`.
+    #[error("{deaths} pool workers in a row died before finishing a call; starting the next in {backoff:?}")]
+    CrashLoop {
+        /// Deaths in a row of workers that finished nothing.
+        deaths: usize,
+        /// How long starts wait.
+        backoff: std::time::Duration,
+    },
     /// Not run: an earlier item of the same chunk panicked and the worker
     /// exited.
     #[error("not run in worker {pid}: an earlier item of its chunk panicked ({message})")]

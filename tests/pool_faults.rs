@@ -7,9 +7,10 @@
 
 mod common;
 
-use common::{await_in_order, eq, EngineTest};
+use common::{await_in_order, check, eq, EngineTest};
 use forkrpc::{octets, EngineKind, Error, Options, Pool, PoolOptions, Template};
 use libtest_mimic::{Arguments, Failed};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 fn ms(n: u64) -> Duration {
@@ -22,6 +23,13 @@ fn pid() -> String {
 
 fn template() -> Result<Template, Error> {
     Template::builder()
+        .sync("f::die", |args| {
+            if args.str(0) == Some("die") {
+                // SAFETY: _exit takes an integer and never returns.
+                unsafe { libc::_exit(7) }
+            }
+            octets![args[0].clone(), pid()]
+        })
         .sync("f::sleep", |args| {
             std::thread::sleep(ms(args.num(0).unwrap() as u64));
             octets![args[0].clone(), pid()]
@@ -32,7 +40,9 @@ fn template() -> Result<Template, Error> {
 fn main() {
     let t = template().expect("template starts");
     let args = Arguments::from_args();
-    let tests: [(&str, EngineTest); 2] = [
+    let tests: [(&str, EngineTest); 4] = [
+        ("dead_worker_is_replaced_at_once", replaced_at_once),
+        ("crash_loop_backs_off_and_reports", crash_loop),
         ("timeout_leaves_the_pool_open", timeout_then_quick),
         (
             "timeout_with_retries_leaves_the_pool_open",
@@ -45,7 +55,7 @@ fn main() {
 /// 100 rounds: a call that overruns the timeout (its worker is killed),
 /// then three quick calls at once, each of which must succeed.
 fn rounds_after_timeouts(t: &Template, engine: EngineKind, retries: u32) -> Result<(), Failed> {
-    let timeout = ms(150);
+    let timeout = ms(100);
     let pool = Pool::new(
         t,
         "f::sleep",
@@ -76,4 +86,78 @@ fn timeout_then_quick(t: &Template, engine: EngineKind) -> Result<(), Failed> {
 
 fn timeout_retries_then_quick(t: &Template, engine: EngineKind) -> Result<(), Failed> {
     rounds_after_timeouts(t, engine, 3)
+}
+
+/// With a start interval of an hour, a dead worker is still replaced at
+/// once: the call after the crash is answered (not after an hour).
+fn replaced_at_once(t: &Template, engine: EngineKind) -> Result<(), Failed> {
+    let pool = Pool::new(
+        t,
+        "f::die",
+        Options::default().engine(engine).on_error(|_| {}),
+        PoolOptions::default()
+            .max(1)
+            .start(Duration::from_secs(3600)),
+    )?;
+    let first = pool.call_blocking(octets!["a"])?;
+    for round in 0..3 {
+        match pool.call_blocking(octets!["die"]) {
+            Err(Error::WorkerExited { .. }) => {}
+            other => {
+                return Err(format!("round {round}: expected WorkerExited, got {other:?}").into())
+            }
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        pool.call_with(octets!["b"], move |r| tx.send(r).unwrap());
+        let r = common::recv(&rx)??;
+        eq(r.str(0), Some("b"))?;
+        check(
+            r[1] != first[1],
+            "the call after a crash ran on a new worker",
+        )?;
+    }
+    pool.close_blocking()?;
+    Ok(())
+}
+
+/// Workers that die before finishing any call are a crash loop: after
+/// `crash_loop` such deaths the pool backs off and says so through
+/// `on_error`; once a worker finishes a call, replacements are immediate
+/// again.
+fn crash_loop(t: &Template, engine: EngineKind) -> Result<(), Failed> {
+    let errors: Arc<Mutex<Vec<Error>>> = Arc::default();
+    let e = errors.clone();
+    let pool = Pool::new(
+        t,
+        "f::die",
+        Options::default()
+            .engine(engine)
+            .on_error(move |err| e.lock().unwrap().push(err)),
+        PoolOptions::default()
+            .max(1)
+            .max_batch(1)
+            .crash_loop(3, ms(20)),
+    )?;
+    // Each call kills a fresh worker before it finished anything.
+    for _ in 0..4 {
+        check(pool.call_blocking(octets!["die"]).is_err(), "a crash")?;
+    }
+    let loops: Vec<(usize, Duration)> = errors
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|e| match e {
+            Error::CrashLoop { deaths, backoff } => Some((*deaths, *backoff)),
+            _ => None,
+        })
+        .collect();
+    eq(loops.iter().map(|l| l.0).collect::<Vec<_>>(), vec![3, 4])?;
+    check(
+        loops[0].1 <= ms(20) && loops[1].1 <= ms(40) && loops[1].1 > ms(20),
+        format!("back-offs double from 20 ms: {loops:?}"),
+    )?;
+    let ok = pool.call_blocking(octets!["x"])?;
+    eq(ok.str(0), Some("x"))?;
+    pool.close_blocking()?;
+    Ok(())
 }

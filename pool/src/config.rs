@@ -36,6 +36,15 @@ pub struct PoolConfig {
     /// Retire a worker after it was sent this many jobs (None: never),
     /// like Python's `maxtasksperchild`.
     pub max_calls: Option<u64>,
+    /// A worker that dies without being asked to (a crash, a kill for a
+    /// timeout) is replaced at once, not after `start`. Only a crash loop
+    /// is paced: after this many deaths in a row of workers that finished
+    /// no batch, with no batch finished by any worker in between, starts
+    /// wait `crash_backoff`, doubling with each further such death (at
+    /// most 64 times it), until a batch finishes again.
+    pub crash_loop: usize,
+    /// The first back-off of a crash loop (see `crash_loop`).
+    pub crash_backoff: Duration,
 }
 
 impl Default for PoolConfig {
@@ -48,6 +57,8 @@ impl Default for PoolConfig {
             stop: Duration::from_secs(10),
             max_batch: 4096,
             max_calls: None,
+            crash_loop: 5,
+            crash_backoff: Duration::from_millis(100),
         }
     }
 }

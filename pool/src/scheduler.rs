@@ -12,6 +12,12 @@
 //!   more than `idle` workers are idle (ready with no load, or starting).
 //! - A retiring worker (it asked to, or reached `max_calls`) gets no new
 //!   job and is stopped once its load is zero.
+//! - A worker that ends without having been stopped (it crashed, or the
+//!   driver killed it) is replaced at once, whatever `start` says. Only a
+//!   crash loop is paced: after `crash_loop` deaths in a row of workers
+//!   that finished no batch (no batch finished in between), starts wait
+//!   a back-off that doubles with each further such death, reported as
+//!   [`Action::Backoff`]; a finished batch ends the loop.
 //! - Closing: no new submissions; queued jobs are still sent (workers are
 //!   started for them if none is left); idle workers are stopped; once
 //!   the queue is empty and every worker has exited, [`Action::Destroyed`].
@@ -58,6 +64,14 @@ pub enum Action<J> {
     Timer(Option<Duration>),
     /// Closed, every job sent and every worker gone: the pool is done.
     Destroyed,
+    /// Workers keep dying before they finish anything (see
+    /// [`PoolConfig::crash_loop`]): no worker starts before `until`.
+    Backoff {
+        /// Deaths in a row of workers that finished no batch.
+        deaths: usize,
+        /// When starts may resume.
+        until: Duration,
+    },
 }
 
 /// Where a worker is in its life.
@@ -82,6 +96,8 @@ struct Worker {
     idle_since: Duration,
     /// Jobs sent to it so far.
     sent: u64,
+    /// Batches it finished.
+    done: u64,
     killed: bool,
 }
 
@@ -95,6 +111,12 @@ pub struct Scheduler<J> {
     next_job: JobId,
     next_worker: WorkerId,
     last_start: Option<Duration>,
+    /// Workers that died and may be replaced without waiting for `start`.
+    replace: usize,
+    /// Deaths in a row of workers that finished no batch.
+    fruitless: usize,
+    /// No start before this (a crash loop's back-off).
+    backoff_until: Option<Duration>,
     closing: bool,
     deadline: Option<Duration>,
     aborted: bool,
@@ -118,6 +140,9 @@ impl<J> Scheduler<J> {
             next_job: 0,
             next_worker: 0,
             last_start: None,
+            replace: 0,
+            fruitless: 0,
+            backoff_until: None,
             closing: false,
             deadline: None,
             aborted: false,
@@ -215,6 +240,10 @@ impl<J> Scheduler<J> {
     pub fn batch_done(&mut self, now: Duration, w: WorkerId) {
         self.advance(now);
         if let Some(wk) = self.workers.get_mut(&w) {
+            wk.done += 1;
+            // Workers can work: whatever killed the others was no loop.
+            self.fruitless = 0;
+            self.backoff_until = None;
             wk.load = wk.load.saturating_sub(1);
             if wk.load == 0 {
                 wk.idle_since = now;
@@ -235,10 +264,29 @@ impl<J> Scheduler<J> {
     }
 
     /// Worker `w` has ended (stopped, killed, crashed or never started).
-    /// Its batches in flight are the driver's to fail or requeue.
+    /// Its batches in flight are the driver's to fail or requeue. One that
+    /// was not asked to stop died: it is replaced at once, unless workers
+    /// are dying in a loop (see the module docs).
     pub fn exited(&mut self, now: Duration, w: WorkerId) {
         self.advance(now);
-        self.workers.remove(&w);
+        if let Some(wk) = self.workers.remove(&w)
+            && wk.state != WorkerState::Stopping
+            && !self.closing
+        {
+            self.replace = (self.replace + 1).min(self.cfg.max);
+            if wk.done == 0 {
+                self.fruitless += 1;
+                if self.fruitless >= self.cfg.crash_loop {
+                    let doublings = (self.fruitless - self.cfg.crash_loop).min(6) as u32;
+                    let until = now + self.cfg.crash_backoff * (1 << doublings);
+                    self.backoff_until = Some(until);
+                    self.actions.push(Action::Backoff {
+                        deaths: self.fruitless,
+                        until,
+                    });
+                }
+            }
+        }
         self.maintain();
     }
 
@@ -337,6 +385,7 @@ impl<J> Scheduler<J> {
                 load: 0,
                 idle_since: self.now,
                 sent: 0,
+                done: 0,
                 killed: false,
             },
         );
@@ -510,17 +559,39 @@ impl<J> Scheduler<J> {
         want.min(self.cfg.max - active)
     }
 
-    /// When the start rate limit next allows a start, if one is limited.
+    /// When the start rate limit (or a crash loop's back-off) next allows
+    /// a start, if one is limited.
     fn start_allowed_at(&self) -> Option<Duration> {
-        if self.cfg.start.is_zero() {
-            return None;
+        let paced = if self.cfg.start.is_zero() || self.replace > 0 {
+            None
+        } else {
+            self.last_start.map(|t| t + self.cfg.start)
+        };
+        match (paced, self.backoff_until) {
+            (Some(p), Some(b)) => Some(p.max(b)),
+            (p, b) => p.or(b),
         }
-        self.last_start.map(|t| t + self.cfg.start)
     }
 
     fn start_needed(&mut self) {
         let want = self.wanted_starts();
         if want == 0 {
+            // The dead keep their claim: a worker that died with calls in
+            // flight is wanted again when they come back to the queue.
+            return;
+        }
+        match self.backoff_until {
+            Some(t) if self.now < t => return, // the timer brings us back
+            // Over: starts resume (the next fruitless death backs off longer).
+            Some(_) => self.backoff_until = None,
+            None => {}
+        }
+        if self.replace > 0 {
+            // Replacing the dead: at once, as many as died (up to `max`),
+            // since any start is wanted; idle ones stop after `stop`.
+            let n = self.replace.min(self.cfg.max - self.active());
+            self.replace = 0;
+            (0..n).for_each(|_| self.start_worker());
             return;
         }
         match self.start_allowed_at() {

@@ -28,6 +28,8 @@ struct Sim {
     stops: Vec<(Duration, WorkerId)>,
     kills: Vec<WorkerId>,
     batch_sizes: Vec<usize>,
+    /// Every crash-loop back-off: deaths in a row, and until when.
+    backoffs: Vec<(usize, Duration)>,
     destroyed: bool,
     cfg: PoolConfig,
 }
@@ -48,6 +50,7 @@ impl Sim {
             stops: Vec::new(),
             kills: Vec::new(),
             batch_sizes: Vec::new(),
+            backoffs: Vec::new(),
             destroyed: false,
             cfg,
         };
@@ -86,6 +89,7 @@ impl Sim {
                 Action::Fail(jobs) => self.failed.extend(jobs.iter().map(|j| j.0)),
                 Action::Timer(t) => self.timer = t,
                 Action::Destroyed => self.destroyed = true,
+                Action::Backoff { deaths, until } => self.backoffs.push((deaths, until)),
             }
         }
         self.check_invariants();
@@ -285,16 +289,76 @@ fn idle_floor_is_started_at_once_and_kept() {
 }
 
 #[test]
-fn idle_floor_refills_after_a_crash() {
+fn idle_floor_refills_after_a_crash_at_once() {
     let mut sim = Sim::new(perl(4, 1, 2));
     sim.start_all();
     sim.s.exited(ms(0), 0);
     sim.pump();
-    // The floor wants a worker, but the start interval still runs.
-    assert_eq!(sim.starts.len(), 1);
-    assert_eq!(sim.timer, Some(ms(100)));
+    // A death is replaced at once, inside the start interval.
+    assert_eq!(sim.starts, [(ms(0), 0), (ms(0), 1)]);
+}
+
+#[test]
+fn dead_busy_workers_are_replaced_at_once_growth_stays_paced() {
+    let mut sim = Sim::new(perl(4, 0, 1));
+    sim.submit(1);
+    sim.start_all();
     sim.advance(ms(100));
+    sim.submit(1); // a second worker, 100 ms after the first
+    sim.start_all();
     assert_eq!(sim.starts, [(ms(0), 0), (ms(100), 1)]);
+    sim.finish_batch(0); // both have finished work: no loop
+    sim.finish_batch(1);
+    sim.submit(4); // two take a job each, two wait
+    sim.advance(ms(150));
+    assert_eq!(sim.starts.len(), 2, "growth: one start per interval");
+    sim.advance(ms(200));
+    assert_eq!(sim.starts[2..], [(ms(200), 2)]);
+    // Both busy workers die: each is replaced at once (the third start's
+    // interval has not run out); growth beyond stays paced.
+    sim.now = ms(210);
+    sim.s.exited(ms(210), 0);
+    sim.s.exited(ms(210), 1);
+    sim.pump();
+    assert_eq!(sim.starts[3..], [(ms(210), 3), (ms(210), 4)]);
+    assert_eq!(
+        sim.timer,
+        Some(ms(310)),
+        "the next growth waits for `start`"
+    );
+}
+
+#[test]
+fn a_crash_loop_backs_off_doubling_until_a_batch_finishes() {
+    let mut sim = Sim::new(PoolConfig {
+        crash_loop: 3,
+        crash_backoff: ms(100),
+        ..perl(1, 1, 1)
+    });
+    // Every new worker dies at once, before finishing anything.
+    for t in [0u64, 1, 2, 102, 303, 704] {
+        sim.advance(ms(t));
+        let w = sim.starts.last().unwrap().1;
+        sim.starting.remove(&w);
+        sim.s.exited(ms(t), w);
+        sim.pump();
+    }
+    assert_eq!(
+        sim.backoffs,
+        [(3, ms(102)), (4, ms(302)), (5, ms(703)), (6, ms(1504))]
+    );
+    // Two deaths replaced at once, then one start per back-off's end.
+    let times: Vec<Duration> = sim.starts.iter().map(|s| s.0).collect();
+    assert_eq!(times, [ms(0), ms(0), ms(1), ms(102), ms(302), ms(703)]);
+    // The next worker finishes a batch: the loop is over.
+    sim.advance(ms(1504));
+    sim.start_all();
+    sim.submit(1);
+    assert!(sim.finish_batch(sim.starts.last().unwrap().1));
+    let w = sim.starts.last().unwrap().1;
+    sim.s.exited(ms(1504), w);
+    sim.pump();
+    assert_eq!(sim.starts.last().unwrap().0, ms(1504), "replaced at once");
 }
 
 #[test]
@@ -540,6 +604,7 @@ fn config() -> impl Strategy<Value = PoolConfig> {
                 stop: ms(2000),
                 max_batch,
                 max_calls,
+                ..PoolConfig::default()
             },
         )
 }

@@ -84,10 +84,33 @@ impl PoolOptions {
         self.cfg.stop = d;
         self
     }
-    /// Most jobs sent to a worker at once while jobs pile up (default 64;
-    /// 1 = exactly Perl's pool). See [`PoolConfig::max_batch`].
+    /// Most jobs sent to a worker at once while jobs pile up (default
+    /// 4096; 1 = exactly Perl's pool). See [`PoolConfig::max_batch`].
+    /// [`Pool::map`] honours it too.
+    ///
+    /// ```
+    /// let o = forkrpc::PoolOptions::default();
+    /// assert_eq!(o.config().max_batch, 4096);
+    /// ```
     pub fn max_batch(mut self, n: usize) -> Self {
         self.cfg.max_batch = n;
+        self
+    }
+    /// A worker that dies without being asked to is replaced at once; only
+    /// a crash loop is paced. After `deaths` deaths in a row of workers
+    /// that finished no call (default 5), worker starts wait `backoff`
+    /// (default 0.1 s), doubling with each further such death up to 64
+    /// times it, until a worker finishes a call again. Each back-off is
+    /// reported to `on_error` as [`Error::CrashLoop`]; queued calls wait.
+    ///
+    /// ```
+    /// let o = forkrpc::PoolOptions::default();
+    /// assert_eq!(o.config().crash_loop, 5);
+    /// assert_eq!(o.config().crash_backoff, std::time::Duration::from_millis(100));
+    /// ```
+    pub fn crash_loop(mut self, deaths: usize, backoff: Duration) -> Self {
+        self.cfg.crash_loop = deaths.max(1);
+        self.cfg.crash_backoff = backoff;
         self
     }
     /// Recycle a worker after it was sent `n` calls (Python's

@@ -241,6 +241,8 @@ struct Deferred {
     done: Vec<(Sink, Outcome, i32)>,
     destroyed: bool,
     wake_space: bool,
+    /// For `on_error` (or stderr): a crash loop's back-off.
+    reports: Vec<Error>,
 }
 
 impl Shared {
@@ -327,6 +329,9 @@ impl Shared {
     fn finish(self: &Arc<Self>, d: Deferred) {
         for s in d.sends {
             self.send(s);
+        }
+        for e in d.reports {
+            self.report(e);
         }
         if d.wake_space {
             self.space.notify_all();
@@ -682,6 +687,10 @@ impl Shared {
                     Action::Timer(t) => {
                         st.timer = t;
                         self.manager.notify_one();
+                    }
+                    Action::Backoff { deaths, until } => {
+                        let backoff = until.saturating_sub(self.now());
+                        d.reports.push(Error::CrashLoop { deaths, backoff });
                     }
                     Action::Destroyed => {
                         d.destroyed = true;
@@ -1075,11 +1084,16 @@ impl Shared {
             }
         });
         if let Some(e) = report {
-            if let Some(f) = &self.opts.on_error {
-                f(e)
-            } else {
-                eprintln!("forkrpc: pool could not start a worker: {e}");
-            }
+            self.report(e);
+        }
+    }
+
+    /// Tells the user about a pool-wide problem: `on_error`, else stderr.
+    fn report(&self, e: Error) {
+        if let Some(f) = &self.opts.on_error {
+            f(e)
+        } else {
+            eprintln!("forkrpc: pool: {e}");
         }
     }
 }
