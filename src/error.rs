@@ -31,6 +31,25 @@ impl ExitStatus {
     }
 }
 
+impl Error {
+    /// How a worker ended, as the cause of a call it never started: the
+    /// error without its count of outstanding calls.
+    pub(crate) fn end_cause(&self) -> String {
+        match self {
+            Error::WorkerExited {
+                pid, status, panic, ..
+            } => format!(
+                "worker {pid} ended with {status}{}",
+                panic
+                    .as_ref()
+                    .map(|m| format!("; a handler panicked: {m}"))
+                    .unwrap_or_default()
+            ),
+            e => e.to_string(),
+        }
+    }
+}
+
 impl std::fmt::Display for ExitStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match *self {
@@ -112,6 +131,16 @@ pub enum Error {
         deaths: usize,
         /// How long starts wait.
         backoff: std::time::Duration,
+    },
+    /// The worker ended before it began this call (it died running an
+    /// earlier one): the call did not run, and can be sent again (a pool
+    /// does so by itself).
+    #[error("not started: worker {pid} ended before it began this call ({cause})")]
+    NotStarted {
+        /// Process id of the worker.
+        pid: i32,
+        /// How the worker ended.
+        cause: String,
     },
     /// Not run: an earlier item of the same chunk panicked and the worker
     /// exited.

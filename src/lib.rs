@@ -52,6 +52,7 @@ mod child;
 pub mod engine;
 mod error;
 mod idmap;
+mod journal;
 mod latch;
 mod leftovers;
 mod outbox;

@@ -12,6 +12,7 @@ use crate::window::Window;
 use crate::wire::frame::{put_id_header, put_len_header, EVENT_ID, SYNC_REPLY_ID};
 use crate::wire::{shared, starts_with_tag, CHUNK_PART_TAG, ERROR_TAG, FATAL_TAG, RELEASE_TAG};
 use crate::{octets, Octets};
+use bytes::BytesMut;
 use bytes::{BufMut, Bytes};
 use std::collections::VecDeque;
 use std::future::Future;
@@ -321,6 +322,17 @@ impl Payload {
     }
 
     /// True if the arguments are octets (not a codec's frozen payload).
+    /// The strings of an octets payload (None for a frozen one).
+    pub(crate) fn octets(&self) -> Option<Octets> {
+        match &self.body {
+            Body::Octets(o) => Some(o.clone()),
+            Body::Small(s) if s.octets => {
+                Octets::decode(Bytes::copy_from_slice(&s.bytes[..s.len as usize])).ok()
+            }
+            _ => None,
+        }
+    }
+
     pub(crate) fn is_octets(&self) -> bool {
         match &self.body {
             Body::Octets(_) => true,
@@ -403,6 +415,14 @@ pub(crate) trait ChunkWaiter: Send {
     fn part(&mut self, results: &Bytes) -> std::result::Result<(), String>;
     /// The chunk's reply (its remaining results), or why the call failed.
     fn end(self: Box<Self>, r: Result<Octets>);
+    /// Results of the chunk's items from item `first` on, recovered from
+    /// a dead worker's journal (some may have arrived already: skip those).
+    /// An error is a malformed blob.
+    fn recovered(&mut self, first: usize, results: &Bytes) -> std::result::Result<(), String>;
+    /// The worker died in this chunk: the next item without a result
+    /// fails with `running` (it was running), the ones after it with
+    /// `not_started` (they never started).
+    fn died(self: Box<Self>, running: Option<Error>, not_started: Error);
 }
 
 impl Waiter {
@@ -592,6 +612,7 @@ impl Rpc {
         pid: i32,
         opts: Options,
         arena: Option<&'static Arena>,
+        journal: Option<crate::journal::Journal>,
     ) -> Rpc {
         let id = Engine::next_id();
         let end = Latch::new();
@@ -613,6 +634,7 @@ impl Rpc {
             stats: stats.clone(),
             arena,
             held: Vec::new(),
+            journal,
         };
         engine.push(Command::Add {
             id,
@@ -857,9 +879,47 @@ struct Session {
     held: Vec<(usize, u32)>,
     /// Sync workers: calls framed by callers (see `outbox`).
     outbox: Option<Arc<Outbox>>,
+    /// A sync worker's crash journal (see `journal`).
+    journal: Option<crate::journal::Journal>,
 }
 
 impl Session {
+    /// After the worker's death, what its journal says: delivers the
+    /// replies it had not written yet (`rest`: the partial frame the
+    /// socket ended with, which its unwritten output continues), and the
+    /// running chunk's results. Returns how many of the calls left were
+    /// started (the others never were), or None without a journal.
+    fn recover(&mut self, rest: BytesMut) -> Option<usize> {
+        let r = self.journal.as_ref()?.remains();
+        if let Some(out) = r.out {
+            let mut stream = rest;
+            stream.extend_from_slice(&out);
+            let stream = stream.freeze();
+            let mut error = None;
+            crate::wire::frame::id_frames(&stream, |f| {
+                if error.is_none() {
+                    error = self.frame(f.id, &stream, f.payload).err();
+                }
+            });
+            if error.is_some() {
+                return None;
+            }
+        }
+        let answered = self.stats.answered.load(Ordering::Relaxed);
+        let started = r.frames.saturating_sub(answered) as usize;
+        if started > 0 && r.items > 0 && !r.part.is_empty() {
+            if let Calls::Sync(q) = &mut self.calls {
+                if let Some(Waiter::Chunk(c)) = q.front_mut() {
+                    let blob = Bytes::from(r.part);
+                    if c.recovered(r.part_first as usize, &blob).is_err() {
+                        return None;
+                    }
+                }
+            }
+        }
+        Some(started.min(self.calls.len()))
+    }
+
     /// The error that says how the worker ended: `note` (set by whoever
     /// killed it on purpose), a protocol violation, or its exit with
     /// `outstanding` calls unanswered.
@@ -1155,7 +1215,7 @@ impl Protocol for Session {
         }
     }
 
-    fn finish(&mut self, pid: i32, status: Option<ExitStatus>) {
+    fn finish(&mut self, pid: i32, status: Option<ExitStatus>, rest: BytesMut) {
         // How it ended, for calls that arrive from now on: recorded before
         // the outbox refuses any, so none of them reads a bare `Closed`.
         let note = self
@@ -1165,10 +1225,10 @@ impl Protocol for Session {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         let status = status.unwrap_or(ExitStatus::StillRunning);
-        let _ = self
-            .stats
-            .death
-            .set(self.ending(pid, status, 0, note.clone()));
+        let _ = self.stats.death.set(Error::NotStarted {
+            pid,
+            cause: self.ending(pid, status, 0, note.clone()).end_cause(),
+        });
         // Calls framed since the driver last looked fail with the others
         // (their regions are released with the others); later ones are
         // refused with how it ended.
@@ -1179,6 +1239,9 @@ impl Protocol for Session {
         for r in held {
             self.note_held(r);
         }
+        // What it computed and had not written yet, and which calls it
+        // started at all.
+        let started = self.recover(rest);
         // The worker is gone: what it held is free (our own views remain).
         if let Some(arena) = self.arena {
             for (region, n) in self.held.drain(..) {
@@ -1212,16 +1275,47 @@ impl Protocol for Session {
             f(&end);
         }
         let mut pending = self.calls.drain().into_iter();
-        if kind.as_deref() == Some("panic") {
-            if let Some(first) = pending.next() {
-                first.complete(Err(Error::HandlerPanicked {
-                    pid,
-                    message: msg.unwrap_or_default(),
-                }));
+        let running = if kind.as_deref() == Some("panic") {
+            Error::HandlerPanicked {
+                pid,
+                message: msg.unwrap_or_default(),
             }
-        }
-        for w in pending {
-            w.complete(Err(err.clone()));
+        } else {
+            err.clone()
+        };
+        match started {
+            // The journal says which calls it started: the one running
+            // fails (in a chunk, its running item; the items after it were
+            // not started); those it never started fail as such.
+            Some(started) => {
+                let not_started = Error::NotStarted {
+                    pid,
+                    cause: err.end_cause(),
+                };
+                for (i, w) in pending.enumerate() {
+                    match (i < started, w) {
+                        (true, Waiter::Chunk(c)) => guard("a reply callback", || {
+                            c.died(Some(running.clone()), not_started.clone())
+                        }),
+                        (true, w) if i + 1 == started => w.complete(Err(running.clone())),
+                        (true, w) => w.complete(Err(err.clone())),
+                        (false, Waiter::Chunk(c)) => {
+                            guard("a reply callback", || c.died(None, not_started.clone()))
+                        }
+                        (false, w) => w.complete(Err(not_started.clone())),
+                    }
+                }
+            }
+            None => {
+                if kind.as_deref() == Some("panic") {
+                    if let Some(first) = pending.next() {
+                        first.complete(Err(running));
+                    }
+                }
+                for w in pending {
+                    w.complete(Err(err.clone()));
+                }
+            }
         }
         self.end.set(end);
     }

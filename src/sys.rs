@@ -42,6 +42,18 @@ pub(crate) fn send_all(fd: RawFd, mut data: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// One send on a blocking stream socket (no SIGPIPE), retried on EINTR;
+/// returns how much went (at least one byte).
+pub(crate) fn send_some(fd: RawFd, data: &[u8]) -> io::Result<usize> {
+    loop {
+        match nix::sys::socket::send(fd, data, nix::sys::socket::MsgFlags::MSG_NOSIGNAL) {
+            Ok(n) => return Ok(n),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// Number of threads of this process (from /proc/self/task).
 pub(crate) fn thread_count() -> usize {
     std::fs::read_dir("/proc/self/task")

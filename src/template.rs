@@ -10,7 +10,7 @@ use crate::rpc::{Options, Rpc};
 use crate::serial::Codec;
 use crate::Octets;
 use bytes::Bytes;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, OnceLock};
 
 /// A template process: a single-threaded process that forks workers.
@@ -286,6 +286,7 @@ impl Template {
             args: &[],
             fds: &[],
             arena: None,
+            journal: None,
         };
         let pid = self.client.spawn(&spec, theirs)?;
         Ok((mine, pid))
@@ -347,6 +348,14 @@ impl Fork {
         };
         // The worker reads big strings of calls in the shared arena.
         let arena = crate::arena::arena();
+        // A sync worker keeps a crash journal (see `journal`).
+        let journal = match &backend {
+            Backend::Sync => Some(
+                crate::journal::Journal::create()
+                    .map_err(|e| Error::io("making a worker's crash journal", e))?,
+            ),
+            Backend::Async { .. } => None,
+        };
         let spec = WorkerSpec {
             handler,
             init: opts.init.as_deref(),
@@ -354,9 +363,17 @@ impl Fork {
             args: &self.args,
             fds: &self.fds,
             arena: arena.map(|a| a.fd()),
+            journal: journal.as_ref().map(|j| j.1.as_fd()),
         };
         let pid = self.template.client.spawn(&spec, theirs)?;
-        Ok(Rpc::new(engine, mine, pid, opts, arena))
+        Ok(Rpc::new(
+            engine,
+            mine,
+            pid,
+            opts,
+            arena,
+            journal.map(|j| j.0),
+        ))
     }
 }
 
@@ -384,7 +401,7 @@ impl Fork {
         let engine = Engine::get(opts.engine.unwrap_or_else(default_engine))?;
         let (mine, theirs) = process::worker_pair()?;
         let pid = self.template.client.spawn_exec(program, &args, theirs)?;
-        Ok(Rpc::new(engine, mine, pid, opts, None))
+        Ok(Rpc::new(engine, mine, pid, opts, None, None))
     }
 }
 

@@ -30,6 +30,18 @@ fn template() -> Result<Template, Error> {
             }
             octets![args[0].clone(), pid()]
         })
+        // `abort:N`, `panic:N`, `exit:N` crash the worker; anything else
+        // comes back in brackets.
+        .sync("f::work", |args| {
+            let a = args.str(0).unwrap_or("");
+            match a.split(':').next() {
+                Some("abort") => std::process::abort(),
+                Some("panic") => panic!("bad input {a}"),
+                // SAFETY: _exit takes an integer and never returns.
+                Some("exit") => unsafe { libc::_exit(7) },
+                _ => octets![format!("<{a}>")],
+            }
+        })
         .sync("f::sleep", |args| {
             std::thread::sleep(ms(args.num(0).unwrap() as u64));
             octets![args[0].clone(), pid()]
@@ -40,7 +52,9 @@ fn template() -> Result<Template, Error> {
 fn main() {
     let t = template().expect("template starts");
     let args = Arguments::from_args();
-    let tests: [(&str, EngineTest); 4] = [
+    let tests: [(&str, EngineTest); 6] = [
+        ("map_crashes_cost_only_their_calls", map_crashes),
+        ("call_crashes_cost_only_their_calls", call_crashes),
         ("dead_worker_is_replaced_at_once", replaced_at_once),
         ("crash_loop_backs_off_and_reports", crash_loop),
         ("timeout_leaves_the_pool_open", timeout_then_quick),
@@ -159,5 +173,91 @@ fn crash_loop(t: &Template, engine: EngineKind) -> Result<(), Failed> {
     let ok = pool.call_blocking(octets!["x"])?;
     eq(ok.str(0), Some("x"))?;
     pool.close_blocking()?;
+    Ok(())
+}
+
+const JOBS: usize = 10_000;
+
+/// 10,000 inputs, 20 of which crash their worker (abort, panic, _exit in
+/// turn), spread over the run.
+fn crash_inputs() -> Vec<String> {
+    (0..JOBS)
+        .map(|i| match (i % 500 == 250, (i / 500) % 3) {
+            (true, 0) => format!("abort:{i}"),
+            (true, 1) => format!("panic:{i}"),
+            (true, _) => format!("exit:{i}"),
+            _ => i.to_string(),
+        })
+        .collect()
+}
+
+/// Exactly the crashing inputs fail, each saying how; every other one
+/// has its own result.
+fn check_crash_results(
+    what: &str,
+    inputs: &[String],
+    results: Vec<forkrpc::Result<forkrpc::Octets>>,
+) -> Result<(), Failed> {
+    eq(results.len(), inputs.len())?;
+    let mut failed = 0;
+    for (i, (a, r)) in inputs.iter().zip(results).enumerate() {
+        let ok = match (a.split(':').next().unwrap(), &r) {
+            ("abort", Err(Error::WorkerExited { status, .. })) => {
+                *status == forkrpc::ExitStatus::Signal(6)
+            }
+            ("exit", Err(Error::WorkerExited { status, .. })) => {
+                *status == forkrpc::ExitStatus::Code(7)
+            }
+            ("panic", Err(Error::HandlerPanicked { message, .. })) => {
+                message.starts_with(&format!("bad input {a}"))
+            }
+            (_, Ok(o)) => o.str(0) == Some(format!("<{a}>").as_str()),
+            _ => false,
+        };
+        check(ok, format!("{what}: input {i} ({a}): {r:?}"))?;
+        failed += usize::from(r.is_err());
+    }
+    eq(failed, 20)
+}
+
+fn crash_pool(t: &Template, engine: EngineKind, max_batch: Option<usize>) -> Result<Pool, Failed> {
+    let mut popts = PoolOptions::default().max(2);
+    if let Some(n) = max_batch {
+        popts = popts.max_batch(n);
+    }
+    Ok(Pool::new(
+        t,
+        "f::work",
+        Options::default().engine(engine).on_error(|_| {}),
+        popts,
+    )?)
+}
+
+fn map_crashes(t: &Template, engine: EngineKind) -> Result<(), Failed> {
+    let inputs = crash_inputs();
+    for max_batch in [None, Some(1), Some(64)] {
+        let pool = crash_pool(t, engine, max_batch)?;
+        let results = pool
+            .map(inputs.iter().map(|a| octets![a.clone()]))
+            .results()
+            .collect();
+        check_crash_results(&format!("map, max_batch {max_batch:?}"), &inputs, results)?;
+        pool.close_blocking()?;
+    }
+    Ok(())
+}
+
+fn call_crashes(t: &Template, engine: EngineKind) -> Result<(), Failed> {
+    let inputs = crash_inputs();
+    for max_batch in [None, Some(1), Some(64)] {
+        let pool = crash_pool(t, engine, max_batch)?;
+        let calls: Vec<_> = inputs
+            .iter()
+            .map(|a| pool.call(octets![a.clone()]))
+            .collect();
+        let results = await_in_order(calls);
+        check_crash_results(&format!("call, max_batch {max_batch:?}"), &inputs, results)?;
+        pool.close_blocking()?;
+    }
     Ok(())
 }

@@ -46,6 +46,18 @@ fn template() -> Result<Template, Error> {
             // destructors is the point (a worker dying mid-call).
             unsafe { libc::_exit(args.num(0).unwrap() as i32) }
         })
+        // Dies the way its argument says; echoes anything else.
+        .sync("t::crash_on", |args| match args.str(0) {
+            Some("abort") => std::process::abort(),
+            // SAFETY: _exit takes an integer and never returns.
+            Some("exit") => unsafe { libc::_exit(7) },
+            Some("kill") => {
+                let me = nix::unistd::getpid();
+                nix::sys::signal::kill(me, nix::sys::signal::Signal::SIGKILL).unwrap();
+                unreachable!("killed")
+            }
+            _ => args,
+        })
         .try_sync("t::try", |args| match args.str(0) {
             Some("no") => Err(format!("refused {args}")),
             _ => Ok(args),
@@ -177,6 +189,10 @@ fn main() {
         ("derived_template_shares_init_state", derived_template),
         ("workers_hold_no_other_sockets", no_socket_leaks),
         ("calls_after_worker_end_name_its_end", calls_after_end),
+        (
+            "a_death_costs_only_the_running_call",
+            death_costs_the_running_call,
+        ),
         (
             "calls_after_idle_death_name_the_signal",
             calls_after_idle_death,
@@ -389,21 +405,17 @@ fn handler_panic(t: &Template, kind: EngineKind) -> Result<(), Failed> {
         }
         other => return Err(format!("expected HandlerPanicked, got {other:?}").into()),
     }
+    // The call behind it never started, and says why.
     match rt.block_on(second) {
-        Err(Error::WorkerExited {
-            status,
-            outstanding,
-            panic,
-            ..
-        }) => {
-            eq(status, ExitStatus::Code(forkrpc::PANIC_EXIT_CODE))?;
-            eq(outstanding, 2)?;
+        Err(Error::NotStarted { pid: p, cause }) => {
+            eq(p, pid)?;
+            let exit = format!("exit code {}", forkrpc::PANIC_EXIT_CODE);
             check(
-                panic.is_some_and(|m| m.starts_with("boom: x")),
-                "panic message carried",
+                cause.contains(&exit) && cause.contains("a handler panicked: boom: x"),
+                format!("cause: {cause}"),
             )?;
         }
-        other => return Err(format!("expected WorkerExited, got {other:?}").into()),
+        other => return Err(format!("expected NotStarted, got {other:?}").into()),
     }
     let e = rpc.close_blocking();
     check(
@@ -455,19 +467,29 @@ fn worker_exit_with_backlog(t: &Template, kind: EngineKind) -> Result<(), Failed
             rpc.call_with(octets![arg], move |r| tx.send(r).unwrap());
         }
     });
-    let mut n = 0;
-    for r in rx.iter() {
-        match r {
-            Err(Error::WorkerExited {
-                status: ExitStatus::Code(7),
-                outstanding: N,
-                ..
-            }) => n += 1,
-            other => return Err(format!("call {n}: expected exit code 7, got {other:?}").into()),
+    // The first call killed the worker; the others never started (its
+    // crash journal says so), and say how it ended.
+    let got: Vec<_> = rx.iter().collect();
+    echo.close_blocking()?;
+    eq(got.len(), N)?;
+    for (n, r) in got.into_iter().enumerate() {
+        match (n, r) {
+            (
+                0,
+                Err(Error::WorkerExited {
+                    status: ExitStatus::Code(7),
+                    outstanding: N,
+                    ..
+                }),
+            ) => {}
+            (1.., Err(Error::NotStarted { cause, .. }))
+                if cause.ends_with("ended with exit code 7") => {}
+            (n, other) => {
+                return Err(format!("call {n}: expected exit code 7, got {other:?}").into())
+            }
         }
     }
-    echo.close_blocking()?;
-    eq(n, N)
+    Ok(())
 }
 
 fn worker_killed(t: &Template, kind: EngineKind) -> Result<(), Failed> {
@@ -670,19 +692,19 @@ fn calls_after_end(t: &Template, kind: EngineKind) -> Result<(), Failed> {
         destroyed.try_recv().is_err(),
         "no on_destroy after an error",
     )?;
-    // Not `Closed` (that is for a handle the user closed): how it ended.
+    // Not `Closed` (that is for a handle the user closed): not started,
+    // and why: how the worker ended.
     match rpc.call_blocking(octets!["0"]) {
-        Err(Error::WorkerExited {
-            status: ExitStatus::Code(0),
-            outstanding: 0,
-            ..
-        }) => Ok(()),
-        other => Err(format!("expected WorkerExited with exit code 0, got {other:?}").into()),
+        Err(Error::NotStarted { pid, cause }) if pid == rpc.pid() => check(
+            cause.contains("exit code 0"),
+            format!("the cause names the exit: {cause}"),
+        ),
+        other => Err(format!("expected NotStarted naming exit code 0, got {other:?}").into()),
     }
 }
 
-/// A worker killed while idle: calls made after its end fail with the
-/// signal that killed it, on either backend (sync calls are refused by the
+/// A worker killed while idle: calls made after its end fail as never
+/// started, naming the signal that killed it, on either backend (sync calls are refused by the
 /// outbox, async ones by the engine).
 fn calls_after_idle_death(t: &Template, kind: EngineKind) -> Result<(), Failed> {
     for asynchronous in [false, true] {
@@ -711,14 +733,11 @@ fn calls_after_idle_death(t: &Template, kind: EngineKind) -> Result<(), Failed> 
                 }
             };
             match r {
-                Err(Error::WorkerExited {
-                    status: ExitStatus::Signal(9),
-                    pid,
-                    ..
-                }) if pid == rpc.pid() => {}
+                Err(Error::NotStarted { pid, cause })
+                    if pid == rpc.pid() && cause.contains("signal 9 (SIGKILL)") => {}
                 other => {
                     return Err(format!(
-                        "async {asynchronous}, {form}: expected WorkerExited by signal 9, got {other:?}"
+                        "async {asynchronous}, {form}: expected NotStarted naming signal 9, got {other:?}"
                     )
                     .into())
                 }
@@ -1055,5 +1074,36 @@ fn spent_arguments(t: &Template, kind: EngineKind) -> Result<(), Failed> {
     // The reply is a copy: only the arguments hold the owner.
     recv(&freed)?;
     rpc.close_blocking()?;
+    Ok(())
+}
+
+/// Twenty calls sent together (their replies are buffered by the worker,
+/// not yet written) with one that kills the worker in the middle: the
+/// calls before it get their replies (from the worker's crash journal),
+/// it fails with how the worker died, and the ones after it fail as never
+/// started. For abort(), _exit() and SIGKILL.
+fn death_costs_the_running_call(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    for (how, status) in [
+        ("abort", ExitStatus::Signal(6)),
+        ("exit", ExitStatus::Code(7)),
+        ("kill", ExitStatus::Signal(9)),
+    ] {
+        let rpc = t.fork().run("t::crash_on", opts(kind).on_error(|_| {}))?;
+        rpc.call_blocking(octets!["warm"])?;
+        let calls: Vec<_> = (0..20)
+            .map(|i| match i {
+                12 => rpc.call(octets![how]),
+                i => rpc.call(octets![format!("call {i}")]),
+            })
+            .collect();
+        for (i, r) in await_in_order(calls).into_iter().enumerate() {
+            match (i, r) {
+                (0..12, Ok(r)) => eq(r, octets![format!("call {i}")])?,
+                (12, Err(Error::WorkerExited { status: s, .. })) if s == status => {}
+                (13.., Err(Error::NotStarted { pid, .. })) if pid == rpc.pid() => {}
+                (i, r) => return Err(format!("{how}: call {i}: {r:?}").into()),
+            }
+        }
+    }
     Ok(())
 }

@@ -195,6 +195,17 @@ impl<J> Scheduler<J> {
         self.maintain();
     }
 
+    /// Queues a job at the head of the queue (a resent part of a job that
+    /// was already waited for) and returns its id.
+    pub fn submit_front(&mut self, now: Duration, job: J) -> JobId {
+        self.advance(now);
+        let id = self.next_job;
+        self.next_job += 1;
+        self.queue.push_front((id, job));
+        self.maintain();
+        id
+    }
+
     /// Removes a job that is still queued and returns it (None if it was
     /// sent already). Linear in the queue's length.
     pub fn cancel(&mut self, now: Duration, job: JobId) -> Option<J> {
@@ -364,6 +375,12 @@ impl<J> Scheduler<J> {
     /// True after `close` or `abort`.
     pub fn is_closing(&self) -> bool {
         self.closing
+    }
+
+    /// True once the queue was failed (close deadline passed, or `abort`):
+    /// nothing will be sent any more.
+    pub fn is_aborted(&self) -> bool {
+        self.aborted
     }
 
     /// The configuration in force (after clamping).

@@ -101,9 +101,11 @@ impl Out {
                 crate::wire::ber::encode(b.len() as u64, &mut self.buf);
                 if big(b) {
                     self.flush();
+                    crate::journal::worker::direct_write(true);
                     if sys::send_all(self.fd, b).is_err() {
                         exit_now(0); // the parent went away
                     }
+                    crate::journal::worker::direct_write(false);
                 } else {
                     self.buf.extend_from_slice(b);
                 }
@@ -122,7 +124,9 @@ impl Out {
         match self.part.as_mut().filter(|p| !p.is_empty()) {
             Some(p) => {
                 let part = p.take_part();
-                self.put_frame(EVENT_ID, &part)
+                let ok = self.put_frame(EVENT_ID, &part);
+                crate::journal::worker::part_taken(&self.buf);
+                ok
             }
             None => false,
         }
@@ -179,9 +183,11 @@ impl Out {
         // typed reply, the buffer it was frozen into) instead of copying it.
         if self.wake.is_none() && payload.len() >= crate::engine::SEND_IN_PLACE {
             self.flush();
+            crate::journal::worker::direct_write(true);
             if sys::send_all(self.fd, payload).is_err() {
                 exit_now(0); // the parent went away
             }
+            crate::journal::worker::direct_write(false);
             return true;
         }
         self.buf.extend_from_slice(payload);
@@ -212,10 +218,21 @@ impl Out {
         if self.buf.is_empty() {
             return;
         }
-        if sys::send_all(self.fd, &self.buf).is_err() {
-            exit_now(0); // the parent went away: nobody wants the results
+        // The journal follows the write: should the worker die in the
+        // middle, the parent knows where the stream stops.
+        let mut sent = 0;
+        while sent < self.buf.len() {
+            match sys::send_some(self.fd, &self.buf[sent..]) {
+                Ok(n) => {
+                    sent += n;
+                    crate::journal::worker::out_written(sent);
+                }
+                // The parent went away: nobody wants the results.
+                Err(_) => exit_now(0),
+            }
         }
         self.buf.clear();
+        crate::journal::worker::out_flushed();
     }
 }
 
@@ -245,6 +262,7 @@ fn queue_event(put: impl FnOnce(&mut Out) -> bool) -> bool {
             // replies and events in the order they were made.
             o.put_part();
             let ok = put(o);
+            crate::journal::worker::sync_out(&o.buf);
             match &o.wake {
                 Some(st) => st.output_queued(),
                 None if o.immediate || o.buf.len() >= sync::FLUSH_AT => o.flush(),
@@ -313,14 +331,17 @@ pub(crate) fn run_chunk(
     let room = blob.len() + n;
     // The results wait in `OUT` so that an event from a handler can send
     // those of earlier items before itself (see `queue_event`).
+    // Each call writes one item's result.
     let with_part = |f: &mut dyn FnMut(&mut chunk::ReplyWriter)| {
         OUT.with_borrow_mut(|o| {
             if let Some(o) = o.as_mut() {
                 f(o.part
                     .get_or_insert_with(|| chunk::ReplyWriter::with_capacity(room)))
             }
-        })
+        });
+        crate::journal::worker::result_written();
     };
+    let mut item = 0u64;
     let mut panicked: Option<String> = None;
     let mut sent_at = sys::coarse_now();
     let mut pos = 0;
@@ -333,6 +354,15 @@ pub(crate) fn run_chunk(
             with_part(&mut |p| p.not_run());
             continue;
         }
+        // Should the worker die in this item, the parent learns which
+        // one, and gets the results before it.
+        OUT.with_borrow(|o| {
+            if let Some(o) = o {
+                let part = o.part.as_ref().map_or(&[][..], |p| p.bytes());
+                crate::journal::worker::item_started(item, &o.buf, part);
+            }
+        });
+        item += 1;
         // The item is decoded, run and its result written inside the
         // guard: nothing the size of a result moves through the unwind
         // boundary (those moves were the worker's main cost per item).

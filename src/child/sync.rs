@@ -68,6 +68,7 @@ pub(crate) fn serve(sock: OwnedFd, handler: Handler) -> i32 {
 /// Runs one request (`range` of `frames`); `last`: no further request is
 /// waiting, so events are written at once.
 fn request(fd: RawFd, handler: &Handler, frames: &Bytes, range: Range<usize>, last: bool) {
+    OUT.with_borrow(|o| crate::journal::worker::frame_started(&o.as_ref().unwrap().buf));
     let handler = match handler {
         Handler::Sync(h) => h,
         Handler::Raw(h) => return typed_call(fd, h, frames.slice(range), last),

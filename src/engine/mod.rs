@@ -331,8 +331,9 @@ pub(crate) trait Protocol: Send {
         buf: &Bytes,
         payload: std::ops::Range<usize>,
     ) -> Result<(), String>;
-    /// The connection ended: EOF (or a read error), and `status` if known.
-    fn finish(&mut self, pid: i32, status: Option<ExitStatus>);
+    /// The connection ended: EOF (or a read error), and `status` if known;
+    /// `rest` is what it sent after its last complete frame.
+    fn finish(&mut self, pid: i32, status: Option<ExitStatus>, rest: BytesMut);
     /// Takes the calls that callers framed themselves (see `outbox`),
     /// appending their frames to `out`, or dropping them when `live` is
     /// false (the worker can no longer read).
@@ -360,7 +361,8 @@ pub(crate) struct ConnStats {
     /// outstanding calls get instead of "worker exited".
     pub note: Mutex<Option<Error>>,
     /// How the worker ended, set when its connection does: what calls made
-    /// after that fail with (they were never sent).
+    /// after that fail with ([`Error::NotStarted`] naming the end: they
+    /// were never sent).
     pub death: OnceLock<Error>,
 }
 
@@ -761,7 +763,7 @@ impl<I: Io> Driver<I> {
                 if let Err(e) = self.io.add(fd.as_raw_fd(), id) {
                     let mut proto = proto;
                     eprintln!("forkrpc: cannot watch worker {pid}: {e}");
-                    proto.finish(pid, None);
+                    proto.finish(pid, None, BytesMut::new());
                     return;
                 }
                 let status = self
@@ -1057,7 +1059,8 @@ impl<I: Io> Driver<I> {
             self.awaiting_exit -= 1;
         }
         let status = c.status.or(c.deadline.map(|_| ExitStatus::StillRunning));
-        c.proto.finish(c.pid, status);
+        let rest = std::mem::take(&mut c.inbuf);
+        c.proto.finish(c.pid, status, rest);
         if !c.closing {
             // Its handle lives: later calls must learn how it ended.
             self.ended.insert(id, c.stats.clone());

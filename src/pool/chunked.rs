@@ -217,6 +217,37 @@ impl Results {
         Ok(())
     }
 
+    /// As [`Results::each`], for results from item `first` on (a dead
+    /// worker's journal): those already seen are skipped; a gap before
+    /// them is an error.
+    pub(crate) fn each_from(
+        &mut self,
+        first: usize,
+        blob: &Bytes,
+        mut f: impl FnMut(Result<Octets>),
+    ) -> std::result::Result<(), String> {
+        if first > self.seen {
+            return Err(format!(
+                "recovered results start at item {first}, after the {} seen",
+                self.seen
+            ));
+        }
+        let mut at = first;
+        for x in chunk::each_result(blob) {
+            let x = x.map_err(|e| format!("malformed chunk results: {e}"))?;
+            at += 1;
+            if at <= self.seen {
+                continue;
+            }
+            if self.left() == 0 {
+                return Err(format!("more results than the chunk's {} calls", self.n));
+            }
+            self.seen += 1;
+            f(self.convert(x));
+        }
+        Ok(())
+    }
+
     /// Hands the results of a chunk's reply to `f`: exactly the items
     /// left.
     pub(crate) fn last(
@@ -262,6 +293,9 @@ impl Results {
 /// A pool's batch sent as one chunk: each call's sink gets its result as
 /// it arrives; when the last has, the batch is done.
 pub(crate) struct Batch {
+    /// The chunk request, to send again the items a dead worker never
+    /// started.
+    pub(crate) request: Payload,
     /// Its jobs, left in the scheduler's batch as they were (their sinks
     /// are taken one at a time, not collected first).
     pub(crate) jobs: forkrpc_pool::IntoIter<Job>,
@@ -291,6 +325,57 @@ impl Batch {
             complete(s, Err(e.clone()), pid);
         }
     }
+
+    /// Sends the jobs left, items `first..` of the chunk, again: the
+    /// worker never started them. What cannot be read back fails with
+    /// `e`.
+    fn resend_from(&mut self, first: usize, e: Error) {
+        let blob = match self.request.octets() {
+            Some(o) if chunk::is_chunk(&o) => o[1].clone(),
+            _ => return self.fail(e),
+        };
+        let mut pos = 0;
+        for _ in 0..first {
+            if chunk::next_field(&blob, &mut pos).is_err() {
+                return self.fail(e);
+            }
+        }
+        let mut again = Vec::with_capacity(self.jobs.len());
+        for (id, job) in self.jobs.by_ref() {
+            let sink = job.into_sink();
+            let args = chunk::next_field(&blob, &mut pos)
+                .ok()
+                .and_then(|r| Octets::decode_in(&blob, r).ok())
+                .and_then(|o| Payload::new(o).ok());
+            match args {
+                Some(p) => again.push((id, Job::new(Args::Payload(p), sink))),
+                None => complete(sink, Err(e.clone()), self.results.pid),
+            }
+        }
+        self.shared.resend(again);
+    }
+
+    /// Hands result `r` of the next item to its sink; an item skipped
+    /// (an earlier one panicked) is left with its sink, to send again.
+    /// Returns false from the first skipped item on.
+    fn deliver(
+        jobs: &mut forkrpc_pool::IntoIter<Job>,
+        skipped: &mut Option<usize>,
+        at: usize,
+        r: Result<Octets>,
+        pid: i32,
+    ) {
+        if skipped.is_some() {
+            return;
+        }
+        if matches!(r, Err(Error::Skipped { .. })) {
+            *skipped = Some(at);
+            return;
+        }
+        if let Some(s) = next_sink(jobs) {
+            complete(s, r, pid);
+        }
+    }
 }
 
 impl ChunkWaiter for Batch {
@@ -303,20 +388,60 @@ impl ChunkWaiter for Batch {
         })
     }
 
+    fn recovered(&mut self, first: usize, results: &Bytes) -> std::result::Result<(), String> {
+        let (sinks, pid) = (&mut self.jobs, self.results.pid);
+        self.results.each_from(first, results, |r| {
+            if let Some(s) = next_sink(sinks) {
+                complete(s, r, pid);
+            }
+        })
+    }
+
+    fn died(mut self: Box<Self>, running: Option<Error>, not_started: Error) {
+        let pid = self.results.pid;
+        let (shared, worker) = (self.shared.clone(), self.worker);
+        shared.batch_done(worker, pid, move || {
+            let mut first = self.results.seen;
+            if let Some(e) = running {
+                if let Some(s) = next_sink(&mut self.jobs) {
+                    complete(s, Err(e), pid);
+                    first += 1;
+                }
+            }
+            self.resend_from(first, not_started);
+        });
+    }
+
     fn end(mut self: Box<Self>, r: Result<Octets>) {
         let pid = self.results.pid;
         let (shared, worker) = (self.shared.clone(), self.worker);
         shared.batch_done(worker, pid, move || {
             let b = &mut *self;
+            if let Err(e @ Error::NotStarted { .. }) = r {
+                // Never sent (its worker had ended): every item again.
+                let first = b.results.seen;
+                return b.resend_from(first, e);
+            }
             let (sinks, results) = (&mut b.jobs, &mut b.results);
+            let mut skipped = None;
             let e = match r.map(|reply| {
+                let mut at = results.seen;
                 results.last(&reply, |r| {
-                    if let Some(s) = next_sink(sinks) {
-                        complete(s, r, pid);
-                    }
+                    Batch::deliver(sinks, &mut skipped, at, r, pid);
+                    at += 1;
                 })
             }) {
-                Ok(Ok(())) => return,
+                Ok(Ok(())) => {
+                    // Items after one that panicked did not run.
+                    if let Some(first) = skipped {
+                        let e = Error::NotStarted {
+                            pid,
+                            cause: "an earlier call of its batch panicked".into(),
+                        };
+                        b.resend_from(first, e);
+                    }
+                    return;
+                }
                 Ok(Err(detail)) => b.results.protocol(detail),
                 Err(e) => e,
             };
@@ -337,6 +462,20 @@ pub(crate) struct Ending {
 impl ChunkWaiter for Ending {
     fn part(&mut self, results: &Bytes) -> std::result::Result<(), String> {
         self.inner.part(results)
+    }
+
+    fn recovered(&mut self, first: usize, results: &Bytes) -> std::result::Result<(), String> {
+        self.inner.recovered(first, results)
+    }
+
+    fn died(self: Box<Self>, running: Option<Error>, not_started: Error) {
+        let Ending {
+            inner,
+            shared,
+            worker,
+            pid,
+        } = *self;
+        shared.batch_done(worker, pid, move || inner.died(running, not_started));
     }
 
     fn end(self: Box<Self>, r: Result<Octets>) {
@@ -365,8 +504,34 @@ impl ChunkWaiter for MapChunk {
         r
     }
 
+    fn recovered(&mut self, first: usize, results: &Bytes) -> std::result::Result<(), String> {
+        let seen = self.results.seen;
+        let mut rs = Vec::with_capacity(self.results.left());
+        let r = self
+            .results
+            .each_from(first, &private_copy(results), |r| rs.push(r));
+        self.sink.deliver(seen, rs);
+        r
+    }
+
+    fn died(self: Box<Self>, running: Option<Error>, not_started: Error) {
+        let first = self.results.seen;
+        let rs: Vec<_> = running
+            .filter(|_| self.results.left() > 0)
+            .map(Err)
+            .into_iter()
+            .collect();
+        let next = first + rs.len();
+        self.sink.deliver(first, rs);
+        self.sink.resend_from(next, not_started);
+    }
+
     fn end(mut self: Box<Self>, r: Result<Octets>) {
         let first = self.results.seen;
+        if let Err(e @ Error::NotStarted { .. }) = r {
+            // Never sent (its worker had ended): every item again.
+            return self.sink.resend_from(first, e);
+        }
         let mut rs = Vec::with_capacity(self.results.left());
         let e = match r.map(|reply| {
             let own = Octets(reply.0.iter().map(private_copy).collect());
@@ -380,7 +545,22 @@ impl ChunkWaiter for MapChunk {
             let left = self.results.n - first - rs.len();
             rs.extend(std::iter::repeat_n(Err(e), left));
         }
+        // Items after one that panicked did not run: send them again.
+        let skipped = rs
+            .iter()
+            .position(|r| matches!(r, Err(Error::Skipped { .. })));
+        if let Some(k) = skipped {
+            rs.truncate(k);
+        }
         self.sink.deliver(first, rs);
+        if let Some(k) = skipped {
+            let pid = self.results.pid;
+            let e = Error::NotStarted {
+                pid,
+                cause: "an earlier call of its chunk panicked".into(),
+            };
+            self.sink.resend_from(first + k, e);
+        }
     }
 }
 

@@ -10,12 +10,13 @@
 //! [`Map::chunk_size`] overrides it.
 
 use super::chunked::{MapChunk, Results};
-use super::shared::{Incoming, Sink};
+use super::shared::{Args, Incoming, Job, Shared, Sink};
 use super::{Admit, Pool};
 use crate::error::{Error, Result};
 use crate::rpc::{ChunkWaiter, Payload, Waiter};
 use crate::wire::chunk;
 use crate::Octets;
+use bytes::Bytes;
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::{Arc, Condvar, Mutex};
@@ -55,6 +56,9 @@ pub(crate) struct ChunkSink {
     base: usize,
     n: usize,
     out: Arc<Arrivals>,
+    /// The chunk's items (its request's blob) and the pool, to send again
+    /// the items a dead worker never started.
+    again: Option<(Bytes, Arc<Shared>)>,
 }
 
 impl ChunkSink {
@@ -77,6 +81,39 @@ impl ChunkSink {
         let base = self.base + first;
         self.out
             .push(rs.into_iter().enumerate().map(|(i, r)| (base + i, r)));
+    }
+
+    /// Sends items `first..` again as a chunk of their own, at the head of
+    /// the pool's queue: a dead worker never started them. Without the
+    /// items (or if they cannot be read back) they fail with `e`.
+    pub(crate) fn resend_from(self, first: usize, e: Error) {
+        if first >= self.n {
+            return;
+        }
+        let rest = self.again.as_ref().and_then(|(blob, shared)| {
+            let mut pos = 0;
+            for _ in 0..first {
+                chunk::next_field(blob, &mut pos).ok()?;
+            }
+            let items = blob.slice(pos..);
+            let p = Payload::new(chunk::tagged(items.clone())).ok()?;
+            Some((items, shared.clone(), p))
+        });
+        match rest {
+            Some((items, shared, p)) => {
+                let sink = Sink::Chunk(ChunkSink {
+                    base: self.base + first,
+                    n: self.n - first,
+                    out: self.out,
+                    again: Some((items, shared.clone())),
+                });
+                shared.resend_new(Job::new(Args::Payload(p), sink));
+            }
+            None => {
+                let n = self.n - first;
+                self.deliver(first, (0..n).map(|_| Err(e.clone())).collect());
+            }
+        }
     }
 }
 
@@ -138,7 +175,7 @@ impl<I: Iterator<Item = Octets>> Map<I> {
                 return 1;
             }
             let hint = self.jobs.as_ref().map_or(0, |j| j.size_hint().0);
-            (hint / (4 * cfg.max.max(1))).clamp(1, MAX_CHUNK)
+            (hint / (4 * cfg.max.max(1))).clamp(1, MAX_CHUNK.min(cfg.max_batch.max(1)))
         });
         let window = *self
             .window
@@ -169,12 +206,14 @@ impl<I: Iterator<Item = Octets>> Map<I> {
                 .iter()
                 .any(|o| o.iter().any(|b| b.len() >= crate::arena::SHARE_MIN));
             if n > 1 && !big {
+                let req = chunk::request(items.iter());
                 let sink = Sink::Chunk(ChunkSink {
                     base,
                     n,
                     out: self.arrivals.clone(),
+                    again: Some((req[1].clone(), shared.clone())),
                 });
-                match Payload::new(chunk::request(items.iter())) {
+                match Payload::new(req) {
                     Ok(args) => {
                         let _ = shared.submit_job(Incoming::Payload(args), sink, Admit::Force);
                     }

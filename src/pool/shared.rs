@@ -67,6 +67,10 @@ pub(crate) enum Args {
 }
 
 impl Job {
+    pub(crate) fn new(args: Args, sink: Sink) -> Job {
+        Job { args, sink }
+    }
+
     /// Not a staged call with a waiter of its own: a batch with such a job
     /// cannot be sent as its staged bytes alone.
     fn is_odd(&self) -> bool {
@@ -157,6 +161,12 @@ impl State {
     fn requeue(&mut self, now: Duration, jobs: Vec<(JobId, Job)>) {
         self.odd += jobs.iter().filter(|(_, j)| j.is_odd()).count();
         self.sched.requeue(now, jobs);
+    }
+
+    /// Queues a new job at the head of the queue.
+    fn submit_front(&mut self, now: Duration, job: Job) -> JobId {
+        self.odd += usize::from(job.is_odd());
+        self.sched.submit_front(now, job)
     }
 
     /// Jobs that just left the front of the queue (sent, failed): their
@@ -538,6 +548,40 @@ impl Shared {
         Ok(r)
     }
 
+    /// Puts jobs that a dead worker never started back at the head of the
+    /// queue, in order: they did not run, so sending them again runs them
+    /// once. Once the close deadline has passed they fail instead.
+    pub(crate) fn resend(self: &Arc<Self>, jobs: Vec<(JobId, Job)>) {
+        if jobs.is_empty() {
+            return;
+        }
+        self.with(|st, d| {
+            if st.sched.is_aborted() {
+                for (_, job) in jobs {
+                    d.done
+                        .push((job.into_sink(), Err(shutdown_queued()).into(), 0));
+                }
+                return;
+            }
+            let now = self.now();
+            st.requeue(now, jobs);
+        });
+    }
+
+    /// As [`Shared::resend`], for a job made anew (the items of a map's
+    /// chunk that a dead worker never started).
+    pub(crate) fn resend_new(self: &Arc<Self>, job: Job) {
+        self.with(|st, d| {
+            if st.sched.is_aborted() {
+                d.done
+                    .push((job.into_sink(), Err(shutdown_queued()).into(), 0));
+                return;
+            }
+            let now = self.now();
+            st.submit_front(now, job);
+        });
+    }
+
     /// Sync workers: they answer in order.
     pub(crate) fn sync_workers(&self) -> bool {
         !self.opts.asynchronous
@@ -678,10 +722,7 @@ impl Shared {
                                 Some(t) => t.sink,
                                 None => job.sink,
                             };
-                            let e = Error::Shutdown {
-                                detail: "it was still queued when the close deadline passed".into(),
-                            };
-                            d.done.push((sink, Err(e).into(), 0));
+                            d.done.push((sink, Err(shutdown_queued()).into(), 0));
                         }
                     }
                     Action::Timer(t) => {
@@ -729,7 +770,9 @@ impl Shared {
             };
             if let Some(args) = args {
                 let n = jobs.len();
+                let request = args.clone();
                 let done = Waiter::Chunk(Box::new(chunked::Batch {
+                    request,
                     jobs: jobs.into_iter(),
                     results: chunked::Results::new(pid, n),
                     shared: self.clone(),
@@ -786,19 +829,38 @@ impl Shared {
                     })
                 }
                 // A sync worker answers in order: the batch is done when
-                // its last call is, and the others need no wrapper.
-                None if i + 1 < n => into_waiter(sink, pid),
-                None => match sink {
-                    Sink::Chunk(c) => Waiter::Chunk(Box::new(chunked::Ending {
-                        inner: c.chunk(pid),
-                        shared: sh,
-                        worker: w,
-                        pid,
-                    })),
-                    sink => Waiter::relay(raw, move |r| {
-                        sh.batch_done(w, pid, || complete(sink, r, pid))
-                    }),
-                },
+                // its last call is. A call it never started (it died in
+                // an earlier one) is sent again (a map's chunk does that
+                // itself).
+                None => {
+                    let last = i + 1 == n;
+                    match sink {
+                        Sink::Chunk(c) if last => Waiter::Chunk(Box::new(chunked::Ending {
+                            inner: c.chunk(pid),
+                            shared: sh,
+                            worker: w,
+                            pid,
+                        })),
+                        Sink::Chunk(c) => c.waiter(pid),
+                        sink => {
+                            let again = args.clone();
+                            Waiter::relay(raw, move |r| {
+                                let deliver = || match r.error() {
+                                    Some(Error::NotStarted { .. }) => {
+                                        let job = Job::new(Args::Payload(again), sink);
+                                        sh.resend(vec![(id, job)])
+                                    }
+                                    _ => complete(sink, r, pid),
+                                };
+                                if last {
+                                    sh.batch_done(w, pid, deliver)
+                                } else {
+                                    deliver()
+                                }
+                            })
+                        }
+                    }
+                }
             };
             calls.push(Call { args, done });
         }
@@ -854,7 +916,12 @@ impl Shared {
             if let Some(mut t) = st.tracked.remove(&id) {
                 let killed = st.kill_reason(w);
                 let died = matches!(r.error(), Some(Error::WorkerExited { .. }));
-                let behind_timeout = matches!(killed, Some(Killed::Timeout(j)) if j != id) && died;
+                // Never started (its worker died in an earlier call), or
+                // queued behind a call that overran: it did not run.
+                let not_started = matches!(r.error(), Some(Error::NotStarted { .. }))
+                    && !matches!(killed, Some(Killed::Deadline));
+                let behind_timeout =
+                    not_started || (matches!(killed, Some(Killed::Timeout(j)) if j != id) && died);
                 if behind_timeout
                     || (died && t.retries > 0 && !matches!(killed, Some(Killed::Deadline)))
                 {
@@ -1098,12 +1165,10 @@ impl Shared {
     }
 }
 
-/// The waiter a call's reply completes directly.
-fn into_waiter(sink: Sink, pid: i32) -> Waiter {
-    match sink {
-        Sink::One(w) => w,
-        Sink::Chunk(c) => c.waiter(pid),
-        Sink::Tracked { .. } => unreachable!("tracked jobs get a tracking waiter"),
+/// Why a call still queued fails when the close deadline has passed.
+fn shutdown_queued() -> Error {
+    Error::Shutdown {
+        detail: "it was still queued when the close deadline passed".into(),
     }
 }
 

@@ -23,6 +23,8 @@ pub(crate) struct WorkerSpec<'a> {
     pub fds: &'a [OwnedFd],
     /// The parent's shared arena (a sync worker's).
     pub arena: Option<BorrowedFd<'a>>,
+    /// The worker's crash journal (a sync worker's; see `journal`).
+    pub journal: Option<BorrowedFd<'a>>,
 }
 
 /// Called with every exit the template reports (set once by the engine).
@@ -86,11 +88,16 @@ impl TemplateClient {
             w.handler.to_owned(),
             w.init.unwrap_or("").to_owned(),
             w.backend.to_string(),
-            if w.arena.is_some() { "arena" } else { "" }
+            [w.arena.map(|_| "arena"), w.journal.map(|_| "journal")]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join(",")
         ];
         msg.extend(w.args.iter().cloned());
         let mut raw = vec![sock.as_raw_fd()];
         raw.extend(w.arena.map(|a| a.as_raw_fd()));
+        raw.extend(w.journal.map(|j| j.as_raw_fd()));
         raw.extend(w.fds.iter().map(|f| f.as_raw_fd()));
         self.request(msg, &raw)
     }

@@ -124,9 +124,10 @@ impl Server {
         }
     }
 
-    /// `["spawn", req, handler, init, backend, arena, args...]`, fds
-    /// `[socket, arena memfd if arena is "arena", send_fh...]`; backend as
-    /// [`Backend`] displays it.
+    /// `["spawn", req, handler, init, backend, extras, args...]`, fds
+    /// `[socket, arena memfd, journal memfd, send_fh...]`, where the two
+    /// memfds come only if `extras` (comma-separated) names "arena" and
+    /// "journal"; backend as [`Backend`] displays it.
     fn spawn(&mut self, msg: &Octets, mut fds: Vec<OwnedFd>) -> Result<i32, Octets> {
         let name = msg.str(2).unwrap_or("");
         let handler = registry::handler(name).map_err(unknown)?;
@@ -144,10 +145,12 @@ impl Server {
             return Err(octets!["other", "spawn request without a socket"]);
         }
         let sock = fds.remove(0);
-        let arena = match msg.get(5) {
-            Some(a) if &a[..] == b"arena" && !fds.is_empty() => Some(fds.remove(0)),
-            _ => None,
+        let extras = msg.str(5).unwrap_or("");
+        let mut extra = |name: &str| {
+            (extras.split(',').any(|e| e == name) && !fds.is_empty()).then(|| fds.remove(0))
         };
+        let arena = extra("arena");
+        let journal = extra("journal");
         let args = WorkerArgs {
             args: msg.get(6..).unwrap_or_default().to_vec(),
             fds,
@@ -161,6 +164,16 @@ impl Server {
                         sock.as_raw_fd(),
                         "start",
                         format!("cannot map the shared arena: {e} (FORKRPC_ARENA=0 turns it off, =<bytes> sizes it)"),
+                        crate::PANIC_EXIT_CODE,
+                    );
+                }
+            }
+            if let Some(fd) = journal {
+                if let Err(e) = crate::journal::worker::map(fd) {
+                    crate::child::fatal(
+                        sock.as_raw_fd(),
+                        "start",
+                        format!("cannot map the crash journal: {e}"),
                         crate::PANIC_EXIT_CODE,
                     );
                 }

@@ -197,6 +197,12 @@ impl ReplyWriter {
         self.blob.put_slice(m.as_bytes());
     }
 
+    /// The outcomes pushed since the last part was taken, as a results
+    /// blob.
+    pub fn bytes(&self) -> &[u8] {
+        &self.blob
+    }
+
     /// True if no outcome was pushed since the last part was taken.
     pub fn is_empty(&self) -> bool {
         self.blob.is_empty()

@@ -1,0 +1,347 @@
+//! A sync worker's crash journal: a small shared-memory region (one memfd
+//! per worker, mapped by the parent and by the worker) where the worker
+//! keeps, as it goes, what the parent needs should it die:
+//!
+//! - how many request frames it has started, and in a chunk request which
+//!   item is running;
+//! - a copy of the output it has not written to its socket yet (replies
+//!   and events it buffered, in the stream's bytes), and of the results of
+//!   the running chunk not yet framed.
+//!
+//! When the worker dies (a signal, `_exit`, the OOM killer: anything), the
+//! parent reads it once the process is gone: replies and results computed
+//! before the death are delivered, the one call that was running fails
+//! with how the worker died, and calls the worker never started fail with
+//! [`Error::NotStarted`](crate::Error::NotStarted), which a pool resends.
+//!
+//! The cost on the hot path is a few stores and a copy of each result's
+//! bytes into memory both processes map. The worker writes the header
+//! words with release stores after the bytes they describe; the parent
+//! reads only after the worker has exited, when everything it wrote is
+//! visible.
+//!
+//! Layout: a 64-byte header ([`Header`]), then [`OUT_CAP`] bytes mirroring
+//! the worker's output buffer, then [`PART_CAP`] bytes mirroring the
+//! running chunk's results. Output beyond the caps is not mirrored: the
+//! journal says so (`broken`) and the parent falls back to failing the
+//! calls whose replies it did not get. Pages are allocated as they are
+//! touched.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Bytes of unsent output the journal can mirror (the sync worker flushes
+/// at 256 KiB; a bigger buffered frame makes the journal `broken`).
+pub(crate) const OUT_CAP: usize = 1 << 20;
+/// Bytes of a chunk's unframed results it can mirror.
+pub(crate) const PART_CAP: usize = 1 << 20;
+const HEADER: usize = 64;
+const SIZE: usize = HEADER + OUT_CAP + PART_CAP;
+
+/// The journal's first 64 bytes.
+#[repr(C)]
+struct Header {
+    /// Request frames the worker has started.
+    frames: AtomicU64,
+    /// In the running chunk request: items started (the running one is
+    /// `items - 1`); 0 outside a chunk.
+    items: AtomicU64,
+    /// Of the mirrored output, bytes already written to the socket.
+    out_skip: AtomicU64,
+    /// Bytes of mirrored output.
+    out_len: AtomicU64,
+    /// The chunk item whose result is the first in the part mirror.
+    part_first: AtomicU64,
+    /// Bytes of mirrored chunk results.
+    part_len: AtomicU64,
+    /// Non-zero: the output mirror cannot be trusted (too big, or a
+    /// string was being written straight to the socket).
+    broken: AtomicU64,
+}
+
+/// A mapping of a journal (parent or worker side).
+pub(crate) struct Journal {
+    base: *mut u8,
+}
+
+// SAFETY: the mapping is plain shared memory; the header is read and
+// written through atomics, the mirrors by one writer (the worker's one
+// thread) and read by the parent only after that writer is gone.
+unsafe impl Send for Journal {}
+// SAFETY: as above: `&Journal` only allows atomic header access and reads.
+unsafe impl Sync for Journal {}
+
+fn errno() -> std::io::Error {
+    std::io::Error::last_os_error()
+}
+
+impl Journal {
+    /// Makes a journal for a new worker: the parent's mapping and the
+    /// memfd to pass to the worker.
+    pub(crate) fn create() -> std::io::Result<(Journal, OwnedFd)> {
+        // SAFETY: the name is a NUL-terminated literal; memfd_create (Linux
+        // 3.17) returns a new descriptor we own, or -1.
+        let raw = unsafe { libc::memfd_create(c"forkrpc-journal".as_ptr(), libc::MFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(errno());
+        }
+        // SAFETY: `raw` is a fresh descriptor nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        nix::unistd::ftruncate(&fd, SIZE as i64)?;
+        let j = Journal::map(&fd)?;
+        Ok((j, fd))
+    }
+
+    /// Maps the journal `fd` read-write (the worker's side, or the
+    /// parent's in `create`).
+    pub(crate) fn map(fd: &OwnedFd) -> std::io::Result<Journal> {
+        // SAFETY: maps SIZE bytes of a memfd that is SIZE long (nobody
+        // shrinks it: only the parent and this one worker hold it); the
+        // mapping is unmapped in Drop, after its last use.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(errno());
+        }
+        Ok(Journal { base: base.cast() })
+    }
+
+    fn header(&self) -> &Header {
+        // SAFETY: the mapping starts with HEADER bytes, page-aligned, which
+        // a `Header` (seven u64 atomics) fits; shared memory is only ever
+        // accessed through these atomics.
+        unsafe { &*(self.base as *const Header) }
+    }
+
+    /// Writes `bytes` at `offset` of the region starting at `region`
+    /// (of `cap` bytes); false if they do not fit.
+    fn write(&self, region: usize, cap: usize, offset: usize, bytes: &[u8]) -> bool {
+        if offset + bytes.len() > cap {
+            return false;
+        }
+        // SAFETY: `region + offset + len <= region + cap`, inside the
+        // mapping; only this (worker) thread writes the mirrors.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.base.add(region + offset),
+                bytes.len(),
+            )
+        };
+        true
+    }
+
+    /// Reads `len` bytes of the region at `region` (of `cap`), clamped.
+    fn read(&self, region: usize, cap: usize, from: usize, len: usize) -> Vec<u8> {
+        let (from, len) = (from.min(cap), len.min(cap));
+        let n = len.saturating_sub(from);
+        let mut v = vec![0u8; n];
+        // SAFETY: `region + from + n <= region + cap`, inside the mapping;
+        // the worker that wrote it has exited.
+        unsafe { std::ptr::copy_nonoverlapping(self.base.add(region + from), v.as_mut_ptr(), n) };
+        v
+    }
+
+    /// What a dead worker left (the parent's side, after it exited).
+    pub(crate) fn remains(&self) -> Remains {
+        let h = self.header();
+        let broken = h.broken.load(Ordering::Acquire) != 0;
+        let out_len = h.out_len.load(Ordering::Acquire) as usize;
+        let out_skip = h.out_skip.load(Ordering::Acquire) as usize;
+        let part_len = h.part_len.load(Ordering::Acquire) as usize;
+        Remains {
+            frames: h.frames.load(Ordering::Acquire),
+            items: h.items.load(Ordering::Acquire),
+            out: (!broken).then(|| self.read(HEADER, OUT_CAP, out_skip, out_len)),
+            part_first: h.part_first.load(Ordering::Acquire),
+            part: self.read(HEADER + OUT_CAP, PART_CAP, 0, part_len),
+        }
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `map`; nothing
+        // borrows it past the Journal (reads copy out).
+        unsafe { libc::munmap(self.base.cast(), SIZE) };
+    }
+}
+
+/// A dead worker's journal, read by the parent.
+#[derive(Debug)]
+pub(crate) struct Remains {
+    /// Request frames it started.
+    pub frames: u64,
+    /// Items of the running chunk it started (0: not in a chunk).
+    pub items: u64,
+    /// Output it never wrote: the stream's continuation (None: unknown).
+    pub out: Option<Vec<u8>>,
+    /// The chunk item of the first result in `part`.
+    pub part_first: u64,
+    /// Results of the running chunk not yet framed (a results blob).
+    pub part: Vec<u8>,
+}
+
+/// The worker's side: what it keeps in its journal (no-ops without one).
+pub(crate) mod worker {
+    use super::*;
+    use std::cell::{Cell, RefCell};
+
+    thread_local! {
+        static JOURNAL: RefCell<Option<Journal>> = const { RefCell::new(None) };
+        /// Bytes of the output buffer mirrored so far.
+        static OUT_MIRRORED: Cell<usize> = const { Cell::new(0) };
+        /// Bytes of the chunk results mirrored so far.
+        static PART_MIRRORED: Cell<usize> = const { Cell::new(0) };
+        /// Results of the running chunk written so far.
+        static RESULTS: Cell<u64> = const { Cell::new(0) };
+    }
+
+    /// Maps the journal `fd` (once, as a sync worker starts).
+    pub(crate) fn map(fd: OwnedFd) -> std::io::Result<()> {
+        let j = Journal::map(&fd)?;
+        JOURNAL.with_borrow_mut(|s| *s = Some(j));
+        Ok(())
+    }
+
+    fn with(f: impl FnOnce(&Journal)) {
+        JOURNAL.with_borrow(|j| {
+            if let Some(j) = j {
+                f(j)
+            }
+        })
+    }
+
+    /// Mirrors what `out` (the output buffer) gained since the last call.
+    pub(crate) fn sync_out(out: &[u8]) {
+        with(|j| {
+            let done = OUT_MIRRORED.get();
+            if out.len() <= done {
+                return;
+            }
+            if j.write(HEADER, OUT_CAP, done, &out[done..]) {
+                OUT_MIRRORED.set(out.len());
+                j.header()
+                    .out_len
+                    .store(out.len() as u64, Ordering::Release);
+            } else {
+                j.header().broken.store(1, Ordering::Release);
+            }
+        })
+    }
+
+    /// `n` bytes of the output buffer reached the socket (a flush in
+    /// progress).
+    pub(crate) fn out_written(n: usize) {
+        with(|j| j.header().out_skip.store(n as u64, Ordering::Release))
+    }
+
+    /// The output buffer was written out whole and emptied.
+    pub(crate) fn out_flushed() {
+        with(|j| {
+            let h = j.header();
+            h.out_len.store(0, Ordering::Release);
+            h.out_skip.store(0, Ordering::Release);
+            OUT_MIRRORED.set(0);
+            // A fresh buffer: whatever broke the mirror is gone.
+            h.broken.store(0, Ordering::Release);
+        })
+    }
+
+    /// A string goes straight to the socket (`on`), or went (`!on`): the
+    /// stream is between frames only once it went.
+    pub(crate) fn direct_write(on: bool) {
+        with(|j| j.header().broken.store(u64::from(on), Ordering::Release))
+    }
+
+    /// A request frame starts (`out`: the output buffer so far).
+    pub(crate) fn frame_started(out: &[u8]) {
+        sync_out(out);
+        with(|j| {
+            let h = j.header();
+            h.items.store(0, Ordering::Release);
+            h.part_len.store(0, Ordering::Release);
+            h.part_first.store(0, Ordering::Release);
+            PART_MIRRORED.set(0);
+            RESULTS.set(0);
+            h.frames
+                .store(h.frames.load(Ordering::Relaxed) + 1, Ordering::Release);
+        })
+    }
+
+    /// Item `i` of the running chunk starts; `out` and `part` are the
+    /// output buffer and the chunk's unframed results so far.
+    pub(crate) fn item_started(i: u64, out: &[u8], part: &[u8]) {
+        sync_out(out);
+        with(|j| {
+            let done = PART_MIRRORED.get();
+            let h = j.header();
+            if part.len() > done {
+                if j.write(HEADER + OUT_CAP, PART_CAP, done, &part[done..]) {
+                    PART_MIRRORED.set(part.len());
+                    h.part_len.store(part.len() as u64, Ordering::Release);
+                } else {
+                    h.broken.store(1, Ordering::Release);
+                }
+            }
+            h.items.store(i + 1, Ordering::Release);
+        })
+    }
+
+    /// One more result of the running chunk was written.
+    pub(crate) fn result_written() {
+        RESULTS.set(RESULTS.get() + 1);
+    }
+
+    /// The chunk's results so far were framed as a part into `out`: the
+    /// output mirror gets the frame first, then the part mirror restarts
+    /// (a death between the two leaves results in both, which the parent
+    /// tells apart by item number).
+    pub(crate) fn part_taken(out: &[u8]) {
+        sync_out(out);
+        with(|j| {
+            let h = j.header();
+            h.part_first.store(RESULTS.get(), Ordering::Release);
+            h.part_len.store(0, Ordering::Release);
+            PART_MIRRORED.set(0);
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_parent_reads_what_the_worker_left() {
+        let (parent, fd) = Journal::create().unwrap();
+        worker::map(fd).unwrap();
+        let mut out = b"frame-1".to_vec();
+        worker::frame_started(&out);
+        out.extend_from_slice(b"frame-2");
+        worker::out_written(3); // a flush got this far
+        worker::item_started(0, &out, b"");
+        worker::item_started(1, &out, b"r\x01\x00");
+        worker::result_written();
+        worker::result_written();
+        worker::part_taken(&out);
+        worker::item_started(2, &out, b"r\x01\x00");
+        let r = parent.remains();
+        assert_eq!((r.frames, r.items, r.part_first), (1, 3, 2));
+        assert_eq!(r.out.as_deref(), Some(&b"me-1frame-2"[..]));
+        assert_eq!(r.part, b"r\x01\x00");
+        worker::out_flushed();
+        worker::direct_write(true);
+        assert_eq!(parent.remains().out, None, "mid-string: unknown");
+        worker::direct_write(false);
+        assert_eq!(parent.remains().out.as_deref(), Some(&b""[..]));
+    }
+}
