@@ -423,6 +423,8 @@ pub(crate) trait ChunkWaiter: Send {
     /// fails with `running` (it was running), the ones after it with
     /// `not_started` (they never started).
     fn died(self: Box<Self>, running: Option<Error>, not_started: Error);
+    /// Calls of the chunk still waiting for their results.
+    fn calls_left(&self) -> usize;
 }
 
 impl Waiter {
@@ -853,6 +855,20 @@ impl Calls {
         }
     }
 
+    /// Calls not answered: a chunk counts its calls, not as one.
+    fn outstanding(&self) -> usize {
+        match self {
+            Calls::Sync(q) => q
+                .iter()
+                .map(|w| match w {
+                    Waiter::Chunk(c) => c.calls_left(),
+                    _ => 1,
+                })
+                .sum(),
+            Calls::Async(w) => w.len(),
+        }
+    }
+
     /// Every outstanding waiter, oldest first.
     fn drain(&mut self) -> Vec<Waiter> {
         match self {
@@ -1261,7 +1277,7 @@ impl Protocol for Session {
             self.end.set(Ok(()));
             return;
         }
-        let outstanding = self.calls.len();
+        let outstanding = self.calls.outstanding();
         let (kind, msg) = self.fatal.clone().unzip();
         let err = self.ending(pid, status, outstanding, note);
         // Report first: once a call is failed its waiter may carry on (even

@@ -39,6 +39,10 @@ fn template() -> Result<Template, Error> {
                 Some("panic") => panic!("bad input {a}"),
                 // SAFETY: _exit takes an integer and never returns.
                 Some("exit") => unsafe { libc::_exit(7) },
+                Some("sleep") => {
+                    std::thread::sleep(ms(a[6..].parse().unwrap()));
+                    octets![a.to_owned()]
+                }
                 _ => octets![format!("<{a}>")],
             }
         })
@@ -52,7 +56,8 @@ fn template() -> Result<Template, Error> {
 fn main() {
     let t = template().expect("template starts");
     let args = Arguments::from_args();
-    let tests: [(&str, EngineTest); 6] = [
+    let tests: [(&str, EngineTest); 7] = [
+        ("a_crash_in_a_chunk_counts_its_calls", chunk_count),
         ("map_crashes_cost_only_their_calls", map_crashes),
         ("call_crashes_cost_only_their_calls", call_crashes),
         ("dead_worker_is_replaced_at_once", replaced_at_once),
@@ -259,5 +264,36 @@ fn call_crashes(t: &Template, engine: EngineKind) -> Result<(), Failed> {
         check_crash_results(&format!("call, max_batch {max_batch:?}"), &inputs, results)?;
         pool.close_blocking()?;
     }
+    Ok(())
+}
+
+/// A worker dies on the first of eight queued calls; the first four of
+/// them went to it as one chunk (guided scheduling: half the queue per
+/// batch): the error counts the four calls outstanding (not one chunk),
+/// and the seven it never ran succeed on its replacement.
+fn chunk_count(t: &Template, engine: EngineKind) -> Result<(), Failed> {
+    let pool = Pool::new(
+        t,
+        "f::work",
+        Options::default().engine(engine).on_error(|_| {}),
+        PoolOptions::default().max(1).load(1),
+    )?;
+    let busy = pool.call(octets!["sleep:200"]);
+    let mut calls = vec![pool.call(octets!["abort:0"])];
+    calls.extend((1..8).map(|i| pool.call(octets![i.to_string()])));
+    let mut results = await_in_order(calls).into_iter();
+    match results.next().unwrap() {
+        Err(Error::WorkerExited {
+            outstanding: 4,
+            status: forkrpc::ExitStatus::Signal(6),
+            ..
+        }) => {}
+        other => return Err(format!("expected 4 calls outstanding, got {other:?}").into()),
+    }
+    for (i, r) in (1..8).zip(results) {
+        eq(r?.str(0), Some(format!("<{i}>").as_str()))?;
+    }
+    common::block(busy)?;
+    pool.close_blocking()?;
     Ok(())
 }

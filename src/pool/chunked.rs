@@ -379,6 +379,10 @@ impl Batch {
 }
 
 impl ChunkWaiter for Batch {
+    fn calls_left(&self) -> usize {
+        self.results.left()
+    }
+
     fn part(&mut self, results: &Bytes) -> std::result::Result<(), String> {
         let (sinks, pid) = (&mut self.jobs, self.results.pid);
         self.results.each(results, |r| {
@@ -460,6 +464,10 @@ pub(crate) struct Ending {
 }
 
 impl ChunkWaiter for Ending {
+    fn calls_left(&self) -> usize {
+        self.inner.calls_left()
+    }
+
     fn part(&mut self, results: &Bytes) -> std::result::Result<(), String> {
         self.inner.part(results)
     }
@@ -496,6 +504,10 @@ pub(crate) struct MapChunk {
 }
 
 impl ChunkWaiter for MapChunk {
+    fn calls_left(&self) -> usize {
+        self.results.left()
+    }
+
     fn part(&mut self, results: &Bytes) -> std::result::Result<(), String> {
         let first = self.results.seen;
         let mut rs = Vec::with_capacity(self.results.left());
