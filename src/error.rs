@@ -45,6 +45,9 @@ impl Error {
                     .map(|m| format!("; a handler panicked: {m}"))
                     .unwrap_or_default()
             ),
+            Error::Timeout { after } => {
+                format!("the worker was killed: a call overran its timeout of {after:?}")
+            }
             e => e.to_string(),
         }
     }

@@ -49,6 +49,7 @@
 
 mod arena;
 mod child;
+mod deadline;
 pub mod engine;
 mod error;
 mod idmap;

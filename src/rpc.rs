@@ -50,6 +50,8 @@ pub struct Options {
     pub(crate) on_event_raw: Option<Arc<dyn Fn(Bytes) + Send + Sync>>,
     /// Internal: the worker announced it is about to exit.
     pub(crate) on_fatal: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// Per-call timeout of a sync worker's calls.
+    pub(crate) timeout: Option<std::time::Duration>,
 }
 
 impl Options {
@@ -86,6 +88,26 @@ impl Options {
         self.on_event_raw = Some(Arc::new(move |p: Bytes| {
             f(codec.thaw(p, crate::typed::REPLY_OFFSET))
         }));
+        self
+    }
+
+    /// Fails a call that has not finished `d` after it was made with
+    /// [`Error::Timeout`], by killing the worker that runs it (a sync
+    /// worker runs one call at a time: nothing else would stop it). The
+    /// calls queued behind it then fail with [`Error::NotStarted`] (they
+    /// did not run), and so does every later call on this handle: its
+    /// worker is gone; fork another. Sync workers only (on the async
+    /// backend it is ignored for now); pools ignore it: use
+    /// [`PoolOptions::timeout`](crate::PoolOptions::timeout), which
+    /// replaces the worker and sends the calls queued behind again.
+    ///
+    /// Without it, a call runs as long as its handler does. Dropping a
+    /// call's future (e.g. `tokio::time::timeout` around it) before its
+    /// request was written takes it out of the queue: it is never sent;
+    /// once written, the worker runs it anyway and its reply is dropped,
+    /// and calls made after it wait for it.
+    pub fn timeout(mut self, d: std::time::Duration) -> Self {
+        self.timeout = Some(d);
         self
     }
 
@@ -599,6 +621,8 @@ struct Inner {
     /// [`Rpc::close`] ran: calls through other clones fail with
     /// [`Error::Closed`].
     closed: std::sync::atomic::AtomicBool,
+    /// Per-call timeout (sync workers; see [`Options::timeout`]).
+    timeout: Option<std::time::Duration>,
 }
 
 impl Drop for Inner {
@@ -620,6 +644,7 @@ impl Rpc {
         let end = Latch::new();
         let stats = Arc::new(ConnStats::default());
         let asynchronous = opts.asynchronous;
+        let timeout = opts.timeout.filter(|_| !asynchronous);
         let outbox = (!asynchronous).then(|| Arc::new(Outbox::default()));
         let session = Session {
             outbox: outbox.clone(),
@@ -656,6 +681,7 @@ impl Rpc {
                 arena,
                 outbox,
                 closed: std::sync::atomic::AtomicBool::new(false),
+                timeout,
             }),
         }
     }
@@ -698,6 +724,16 @@ impl Rpc {
     /// After a call was put in the outbox: tells the driver if it must be
     /// told; a call the ended connection refused fails.
     fn framed(&self, put: std::result::Result<bool, Waiter>) {
+        if put.is_ok() {
+            if let Some(after) = self.inner.timeout {
+                // This call's number on the connection (a caller framing
+                // at the same moment may make it the next one's: its
+                // deadline is as good as the same).
+                let s = &self.inner.stats;
+                let seq = s.framed.load(Ordering::Relaxed) + s.submitted.load(Ordering::Relaxed);
+                crate::deadline::watch_call(Arc::downgrade(s), self.inner.pid, seq, after);
+            }
+        }
         match put {
             Ok(true) => self.inner.engine.push(Command::Flush { id: self.inner.id }),
             Ok(false) => {}

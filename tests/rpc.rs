@@ -189,6 +189,7 @@ fn main() {
         ("derived_template_shares_init_state", derived_template),
         ("workers_hold_no_other_sockets", no_socket_leaks),
         ("calls_after_worker_end_name_its_end", calls_after_end),
+        ("call_timeout_kills_and_says_so", call_timeout),
         (
             "a_death_costs_only_the_running_call",
             death_costs_the_running_call,
@@ -1102,6 +1103,37 @@ fn death_costs_the_running_call(t: &Template, kind: EngineKind) -> Result<(), Fa
                 (12, Err(Error::WorkerExited { status: s, .. })) if s == status => {}
                 (13.., Err(Error::NotStarted { pid, .. })) if pid == rpc.pid() => {}
                 (i, r) => return Err(format!("{how}: call {i}: {r:?}").into()),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `Options::timeout`: a call that overruns fails with `Timeout` (its
+/// worker is killed, instead of the handle hanging for the call's 30 s);
+/// the calls queued behind it and every later call fail as never started,
+/// naming the timeout; calls that finish in time are untouched.
+fn call_timeout(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    let after = Duration::from_millis(300);
+    let rpc = t
+        .fork()
+        .run("t::sleep", opts(kind).timeout(after).on_error(|_| {}))?;
+    for _ in 0..3 {
+        eq(rpc.call_blocking(octets!["10"])?, octets!["slept"])?;
+    }
+    let slow = rpc.call(octets!["30000"]);
+    let behind: Vec<_> = (0..3).map(|_| rpc.call(octets!["0"])).collect();
+    match block(slow) {
+        Err(Error::Timeout { after: a }) => eq(a, after)?,
+        other => return Err(format!("expected Timeout, got {other:?}").into()),
+    }
+    let later = rpc.call(octets!["0"]);
+    for r in await_in_order(behind).into_iter().chain([block(later)]) {
+        match r {
+            Err(Error::NotStarted { pid, cause })
+                if pid == rpc.pid() && cause.contains("overran its timeout of 300ms") => {}
+            other => {
+                return Err(format!("expected NotStarted naming the timeout, got {other:?}").into())
             }
         }
     }
