@@ -129,14 +129,23 @@ impl Outbox {
     /// made meanwhile go out with the next batch. Waking the driver for
     /// each handful of calls instead had it take batches half as big, at
     /// twice the wake-ups and syscalls: more than framing here saved.
+    ///
+    /// Calls whose future was dropped before this (nobody waits for their
+    /// reply) are taken out here, never sent, and uncounted from `framed`
+    /// (unless some call holds arena regions: then all go).
     pub(crate) fn take(
         &self,
         out: &mut SendQueue,
         waiters: &mut VecDeque<Waiter>,
         held: &mut Vec<usize>,
         live: bool,
+        framed: &AtomicU64,
     ) {
         let mut f = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut dropped = None;
+        if live && f.held.is_empty() && f.waiters.iter().any(Waiter::abandoned) {
+            dropped = Some(f.drop_abandoned(framed));
+        }
         held.append(&mut f.held);
         if waiters.is_empty() {
             std::mem::swap(waiters, &mut f.waiters);
@@ -146,6 +155,8 @@ impl Outbox {
         f.armed = !waiters.is_empty();
         if live {
             out.append(&mut f.out);
+            drop(f);
+            drop(dropped); // after the lock, as below
             return;
         }
         // Dropped after the lock: a caller's buffer may run code when freed.
@@ -169,6 +180,40 @@ impl Outbox {
     }
 }
 
+impl Framed {
+    /// Takes the frames and waiters of abandoned calls out (the frames are
+    /// one per waiter, in order, each a length header and its payload);
+    /// returns the waiters, to drop after the lock.
+    fn drop_abandoned(&mut self, framed: &AtomicU64) -> Vec<Waiter> {
+        let mut old = std::mem::take(&mut self.out);
+        let mut bytes = bytes::BytesMut::new();
+        while let Some(piece) = old.next() {
+            bytes.extend_from_slice(&piece);
+        }
+        let mut gone = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.waiters.len());
+        let mut pos = 0;
+        for w in self.waiters.drain(..) {
+            let len = u32::from_be_bytes(bytes[pos..pos + LEN_HEADER].try_into().unwrap());
+            let end = pos + LEN_HEADER + len as usize;
+            if w.abandoned() {
+                gone.push(w);
+            } else {
+                self.out.reserve(end - pos);
+                self.out.buf.extend_from_slice(&bytes[pos..end]);
+                kept.push_back(w);
+            }
+            pos = end;
+        }
+        self.waiters = kept;
+        framed.store(
+            framed.load(Ordering::Relaxed) - gone.len() as u64,
+            Ordering::Relaxed,
+        );
+        gone
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,10 +234,10 @@ mod tests {
         // The driver takes both; with their replies outstanding it will
         // look again after reading them, so nobody needs to tell it.
         let (mut out, mut waiters) = (SendQueue::default(), VecDeque::new());
-        ob.take(&mut out, &mut waiters, &mut vec![], true);
+        ob.take(&mut out, &mut waiters, &mut vec![], true, &count);
         assert_eq!(waiters.len(), 2);
         assert!(matches!(call(&ob, "d", &count), Ok(false)));
-        ob.take(&mut out, &mut waiters, &mut vec![], true);
+        ob.take(&mut out, &mut waiters, &mut vec![], true, &count);
         assert_eq!(waiters.len(), 3, "appended after the first two");
         assert_eq!(&out.next().unwrap()[..], b"\0\0\0\x02\x01a\0\0\0\x03\x02bc");
         assert_eq!(&out.next().unwrap()[..], b"\0\0\0\x02\x01d");
@@ -200,8 +245,30 @@ mod tests {
 
         // All answered: the next call must tell the driver again.
         waiters.clear();
-        ob.take(&mut out, &mut waiters, &mut vec![], true);
+        ob.take(&mut out, &mut waiters, &mut vec![], true, &count);
         assert!(matches!(call(&ob, "e", &count), Ok(true)));
+    }
+
+    #[test]
+    fn calls_whose_future_was_dropped_are_not_sent() {
+        let (ob, count) = (Outbox::default(), AtomicU64::new(0));
+        let mut latches = Vec::new();
+        for arg in ["a", "bc", "d"] {
+            let l = crate::latch::Latch::new();
+            let p = Payload::new(octets![arg]).unwrap();
+            assert!(ob.put(&p, Waiter::Latch(l.clone()), None, &count).is_ok());
+            latches.push(l);
+        }
+        drop(latches.remove(1)); // "bc": nobody waits for it
+        let (mut out, mut waiters) = (SendQueue::default(), VecDeque::new());
+        ob.take(&mut out, &mut waiters, &mut vec![], true, &count);
+        assert_eq!(waiters.len(), 2);
+        assert_eq!(count.load(Ordering::Relaxed), 2, "uncounted");
+        let mut sent = Vec::new();
+        while let Some(b) = out.next() {
+            sent.extend_from_slice(&b);
+        }
+        assert_eq!(sent, b"\0\0\0\x02\x01a\0\0\0\x02\x01d");
     }
 
     #[test]
@@ -209,7 +276,7 @@ mod tests {
         let (ob, count) = (Outbox::default(), AtomicU64::new(0));
         assert!(call(&ob, "a", &count).is_ok());
         let (mut out, mut waiters) = (SendQueue::default(), VecDeque::new());
-        ob.take(&mut out, &mut waiters, &mut vec![], false);
+        ob.take(&mut out, &mut waiters, &mut vec![], false, &count);
         assert!(out.is_empty(), "frames for a worker that cannot read");
         assert_eq!(waiters.len(), 1, "its call is recorded, to fail later");
         assert!(call(&ob, "b", &count).is_ok());

@@ -466,6 +466,12 @@ impl Waiter {
         }
     }
 
+    /// Nobody waits for the reply any more: a call future that was
+    /// dropped (only the waiter holds its latch).
+    pub(crate) fn abandoned(&self) -> bool {
+        matches!(self, Waiter::Latch(l) if Arc::strong_count(l) == 1)
+    }
+
     /// Whether this waiter takes the reply's payload undecoded (a typed
     /// call thaws it itself).
     pub(crate) fn wants_raw(&self) -> bool {
@@ -1260,7 +1266,7 @@ impl Protocol for Session {
     fn take_framed(&mut self, out: &mut SendQueue, live: bool) {
         let mut held = Vec::new();
         if let (Some(ob), Calls::Sync(q)) = (&self.outbox, &mut self.calls) {
-            ob.take(out, q, &mut held, live);
+            ob.take(out, q, &mut held, live, &self.stats.framed);
         }
         for r in held {
             self.note_held(r);

@@ -58,6 +58,19 @@ fn template() -> Result<Template, Error> {
             }
             _ => args,
         })
+        // Appends its argument to this worker's record and returns the
+        // record; `sleep:MS` first says so in an event, then sleeps.
+        .sync("t::record", |args| {
+            static RECORD: Mutex<Vec<String>> = Mutex::new(Vec::new());
+            let a = args.str(0).unwrap_or("").to_owned();
+            if let Some(ms) = a.strip_prefix("sleep:") {
+                forkrpc::event(octets!["started"]);
+                std::thread::sleep(Duration::from_millis(ms.parse().unwrap()));
+            }
+            let mut r = RECORD.lock().unwrap();
+            r.push(a);
+            r.iter().cloned().collect::<Octets>()
+        })
         .try_sync("t::try", |args| match args.str(0) {
             Some("no") => Err(format!("refused {args}")),
             _ => Ok(args),
@@ -190,6 +203,10 @@ fn main() {
         ("workers_hold_no_other_sockets", no_socket_leaks),
         ("calls_after_worker_end_name_its_end", calls_after_end),
         ("call_timeout_kills_and_says_so", call_timeout),
+        (
+            "dropped_future_of_an_unsent_call_is_not_sent",
+            dropped_unsent,
+        ),
         (
             "a_death_costs_only_the_running_call",
             death_costs_the_running_call,
@@ -1137,5 +1154,30 @@ fn call_timeout(t: &Template, kind: EngineKind) -> Result<(), Failed> {
             }
         }
     }
+    Ok(())
+}
+
+/// A call made while another is running waits in the outbox; dropping its
+/// future before the worker is free takes it out: it never runs, and the
+/// calls around it do, in order.
+fn dropped_unsent(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    let (tx, started) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    let rpc = t.fork().run(
+        "t::record",
+        opts(kind).on_event(move |_| tx.lock().unwrap().send(()).unwrap()),
+    )?;
+    let slow = rpc.call(octets!["sleep:200"]);
+    recv(&started)?; // it runs: calls made now wait for its reply
+    let first = rpc.call(octets!["first"]);
+    let dropped = rpc.call(octets!["dropped"]);
+    let last = rpc.call(octets!["last"]);
+    eq(rpc.pending(), 4)?;
+    drop(dropped);
+    let got = await_in_order(vec![slow, first, last]);
+    let got: Vec<Octets> = got.into_iter().collect::<Result<_, _>>()?;
+    eq(got[2].clone(), octets!["sleep:200", "first", "last"])?;
+    eq(rpc.pending(), 0)?;
+    rpc.close_blocking()?;
     Ok(())
 }
