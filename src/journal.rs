@@ -54,8 +54,9 @@ struct Header {
     part_first: AtomicU64,
     /// Bytes of mirrored chunk results.
     part_len: AtomicU64,
-    /// Non-zero: the output mirror cannot be trusted (too big, or a
-    /// string was being written straight to the socket).
+    /// Bit 0: the output mirror cannot be trusted (too big, or a string
+    /// was being written straight to the socket); bit 1: nor the part
+    /// mirror (too big). Each clears when its mirror starts afresh.
     broken: AtomicU64,
 }
 
@@ -153,16 +154,17 @@ impl Journal {
     /// What a dead worker left (the parent's side, after it exited).
     pub(crate) fn remains(&self) -> Remains {
         let h = self.header();
-        let broken = h.broken.load(Ordering::Acquire) != 0;
+        let broken = h.broken.load(Ordering::Acquire);
         let out_len = h.out_len.load(Ordering::Acquire) as usize;
         let out_skip = h.out_skip.load(Ordering::Acquire) as usize;
         let part_len = h.part_len.load(Ordering::Acquire) as usize;
         Remains {
             frames: h.frames.load(Ordering::Acquire),
             items: h.items.load(Ordering::Acquire),
-            out: (!broken).then(|| self.read(HEADER, OUT_CAP, out_skip, out_len)),
+            out: (broken & OUT_BROKEN == 0).then(|| self.read(HEADER, OUT_CAP, out_skip, out_len)),
             part_first: h.part_first.load(Ordering::Acquire),
-            part: self.read(HEADER + OUT_CAP, PART_CAP, 0, part_len),
+            part: (broken & PART_BROKEN == 0)
+                .then(|| self.read(HEADER + OUT_CAP, PART_CAP, 0, part_len)),
         }
     }
 }
@@ -186,8 +188,20 @@ pub(crate) struct Remains {
     pub out: Option<Vec<u8>>,
     /// The chunk item of the first result in `part`.
     pub part_first: u64,
-    /// Results of the running chunk not yet framed (a results blob).
-    pub part: Vec<u8>,
+    /// Results of the running chunk not yet framed (a results blob; None:
+    /// unknown).
+    pub part: Option<Vec<u8>>,
+}
+
+const OUT_BROKEN: u64 = 1;
+const PART_BROKEN: u64 = 2;
+
+impl Header {
+    fn set_broken(&self, bit: u64, on: bool) {
+        let b = self.broken.load(Ordering::Relaxed);
+        let b = if on { b | bit } else { b & !bit };
+        self.broken.store(b, Ordering::Release);
+    }
 }
 
 /// The worker's side: what it keeps in its journal (no-ops without one).
@@ -233,7 +247,7 @@ pub(crate) mod worker {
                     .out_len
                     .store(out.len() as u64, Ordering::Release);
             } else {
-                j.header().broken.store(1, Ordering::Release);
+                j.header().set_broken(OUT_BROKEN, true);
             }
         })
     }
@@ -252,14 +266,14 @@ pub(crate) mod worker {
             h.out_skip.store(0, Ordering::Release);
             OUT_MIRRORED.set(0);
             // A fresh buffer: whatever broke the mirror is gone.
-            h.broken.store(0, Ordering::Release);
+            h.set_broken(OUT_BROKEN, false);
         })
     }
 
     /// A string goes straight to the socket (`on`), or went (`!on`): the
     /// stream is between frames only once it went.
     pub(crate) fn direct_write(on: bool) {
-        with(|j| j.header().broken.store(u64::from(on), Ordering::Release))
+        with(|j| j.header().set_broken(OUT_BROKEN, on))
     }
 
     /// A request frame starts (`out`: the output buffer so far).
@@ -270,6 +284,7 @@ pub(crate) mod worker {
             h.items.store(0, Ordering::Release);
             h.part_len.store(0, Ordering::Release);
             h.part_first.store(0, Ordering::Release);
+            h.set_broken(PART_BROKEN, false);
             PART_MIRRORED.set(0);
             RESULTS.set(0);
             h.frames
@@ -289,7 +304,7 @@ pub(crate) mod worker {
                     PART_MIRRORED.set(part.len());
                     h.part_len.store(part.len() as u64, Ordering::Release);
                 } else {
-                    h.broken.store(1, Ordering::Release);
+                    h.set_broken(PART_BROKEN, true);
                 }
             }
             h.items.store(i + 1, Ordering::Release);
@@ -311,6 +326,7 @@ pub(crate) mod worker {
             let h = j.header();
             h.part_first.store(RESULTS.get(), Ordering::Release);
             h.part_len.store(0, Ordering::Release);
+            h.set_broken(PART_BROKEN, false);
             PART_MIRRORED.set(0);
         })
     }
@@ -337,7 +353,14 @@ mod tests {
         let r = parent.remains();
         assert_eq!((r.frames, r.items, r.part_first), (1, 3, 2));
         assert_eq!(r.out.as_deref(), Some(&b"me-1frame-2"[..]));
-        assert_eq!(r.part, b"r\x01\x00");
+        assert_eq!(r.part.as_deref(), Some(&b"r\x01\x00"[..]));
+        // A part too big to mirror makes it unknown until it restarts,
+        // whatever the output mirror does meanwhile.
+        worker::item_started(3, &out, &vec![b'x'; PART_CAP + 1]);
+        worker::out_flushed();
+        assert_eq!(parent.remains().part, None);
+        worker::part_taken(&[]);
+        assert_eq!(parent.remains().part.as_deref(), Some(&b""[..]));
         worker::out_flushed();
         worker::direct_write(true);
         assert_eq!(parent.remains().out, None, "mid-string: unknown");

@@ -949,7 +949,11 @@ impl Session {
     /// started (the others never were), or None without a journal.
     fn recover(&mut self, rest: BytesMut) -> Option<usize> {
         let r = self.journal.as_ref()?.remains();
-        if let Some(out) = r.out {
+        // A mirror that overflowed: which calls finished is not known.
+        let (Some(out), Some(part)) = (r.out, r.part) else {
+            return None;
+        };
+        {
             let mut stream = rest;
             stream.extend_from_slice(&out);
             let stream = stream.freeze();
@@ -965,10 +969,10 @@ impl Session {
         }
         let answered = self.stats.answered.load(Ordering::Relaxed);
         let started = r.frames.saturating_sub(answered) as usize;
-        if started > 0 && r.items > 0 && !r.part.is_empty() {
+        if started > 0 && r.items > 0 && !part.is_empty() {
             if let Calls::Sync(q) = &mut self.calls {
                 if let Some(Waiter::Chunk(c)) = q.front_mut() {
-                    let blob = Bytes::from(r.part);
+                    let blob = Bytes::from(part);
                     if c.recovered(r.part_first as usize, &blob).is_err() {
                         return None;
                     }

@@ -50,19 +50,7 @@ impl Codec<u64> for Le64 {
 }
 
 /// A codec whose replies are garbage for rkyv: frozen as raw bytes.
-#[derive(Clone, Copy)]
-struct Junk;
-
-impl Codec<Vec<u8>> for Junk {
-    type Thawed = Vec<u8>;
-    fn freeze(&self, v: &Vec<u8>, out: &mut BytesMut, _offset: usize) -> forkrpc::Result<()> {
-        out.extend_from_slice(v);
-        Ok(())
-    }
-    fn thaw(&self, p: Bytes, _offset: usize) -> forkrpc::Result<Vec<u8>> {
-        Ok(p.to_vec())
-    }
-}
+use common::RawBytes as Junk;
 
 fn sum_job(j: &Archived<Job>) -> Done {
     Done {

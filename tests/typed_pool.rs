@@ -10,28 +10,12 @@
 
 mod common;
 
-use bytes::{Bytes, BytesMut};
-use common::{block, eq, recv};
+use common::{block, eq, recv, RawBytes};
 use forkrpc::serial::{Archived, Codec, Json, OctetsCodec, Rkyv};
 use forkrpc::{octets, EngineKind, Error, Octets, Options, Pool, PoolOptions, Template};
 use libtest_mimic::{Arguments, Failed, Trial};
 use std::sync::mpsc;
 use std::time::Duration;
-
-/// A codec that is not built in: a byte vector as it is.
-#[derive(Clone, Copy)]
-struct RawBytes;
-
-impl Codec<Vec<u8>> for RawBytes {
-    type Thawed = Vec<u8>;
-    fn freeze(&self, v: &Vec<u8>, out: &mut BytesMut, _offset: usize) -> forkrpc::Result<()> {
-        out.extend_from_slice(v);
-        Ok(())
-    }
-    fn thaw(&self, p: Bytes, _offset: usize) -> forkrpc::Result<Vec<u8>> {
-        Ok(p.to_vec())
-    }
-}
 
 /// What every handler computes: each letter moved one on (`z` to `a`).
 fn rot(b: &[u8]) -> Vec<u8> {

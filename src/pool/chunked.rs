@@ -477,23 +477,25 @@ impl ChunkWaiter for Ending {
     }
 
     fn died(self: Box<Self>, running: Option<Error>, not_started: Error) {
-        let Ending {
-            inner,
-            shared,
-            worker,
-            pid,
-        } = *self;
-        shared.batch_done(worker, pid, move || inner.died(running, not_started));
+        (*self).done_then(move |inner| inner.died(running, not_started));
     }
 
     fn end(self: Box<Self>, r: Result<Octets>) {
+        (*self).done_then(move |inner| inner.end(r));
+    }
+}
+
+impl Ending {
+    /// Tells the pool its batch is done, then hands the inner waiter to
+    /// `f` (see [`Shared::batch_done`]).
+    fn done_then(self, f: impl FnOnce(Box<dyn ChunkWaiter>)) {
         let Ending {
             inner,
             shared,
             worker,
             pid,
-        } = *self;
-        shared.batch_done(worker, pid, move || inner.end(r));
+        } = self;
+        shared.batch_done(worker, pid, move || f(inner));
     }
 }
 

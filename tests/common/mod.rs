@@ -137,3 +137,23 @@ pub fn logged(opts: forkrpc::Options, log: &Log) -> (forkrpc::Options, mpsc::Rec
         });
     (opts, destroyed)
 }
+
+/// A codec that is not built in: a byte vector as it is.
+#[derive(Clone, Copy)]
+pub struct RawBytes;
+
+impl forkrpc::serial::Codec<Vec<u8>> for RawBytes {
+    type Thawed = Vec<u8>;
+    fn freeze(
+        &self,
+        v: &Vec<u8>,
+        out: &mut bytes::BytesMut,
+        _offset: usize,
+    ) -> forkrpc::Result<()> {
+        out.extend_from_slice(v);
+        Ok(())
+    }
+    fn thaw(&self, p: bytes::Bytes, _offset: usize) -> forkrpc::Result<Vec<u8>> {
+        Ok(p.to_vec())
+    }
+}
