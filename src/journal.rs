@@ -1,6 +1,7 @@
-//! A sync worker's crash journal: a small shared-memory region (one memfd
-//! per worker, mapped by the parent and by the worker) where the worker
-//! keeps, as it goes, what the parent needs should it die:
+//! A worker's crash journal: a small shared-memory region (one memfd per
+//! worker, mapped by the parent and by the worker) where the worker keeps,
+//! as it goes, what the parent needs should it die (an async worker keeps
+//! only the count of requests it started):
 //!
 //! - how many request frames it has started, and in a chunk request which
 //!   item is running;
@@ -274,6 +275,16 @@ pub(crate) mod worker {
     /// stream is between frames only once it went.
     pub(crate) fn direct_write(on: bool) {
         with(|j| j.header().set_broken(OUT_BROKEN, on))
+    }
+
+    /// An async worker starts a request (it keeps no output mirror: its
+    /// replies go out as they are made).
+    pub(crate) fn request_started() {
+        with(|j| {
+            let h = j.header();
+            h.frames
+                .store(h.frames.load(Ordering::Relaxed) + 1, Ordering::Release);
+        })
     }
 
     /// A request frame starts (`out`: the output buffer so far).

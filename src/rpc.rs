@@ -949,6 +949,10 @@ impl Session {
     /// started (the others never were), or None without a journal.
     fn recover(&mut self, rest: BytesMut) -> Option<usize> {
         let r = self.journal.as_ref()?.remains();
+        if let Calls::Async(_) = self.calls {
+            // Requests it started, in the order sent (no output mirror).
+            return Some(r.frames as usize);
+        }
         // A mirror that overflowed: which calls finished is not known.
         let (Some(out), Some(part)) = (r.out, r.part) else {
             return None;
@@ -1335,6 +1339,24 @@ impl Protocol for Session {
         let end = Err(err.clone());
         if let Some(f) = &self.opts.on_end {
             f(&end);
+        }
+        // Async: the calls it started (by their place in the order sent)
+        // fail with how it died; the others never started.
+        if let (Calls::Async(w), Some(started)) = (&mut self.calls, started) {
+            let all = w.drain_in_order();
+            let known = all.iter().all(|(seq, _)| seq.is_some());
+            let not_started = Error::NotStarted {
+                pid,
+                cause: err.end_cause(),
+            };
+            for (seq, w) in all {
+                match seq {
+                    Some(s) if known && s >= started as u64 => w.complete(Err(not_started.clone())),
+                    _ => w.complete(Err(err.clone())),
+                }
+            }
+            self.end.set(end);
+            return;
         }
         let mut pending = self.calls.drain().into_iter();
         let running = if kind.as_deref() == Some("panic") {

@@ -348,14 +348,11 @@ impl Fork {
         };
         // The worker reads big strings of calls in the shared arena.
         let arena = crate::arena::arena();
-        // A sync worker keeps a crash journal (see `journal`).
-        let journal = match &backend {
-            Backend::Sync => Some(
-                crate::journal::Journal::create()
-                    .map_err(|e| Error::io("making a worker's crash journal", e))?,
-            ),
-            Backend::Async { .. } => None,
-        };
+        // The worker keeps a crash journal (see `journal`).
+        let journal = Some(
+            crate::journal::Journal::create()
+                .map_err(|e| Error::io("making a worker's crash journal", e))?,
+        );
         let spec = WorkerSpec {
             handler,
             init: opts.init.as_deref(),

@@ -80,6 +80,30 @@ impl<V> Window<V> {
         self.stragglers.remove(&id).map(|(_, v)| v)
     }
 
+    /// Everything in flight, oldest first, each with its place in the
+    /// order the ids were handed out (0 = the first call), if that is
+    /// known: while no id was ever skipped (less than one cycle of ids
+    /// went out). The window is left empty.
+    pub(crate) fn drain_in_order(&mut self) -> Vec<(Option<u64>, V)> {
+        let known = self.base + (self.slots.len() as u64) < CYCLE;
+        let first = self.base;
+        let mut old: Vec<(u64, V)> = self.stragglers.drain().map(|(_, e)| e).collect();
+        old.sort_by_key(|e| e.0);
+        let mut all: Vec<(Option<u64>, V)> = old
+            .into_iter()
+            .map(|(seq, v)| (known.then_some(seq), v))
+            .collect();
+        self.base += self.slots.len() as u64;
+        all.extend(
+            self.slots
+                .drain(..)
+                .enumerate()
+                .filter_map(|(i, v)| Some((known.then_some(first + i as u64), v?))),
+        );
+        self.live = 0;
+        all
+    }
+
     /// Everything in flight, oldest first; the window is left empty.
     pub(crate) fn drain(&mut self) -> Vec<V> {
         let mut old: Vec<(u64, V)> = self.stragglers.drain().map(|(_, e)| e).collect();
@@ -114,6 +138,18 @@ impl<V> Window<V> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drained_calls_keep_their_place_in_the_order_sent() {
+        let mut w = Window::starting_at(1);
+        let ids: Vec<u32> = (0..5).map(|i| w.insert(i)).collect();
+        w.remove(ids[1]);
+        w.remove(ids[3]);
+        assert_eq!(
+            w.drain_in_order(),
+            [(Some(0), 0), (Some(2), 2), (Some(4), 4)]
+        );
+    }
 
     #[test]
     fn ids_run_in_sequence_and_wrap_to_one() {

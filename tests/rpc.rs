@@ -204,6 +204,10 @@ fn main() {
         ("calls_after_worker_end_name_its_end", calls_after_end),
         ("call_timeout_kills_and_says_so", call_timeout),
         (
+            "async_death_fails_the_calls_it_started_only",
+            async_death_started_only,
+        ),
+        (
             "dropped_future_of_an_unsent_call_is_not_sent",
             dropped_unsent,
         ),
@@ -1179,5 +1183,44 @@ fn dropped_unsent(t: &Template, kind: EngineKind) -> Result<(), Failed> {
     eq(got[2].clone(), octets!["sleep:200", "first", "last"])?;
     eq(rpc.pending(), 0)?;
     rpc.close_blocking()?;
+    Ok(())
+}
+
+/// Async backend, one call at a time (`concurrency(1)`): the worker dies
+/// in the call it runs; the three sent behind it, which it had read but
+/// not started, fail as never started (its journal counts the requests it
+/// started).
+fn async_death_started_only(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    let rpc = t.fork().run(
+        "t::crash_on",
+        opts(kind)
+            .asynchronous(true)
+            .concurrency(1)
+            .on_error(|_| {}),
+    )?;
+    for i in 0..5 {
+        eq(
+            rpc.call_blocking(octets![i.to_string()])?,
+            octets![i.to_string()],
+        )?;
+    }
+    let calls: Vec<_> = ["abort", "a", "b", "c"]
+        .iter()
+        .map(|a| rpc.call(octets![*a]))
+        .collect();
+    for (i, r) in await_in_order(calls).into_iter().enumerate() {
+        match (i, r) {
+            (
+                0,
+                Err(Error::WorkerExited {
+                    status: ExitStatus::Signal(6),
+                    ..
+                }),
+            ) => {}
+            (1.., Err(Error::NotStarted { pid, cause }))
+                if pid == rpc.pid() && cause.ends_with("signal 6 (SIGABRT)") => {}
+            (i, r) => return Err(format!("call {i}: {r:?}").into()),
+        }
+    }
     Ok(())
 }

@@ -271,6 +271,9 @@ async fn run(sock: OwnedFd, handler: Handler, st: Rc<State>) -> i32 {
                 st.drained.notified().await;
             }
             st.in_flight.set(st.in_flight.get() + 1);
+            // Requests start in the order they were sent: the parent
+            // learns from this count which ones never started.
+            crate::journal::worker::request_started();
             start(&handler, Done::new(frame.id), args);
         };
         inbuf.reserve(want);

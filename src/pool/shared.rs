@@ -821,13 +821,23 @@ impl Shared {
                     let batch = batch.clone();
                     Waiter::relay(raw, move |r| sh.tracked_reply(w, pid, id, r, &batch))
                 }
+                // Async workers answer in any order: the batch is done
+                // when its last answer comes. A call it never started is
+                // sent again.
                 Some(batch) => {
-                    let (batch, sink) = (batch.clone(), sink);
+                    let (batch, again) = (batch.clone(), args.clone());
                     Waiter::relay(raw, move |r| {
+                        let deliver = || match r.error() {
+                            Some(Error::NotStarted { .. }) => {
+                                let job = Job::new(Args::Payload(again), sink);
+                                sh.resend(vec![(id, job)])
+                            }
+                            _ => complete(sink, r, pid),
+                        };
                         if batch.left.fetch_sub(1, Ordering::AcqRel) == 1 {
-                            sh.batch_done(w, pid, || complete(sink, r, pid));
+                            sh.batch_done(w, pid, deliver);
                         } else {
-                            complete(sink, r, pid);
+                            deliver();
                         }
                     })
                 }
