@@ -208,80 +208,94 @@ impl Header {
 /// The worker's side: what it keeps in its journal (no-ops without one).
 pub(crate) mod worker {
     use super::*;
-    use std::cell::{Cell, RefCell};
+    use std::cell::RefCell;
 
-    thread_local! {
-        static JOURNAL: RefCell<Option<Journal>> = const { RefCell::new(None) };
+    /// The journal and how far its mirrors go, in one thread-local: the
+    /// hot path (a chunk item) touches it once.
+    struct Mirror {
+        j: Journal,
         /// Bytes of the output buffer mirrored so far.
-        static OUT_MIRRORED: Cell<usize> = const { Cell::new(0) };
+        out: usize,
         /// Bytes of the chunk results mirrored so far.
-        static PART_MIRRORED: Cell<usize> = const { Cell::new(0) };
-        /// Results of the running chunk written so far.
-        static RESULTS: Cell<u64> = const { Cell::new(0) };
+        part: usize,
     }
 
-    /// Maps the journal `fd` (once, as a sync worker starts).
+    thread_local! {
+        static MIRROR: RefCell<Option<Mirror>> = const { RefCell::new(None) };
+    }
+
+    /// Maps the journal `fd` (once, as a worker starts).
     pub(crate) fn map(fd: OwnedFd) -> std::io::Result<()> {
         let j = Journal::map(&fd)?;
-        JOURNAL.with_borrow_mut(|s| *s = Some(j));
+        MIRROR.with_borrow_mut(|m| *m = Some(Mirror { j, out: 0, part: 0 }));
         Ok(())
     }
 
-    fn with(f: impl FnOnce(&Journal)) {
-        JOURNAL.with_borrow(|j| {
-            if let Some(j) = j {
-                f(j)
+    #[inline]
+    fn with(f: impl FnOnce(&mut Mirror)) {
+        MIRROR.with_borrow_mut(|m| {
+            if let Some(m) = m {
+                f(m)
             }
         })
+    }
+
+    impl Mirror {
+        fn header(&self) -> &Header {
+            self.j.header()
+        }
+
+        /// Mirrors what `out` gained since the last call.
+        #[inline]
+        fn sync_out(&mut self, out: &[u8]) {
+            if out.len() <= self.out {
+                return;
+            }
+            if self.j.write(HEADER, OUT_CAP, self.out, &out[self.out..]) {
+                self.out = out.len();
+                self.header()
+                    .out_len
+                    .store(out.len() as u64, Ordering::Release);
+            } else {
+                self.header().set_broken(OUT_BROKEN, true);
+            }
+        }
     }
 
     /// Mirrors what `out` (the output buffer) gained since the last call.
     pub(crate) fn sync_out(out: &[u8]) {
-        with(|j| {
-            let done = OUT_MIRRORED.get();
-            if out.len() <= done {
-                return;
-            }
-            if j.write(HEADER, OUT_CAP, done, &out[done..]) {
-                OUT_MIRRORED.set(out.len());
-                j.header()
-                    .out_len
-                    .store(out.len() as u64, Ordering::Release);
-            } else {
-                j.header().set_broken(OUT_BROKEN, true);
-            }
-        })
+        with(|m| m.sync_out(out))
     }
 
     /// `n` bytes of the output buffer reached the socket (a flush in
     /// progress).
     pub(crate) fn out_written(n: usize) {
-        with(|j| j.header().out_skip.store(n as u64, Ordering::Release))
+        with(|m| m.header().out_skip.store(n as u64, Ordering::Release))
     }
 
     /// The output buffer was written out whole and emptied.
     pub(crate) fn out_flushed() {
-        with(|j| {
-            let h = j.header();
+        with(|m| {
+            let h = m.header();
             h.out_len.store(0, Ordering::Release);
             h.out_skip.store(0, Ordering::Release);
-            OUT_MIRRORED.set(0);
             // A fresh buffer: whatever broke the mirror is gone.
             h.set_broken(OUT_BROKEN, false);
+            m.out = 0;
         })
     }
 
     /// A string goes straight to the socket (`on`), or went (`!on`): the
     /// stream is between frames only once it went.
     pub(crate) fn direct_write(on: bool) {
-        with(|j| j.header().set_broken(OUT_BROKEN, on))
+        with(|m| m.header().set_broken(OUT_BROKEN, on))
     }
 
     /// An async worker starts a request (it keeps no output mirror: its
     /// replies go out as they are made).
     pub(crate) fn request_started() {
-        with(|j| {
-            let h = j.header();
+        with(|m| {
+            let h = m.header();
             h.frames
                 .store(h.frames.load(Ordering::Relaxed) + 1, Ordering::Release);
         })
@@ -289,15 +303,14 @@ pub(crate) mod worker {
 
     /// A request frame starts (`out`: the output buffer so far).
     pub(crate) fn frame_started(out: &[u8]) {
-        sync_out(out);
-        with(|j| {
-            let h = j.header();
+        with(|m| {
+            m.sync_out(out);
+            m.part = 0;
+            let h = m.header();
             h.items.store(0, Ordering::Release);
             h.part_len.store(0, Ordering::Release);
             h.part_first.store(0, Ordering::Release);
             h.set_broken(PART_BROKEN, false);
-            PART_MIRRORED.set(0);
-            RESULTS.set(0);
             h.frames
                 .store(h.frames.load(Ordering::Relaxed) + 1, Ordering::Release);
         })
@@ -305,40 +318,38 @@ pub(crate) mod worker {
 
     /// Item `i` of the running chunk starts; `out` and `part` are the
     /// output buffer and the chunk's unframed results so far.
+    #[inline]
     pub(crate) fn item_started(i: u64, out: &[u8], part: &[u8]) {
-        sync_out(out);
-        with(|j| {
-            let done = PART_MIRRORED.get();
-            let h = j.header();
-            if part.len() > done {
-                if j.write(HEADER + OUT_CAP, PART_CAP, done, &part[done..]) {
-                    PART_MIRRORED.set(part.len());
-                    h.part_len.store(part.len() as u64, Ordering::Release);
+        with(|m| {
+            m.sync_out(out);
+            if part.len() > m.part {
+                if m.j
+                    .write(HEADER + OUT_CAP, PART_CAP, m.part, &part[m.part..])
+                {
+                    m.part = part.len();
+                    m.header()
+                        .part_len
+                        .store(part.len() as u64, Ordering::Release);
                 } else {
-                    h.set_broken(PART_BROKEN, true);
+                    m.header().set_broken(PART_BROKEN, true);
                 }
             }
-            h.items.store(i + 1, Ordering::Release);
+            m.header().items.store(i + 1, Ordering::Release);
         })
     }
 
-    /// One more result of the running chunk was written.
-    pub(crate) fn result_written() {
-        RESULTS.set(RESULTS.get() + 1);
-    }
-
-    /// The chunk's results so far were framed as a part into `out`: the
-    /// output mirror gets the frame first, then the part mirror restarts
-    /// (a death between the two leaves results in both, which the parent
-    /// tells apart by item number).
-    pub(crate) fn part_taken(out: &[u8]) {
-        sync_out(out);
-        with(|j| {
-            let h = j.header();
-            h.part_first.store(RESULTS.get(), Ordering::Release);
+    /// The chunk's results so far, those of its first `results` items,
+    /// were framed as a part into `out`: the output mirror gets the frame
+    /// first, then the part mirror restarts (a death between the two
+    /// leaves results in both, which the parent tells apart by item).
+    pub(crate) fn part_taken(out: &[u8], results: u64) {
+        with(|m| {
+            m.sync_out(out);
+            m.part = 0;
+            let h = m.header();
+            h.part_first.store(results, Ordering::Release);
             h.part_len.store(0, Ordering::Release);
             h.set_broken(PART_BROKEN, false);
-            PART_MIRRORED.set(0);
         })
     }
 }
@@ -357,9 +368,7 @@ mod tests {
         worker::out_written(3); // a flush got this far
         worker::item_started(0, &out, b"");
         worker::item_started(1, &out, b"r\x01\x00");
-        worker::result_written();
-        worker::result_written();
-        worker::part_taken(&out);
+        worker::part_taken(&out, 2);
         worker::item_started(2, &out, b"r\x01\x00");
         let r = parent.remains();
         assert_eq!((r.frames, r.items, r.part_first), (1, 3, 2));
@@ -370,7 +379,7 @@ mod tests {
         worker::item_started(3, &out, &vec![b'x'; PART_CAP + 1]);
         worker::out_flushed();
         assert_eq!(parent.remains().part, None);
-        worker::part_taken(&[]);
+        worker::part_taken(&[], 4);
         assert_eq!(parent.remains().part.as_deref(), Some(&b""[..]));
         worker::out_flushed();
         worker::direct_write(true);

@@ -201,6 +201,7 @@ pub(crate) fn serve(sock: OwnedFd, handler: Handler, limit: usize, uring: bool) 
             immediate: false,
             wake: Some(st.clone()),
             part: None,
+            part_results: 0,
         })
     });
     let code = match runtime::block_on(uring, run(sock, handler, st)) {

@@ -79,6 +79,8 @@ pub(crate) struct Out {
     pub wake: Option<Rc<asynchronous::State>>,
     /// Results of the chunk being run (sync backend), not yet sent.
     pub part: Option<chunk::ReplyWriter>,
+    /// Results of the running chunk written so far (for the journal).
+    pub part_results: u64,
 }
 
 thread_local! {
@@ -125,7 +127,7 @@ impl Out {
             Some(p) => {
                 let part = p.take_part();
                 let ok = self.put_frame(EVENT_ID, &part);
-                crate::journal::worker::part_taken(&self.buf);
+                crate::journal::worker::part_taken(&self.buf, self.part_results);
                 ok
             }
             None => false,
@@ -335,12 +337,17 @@ pub(crate) fn run_chunk(
     let with_part = |f: &mut dyn FnMut(&mut chunk::ReplyWriter)| {
         OUT.with_borrow_mut(|o| {
             if let Some(o) = o.as_mut() {
+                o.part_results += 1;
                 f(o.part
                     .get_or_insert_with(|| chunk::ReplyWriter::with_capacity(room)))
             }
         });
-        crate::journal::worker::result_written();
     };
+    OUT.with_borrow_mut(|o| {
+        if let Some(o) = o.as_mut() {
+            o.part_results = 0;
+        }
+    });
     let mut item = 0u64;
     let mut panicked: Option<String> = None;
     let mut sent_at = sys::coarse_now();
@@ -414,6 +421,7 @@ pub(crate) fn fatal(fd: RawFd, kind: &str, message: String, code: i32) -> ! {
             immediate: true,
             wake: None,
             part: None,
+            part_results: 0,
         });
         out.put_frame(EVENT_ID, &octets![FATAL_TAG, kind.to_owned(), message]);
         out.flush();

@@ -33,6 +33,7 @@ pub(crate) fn serve(sock: OwnedFd, handler: Handler) -> i32 {
             immediate: false,
             wake: None,
             part: None,
+            part_results: 0,
         })
     });
     let mut inbuf = BytesMut::with_capacity(READ_CHUNK);
