@@ -1,8 +1,15 @@
-//! Per-call timeouts of single sync RPC handles ([`Options::timeout`]):
-//! one thread for the whole process sleeps until the earliest deadline
-//! and, if that call is still unanswered, kills its worker with
-//! [`Error::Timeout`] as the note its running call fails with. The crash
-//! journal then tells the calls queued behind it that they never started.
+//! Per-call timeouts of single RPC handles ([`Options::timeout`]): one
+//! thread for the whole process sleeps until the earliest deadline.
+//!
+//! - Sync workers: if that call is still unanswered, its worker is killed
+//!   with [`Error::Timeout`] as the note its running call fails with (a
+//!   sync worker runs one call at a time: nothing else would stop it). The
+//!   crash journal then tells the calls queued behind it that they never
+//!   started.
+//! - Async workers: the call's waiter sits in a slot shared with its
+//!   reply; at the deadline the driver thread takes it and fails it with
+//!   `Timeout`, and a late reply finds the slot empty and is dropped. The
+//!   worker and its other calls carry on.
 //!
 //! A sync worker answers in order, so "call `seq` of a connection is
 //! answered" is "the connection's answered count reached `seq`": an entry
@@ -10,20 +17,35 @@
 //!
 //! [`Options::timeout`]: crate::Options::timeout
 
-use crate::engine::ConnStats;
+use crate::engine::{Command, ConnStats, Engine};
 use crate::error::Error;
+use crate::rpc::Waiter;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::sync::atomic::Ordering;
-use std::sync::{Condvar, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
+
+/// A waiter an async call's reply and its timeout race for.
+pub(crate) type Slot = Arc<Mutex<Option<Waiter>>>;
+
+enum Target {
+    /// Sync: call `seq` of the connection (1 = first) of worker `pid`.
+    Seq {
+        seq: u64,
+        stats: Weak<ConnStats>,
+        pid: i32,
+    },
+    /// Async: the call's waiter, completed on `engine`'s driver thread.
+    Slot {
+        slot: Weak<Mutex<Option<Waiter>>>,
+        engine: &'static Engine,
+    },
+}
 
 struct Entry {
     at: Instant,
-    /// The call's number on its connection (1 = first).
-    seq: u64,
-    stats: Weak<ConnStats>,
-    pid: i32,
+    target: Target,
     after: Duration,
 }
 
@@ -68,14 +90,36 @@ fn watch() -> &'static Watch {
 /// Call `seq` of the connection `stats` (worker `pid`) must be answered
 /// within `after` from now, or its worker is killed.
 pub(crate) fn watch_call(stats: Weak<ConnStats>, pid: i32, seq: u64, after: Duration) {
-    let w = watch();
-    let e = Entry {
+    push(Entry {
         at: Instant::now() + after,
-        seq,
-        stats,
-        pid,
+        target: Target::Seq { seq, stats, pid },
         after,
-    };
+    })
+}
+
+/// An async call's waiter, put in a slot its reply takes it from; at
+/// `after` from now, if it is still there, it fails with `Timeout`.
+pub(crate) fn timed(done: Waiter, engine: &'static Engine, after: Duration) -> Waiter {
+    let slot: Slot = Arc::new(Mutex::new(Some(done)));
+    let raw = slot.lock().unwrap().as_ref().is_some_and(Waiter::wants_raw);
+    push(Entry {
+        at: Instant::now() + after,
+        target: Target::Slot {
+            slot: Arc::downgrade(&slot),
+            engine,
+        },
+        after,
+    });
+    Waiter::relay(raw, move |r| {
+        let w = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(w) = w {
+            w.complete_outcome(r)
+        }
+    })
+}
+
+fn push(e: Entry) {
+    let w = watch();
     let mut h = w.heap.lock().unwrap_or_else(|p| p.into_inner());
     let earliest = h.peek().is_none_or(|Reverse(f)| e.at < f.at);
     h.push(Reverse(e));
@@ -109,13 +153,29 @@ fn run(w: &'static Watch) {
     }
 }
 
-/// The deadline of entry `e` passed: kill its worker if the call is still
-/// unanswered.
+/// The deadline of entry `e` passed: if its call is still unanswered,
+/// kill its worker (sync) or fail it (async).
 fn expire(e: Entry) {
-    let Some(stats) = e.stats.upgrade() else {
+    let (seq, stats, pid) = match e.target {
+        Target::Seq { seq, stats, pid } => (seq, stats, pid),
+        Target::Slot { slot, engine } => {
+            if slot.upgrade().is_some() {
+                let after = e.after;
+                engine.push(Command::Run(Box::new(move || {
+                    let Some(slot) = slot.upgrade() else { return };
+                    let w = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    if let Some(w) = w {
+                        w.complete(Err(Error::Timeout { after }))
+                    }
+                })));
+            }
+            return;
+        }
+    };
+    let Some(stats) = stats.upgrade() else {
         return; // the handle is gone
     };
-    if stats.ended.load(Ordering::Acquire) || stats.answered.load(Ordering::Relaxed) >= e.seq {
+    if stats.ended.load(Ordering::Acquire) || stats.answered.load(Ordering::Relaxed) >= seq {
         return;
     }
     {
@@ -125,5 +185,5 @@ fn expire(e: Entry) {
         }
         *note = Some(Error::Timeout { after: e.after });
     }
-    crate::process::kill(e.pid);
+    crate::process::kill(pid);
 }

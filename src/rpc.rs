@@ -92,12 +92,13 @@ impl Options {
     }
 
     /// Fails a call that has not finished `d` after it was made with
-    /// [`Error::Timeout`], by killing the worker that runs it (a sync
-    /// worker runs one call at a time: nothing else would stop it). The
-    /// calls queued behind it then fail with [`Error::NotStarted`] (they
-    /// did not run), and so does every later call on this handle: its
-    /// worker is gone; fork another. Sync workers only (on the async
-    /// backend it is ignored for now); pools ignore it: use
+    /// [`Error::Timeout`]. On the sync backend its worker is killed (it
+    /// runs one call at a time: nothing else would stop it): the calls
+    /// queued behind it then fail with [`Error::NotStarted`] (they did not
+    /// run), and so does every later call on this handle: its worker is
+    /// gone; fork another. On the async backend only that call fails: the
+    /// worker carries on (the call too, until it ends) and its late reply
+    /// is dropped. Pools ignore it: use
     /// [`PoolOptions::timeout`](crate::PoolOptions::timeout), which
     /// replaces the worker and sends the calls queued behind again.
     ///
@@ -650,7 +651,7 @@ impl Rpc {
         let end = Latch::new();
         let stats = Arc::new(ConnStats::default());
         let asynchronous = opts.asynchronous;
-        let timeout = opts.timeout.filter(|_| !asynchronous);
+        let timeout = opts.timeout;
         let outbox = (!asynchronous).then(|| Arc::new(Outbox::default()));
         let session = Session {
             outbox: outbox.clone(),
@@ -713,6 +714,12 @@ impl Rpc {
         if let Some(a) = self.inner.arena {
             args.share(a, self.request_offset());
         }
+        let done = match self.inner.timeout {
+            Some(after) if self.inner.asynchronous => {
+                crate::deadline::timed(done, self.inner.engine, after)
+            }
+            _ => done,
+        };
         if let Some(ob) = &self.inner.outbox {
             // Framed here; the arguments are freed here too.
             let put = ob.put(&args, done, self.inner.arena, &self.inner.stats.framed);

@@ -130,7 +130,8 @@ fn template() -> Result<Template, Error> {
 fn main() {
     let t = template().expect("template starts");
     let args = Arguments::from_args();
-    let tests: [(&str, EngineTest); 18] = [
+    let tests: [(&str, EngineTest); 19] = [
+        ("call_timeout_fails_only_that_call", call_timeout),
         ("runs_on_the_expected_runtime", runtime_choice),
         ("perl_async_test_order", perl_async_order),
         ("seed_example2_async_countdown", seed_example2),
@@ -564,5 +565,32 @@ fn uring_file_io(t: &Template, kind: EngineKind) -> Result<(), Failed> {
     };
     eq(r?, octets![want, "read through io_uring"])?;
     rpc.close_blocking()?;
+    Ok(())
+}
+
+/// `Options::timeout` on the async backend: the call that overruns fails
+/// with `Timeout`; the calls running beside it, and later ones, are
+/// answered by the same worker (its late reply is dropped).
+fn call_timeout(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    let after = Duration::from_millis(200);
+    let rpc = t
+        .fork()
+        .run("t::delayed", opts(kind).timeout(after).on_event(|_| {}))?;
+    let slow = rpc.call(octets!["slow", "3000"]);
+    let quick: Vec<_> = (0..3)
+        .map(|i| rpc.call(octets![i.to_string(), "10"]))
+        .collect();
+    for (i, r) in await_in_order(quick).into_iter().enumerate() {
+        eq(r?.str(0), Some(i.to_string().as_str()))?;
+    }
+    match block(slow) {
+        Err(Error::Timeout { after: a }) => eq(a, after)?,
+        other => return Err(format!("expected Timeout, got {other:?}").into()),
+    }
+    // The same worker still answers (a handle never changes workers).
+    eq(
+        rpc.call_blocking(octets!["later", "0"])?.str(0),
+        Some("later"),
+    )?;
     Ok(())
 }

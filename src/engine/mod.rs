@@ -421,6 +421,9 @@ pub(crate) enum Command {
         pid: i32,
         status: ExitStatus,
     },
+    /// Run this on the driver thread (a call's timeout completing it, so
+    /// that its callback runs where callbacks run).
+    Run(Box<dyn FnOnce() + Send>),
 }
 
 struct Shared {
@@ -815,6 +818,7 @@ impl<I: Io> Driver<I> {
                     self.ended.remove(&id);
                 }
             }
+            Command::Run(f) => f(),
             Command::Exited { pid, status } => match self.by_pid.get(&pid) {
                 Some(&id) => {
                     if let Some(c) = self.conns.get_mut(&id) {
