@@ -39,6 +39,12 @@ fn template() -> Result<Template, Error> {
             octets!["1", pid()]
         })
         .sync("t::pid", |_| octets![pid()])
+        // Asks to be replaced after every call: a worker's pid shows which
+        // calls it ran before the pool saw that.
+        .sync("t::retire_pid", |_| {
+            forkrpc::retire();
+            octets![pid()]
+        })
         .sync("t::double", |args| {
             octets![format!("{}{}", args.str(0).unwrap(), args.str(0).unwrap())]
         })
@@ -109,7 +115,7 @@ type PoolTest = fn(&Template) -> Result<(), Failed>;
 fn main() {
     let t = template().expect("template starts");
     let args = Arguments::from_args();
-    let tests: [(&str, PoolTest); 27] = [
+    let tests: [(&str, PoolTest); 28] = [
         ("perl_pool_test", perl_pool_test),
         ("example_pool_synopsis", example_pool),
         ("call_forms_and_stats", call_forms),
@@ -132,6 +138,7 @@ fn main() {
         ("close_ends_the_pool_for_every_clone", close_with_clones),
         ("memory_ceiling_recycles_workers", memory_ceiling),
         ("map_keeps_order", map_ordered),
+        ("map_honours_max_batch", map_max_batch),
         ("map_unordered_yields_every_index", map_unordered),
         ("map_item_errors_stay_with_their_items", map_errors),
         ("map_panic_resends_the_rest_of_its_chunk", map_panic),
@@ -922,4 +929,29 @@ fn ncpu(_t: &Template) -> Result<(), Failed> {
         })
         .unwrap_or(n.logical);
     check(n.logical <= online, format!("{n:?} but {online} online"))
+}
+
+/// `map` sends no more than `max_batch` calls at once: with one call per
+/// batch and a worker that retires after each call, every call runs on a
+/// worker of its own (map's own chunk size, 10 here, would put 10 on
+/// each).
+fn map_max_batch(t: &Template) -> Result<(), Failed> {
+    let pool = Pool::new(
+        t,
+        "t::retire_pid",
+        Options::default(),
+        PoolOptions::default()
+            .max(1)
+            .load(1)
+            .max_batch(1)
+            .start(Duration::ZERO),
+    )?;
+    let pids: BTreeSet<String> = pool
+        .map((0..40).map(|i| octets![i.to_string()]))
+        .results()
+        .map(|r| r.map(|o| o.str(0).unwrap().to_owned()))
+        .collect::<Result<_, _>>()?;
+    eq(pids.len(), 40)?;
+    pool.close_blocking()?;
+    Ok(())
 }
