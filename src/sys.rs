@@ -92,3 +92,39 @@ pub(crate) fn coarse_now() -> std::time::Duration {
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
+
+/// Closes every descriptor of this process but 0, 1, 2 and `keep`: a
+/// template, just forked or executed from the user's program, must not
+/// hand the program's files and sockets on to its workers.
+pub(crate) fn close_other_fds(keep: RawFd) {
+    let keep = keep as u32;
+    let ranges = if keep >= 3 {
+        [(3, keep - 1), (keep + 1, u32::MAX)]
+    } else {
+        [(3, u32::MAX), (1, 0)]
+    };
+    for (from, last) in ranges.into_iter().filter(|(f, l)| f <= l) {
+        // SAFETY: close_range (Linux 5.9) takes three integers and only
+        // closes descriptors; none of those closed is in use by this
+        // single-threaded process afterwards (it owns only `keep`).
+        let r = unsafe { libc::syscall(libc::SYS_close_range, from, last, 0) };
+        if r != 0 {
+            close_each(from, last);
+        }
+    }
+}
+
+/// `close_range`'s fallback: each open descriptor in `from..=last`.
+fn close_each(from: u32, last: u32) {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<u32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd >= from && fd <= last)
+        .collect();
+    for fd in fds {
+        // SAFETY: closing a descriptor number; see `close_other_fds`.
+        unsafe { libc::close(fd as i32) };
+    }
+}

@@ -71,6 +71,14 @@ fn template() -> Result<Template, Error> {
             r.push(a);
             r.iter().cloned().collect::<Octets>()
         })
+        // Whether the file the program opened before start() is open here.
+        .sync("t::opened_before", |_| {
+            let (fd, path) = OPENED_BEFORE.get().unwrap();
+            let here = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok();
+            let open =
+                here.is_some_and(|h| h.to_string_lossy().starts_with(&*path.to_string_lossy()));
+            octets![if open { "open" } else { "closed" }]
+        })
         .try_sync("t::try", |args| match args.str(0) {
             Some("no") => Err(format!("refused {args}")),
             _ => Ok(args),
@@ -160,8 +168,18 @@ fn template() -> Result<Template, Error> {
         .start()
 }
 
+/// A file the test program opened before its template started: `(fd,
+/// path)`.
+static OPENED_BEFORE: OnceLock<(i32, std::path::PathBuf)> = OnceLock::new();
+
 fn main() {
     FDS_BEFORE_INIT.set(open_fds()).unwrap();
+    let path = std::env::temp_dir().join(format!("forkrpc-open-before-{}", std::process::id()));
+    let file = std::fs::File::create(&path).unwrap();
+    std::fs::remove_file(&path).unwrap(); // open, but leaves nothing behind
+    OPENED_BEFORE
+        .set((std::os::fd::IntoRawFd::into_raw_fd(file), path))
+        .unwrap();
     if std::env::var_os("FORKRPC_TEST_ORPHAN").is_some() {
         orphan_parent();
     }
@@ -201,6 +219,7 @@ fn main() {
         ("send_fh_seed_recipe", send_fh_recipe),
         ("derived_template_shares_init_state", derived_template),
         ("workers_hold_no_other_sockets", no_socket_leaks),
+        ("workers_hold_no_file_the_program_opened", no_file_leaks),
         ("calls_after_worker_end_name_its_end", calls_after_end),
         ("call_timeout_kills_and_says_so", call_timeout),
         (
@@ -1222,5 +1241,18 @@ fn async_death_started_only(t: &Template, kind: EngineKind) -> Result<(), Failed
             (i, r) => return Err(format!("call {i}: {r:?}").into()),
         }
     }
+    Ok(())
+}
+
+/// A file the program opened before `start()` is not open in its workers
+/// (the template closes what it inherited), though it is in the program.
+fn no_file_leaks(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    let (fd, path) = OPENED_BEFORE.get().unwrap();
+    let here = std::fs::read_link(format!("/proc/self/fd/{fd}"))?;
+    let opened = |h: &std::path::Path| h.to_string_lossy().starts_with(&*path.to_string_lossy());
+    check(opened(&here), format!("open here: {}", here.display()))?;
+    let rpc = t.fork().run("t::opened_before", opts(kind))?;
+    eq(rpc.call_blocking(octets![])?, octets!["closed"])?;
+    rpc.close_blocking()?;
     Ok(())
 }

@@ -62,6 +62,8 @@ pub(crate) fn become_template_if_marked() {
     // SAFETY: the parent passed this descriptor to us for exactly this use
     // and we checked it is open; nothing else in this process owns it.
     let ctl = unsafe { OwnedFd::from_raw_fd(fd) };
+    // What the program left open across exec is not the workers' either.
+    crate::sys::close_other_fds(fd);
     server::serve(ctl)
 }
 
@@ -110,6 +112,8 @@ fn fork_template() -> Result<Arc<TemplateClient>> {
         Ok(ForkResult::Child) => {
             drop(mine);
             server::die_with_parent(me);
+            // Workers hold their own sockets only, not the program's files.
+            crate::sys::close_other_fds(theirs.as_raw_fd());
             server::serve(theirs)
         }
         Ok(ForkResult::Parent { child }) => {
