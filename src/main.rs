@@ -10,11 +10,18 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use clap::{Parser, Subcommand};
 
+/// Exit status: some calls of `load` failed (or went unanswered).
+const CALLS_FAILED: i32 = 3;
+
 #[derive(Parser)]
 #[command(
     name = "forkrpc",
     version,
-    about = "Offload jobs to forked worker processes"
+    about = "Offload jobs to forked worker processes",
+    after_help = "Exit status: 0 success; 1 the run could not be carried out (a worker or \
+                  the template could not start, I/O failed); 2 bad usage (an unknown or \
+                  malformed option, named in the message); 3 `load`: some calls failed or \
+                  went unanswered."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -26,7 +33,7 @@ enum Command {
     /// Run the benchmark workloads (W1..W7) with raw baselines.
     Bench(cli::bench::BenchArgs),
     /// Offer calls at a fixed rate to a pool (open loop) and report latency
-    /// from the intended send times; exits non-zero if any call failed.
+    /// from the intended send times; exits with 3 if any call failed.
     Load(cli::load::LoadArgs),
 }
 
@@ -43,7 +50,7 @@ fn main() {
     };
     match r {
         Ok(true) => {}
-        Ok(false) => std::process::exit(2),
+        Ok(false) => std::process::exit(CALLS_FAILED),
         Err(e) => {
             eprintln!("forkrpc: {e}");
             std::process::exit(1);

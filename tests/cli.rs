@@ -124,12 +124,52 @@ fn load_fails_when_calls_fail() {
         "sleep:50",
         "--json",
     ]);
-    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
     let r: serde_json::Value =
         serde_json::from_str(String::from_utf8(out.stdout).unwrap().trim()).unwrap();
     assert_eq!(r["calls"].as_u64(), Some(200));
     assert!(r["errors"].as_u64().unwrap() > 100, "{r}");
     assert_eq!(r["errors"], r["unanswered"]);
+}
+
+/// Bad usage exits with 2 and names the flag; calls that fail, with 3
+/// (above); success, 0.
+#[test]
+fn bad_usage_exits_2_naming_the_flag() {
+    let cases: [(&str, &[&str], &str); 8] = [
+        ("load", &["--workers", "0"], "--workers"),
+        ("load", &["--load", "0"], "--load"),
+        ("load", &["--duration", "0"], "--duration"),
+        ("load", &["--rate", "-5"], "--rate"),
+        ("load", &["--rate", "fast"], "--rate"),
+        ("load", &["--rate", "0"], "--rate"),
+        ("bench", &["--runs", "0"], "--runs"),
+        ("bench", &["--no-such-flag"], "--no-such-flag"),
+    ];
+    for (sub, args, flag) in cases {
+        let out = forkrpc(sub, args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{sub} {args:?}: {err}");
+        assert!(err.contains(flag), "{sub} {args:?}: {err}");
+    }
+}
+
+#[test]
+fn help_documents_the_exit_codes() {
+    let out = Command::new(env!("CARGO_BIN_EXE_forkrpc"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&out.stdout);
+    for code in [
+        "0 success",
+        "1 the run could not",
+        "2 bad usage",
+        "3 `load`",
+    ] {
+        assert!(help.contains(code), "{code}: {help}");
+    }
 }
 
 #[test]

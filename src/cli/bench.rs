@@ -22,8 +22,8 @@ pub struct BenchArgs {
     /// Workloads to run, e.g. `W1,W2` (default: all supported).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
-    /// Measured runs per workload (after one warm-up).
-    #[arg(long, default_value_t = 5)]
+    /// Measured runs per workload (after one warm-up; at least 1).
+    #[arg(long, default_value = "5", value_parser = super::load::parse_positive)]
     runs: usize,
     /// Engine: uring or epoll (default: FORKRPC_ENGINE, else uring if available).
     #[arg(long)]

@@ -13,17 +13,18 @@ use std::time::{Duration, Instant};
 
 #[derive(clap::Args, Debug)]
 pub struct LoadArgs {
-    /// Calls per second offered.
-    #[arg(long, default_value_t = 10_000.0)]
+    /// Calls per second offered (a positive number).
+    #[arg(long, default_value = "10000", value_parser = parse_rate, allow_negative_numbers = true)]
     rate: f64,
-    /// How long to offer load: seconds (`3`) or with a unit (`500ms`, `2m`).
-    #[arg(long, default_value = "3", value_parser = parse_duration)]
+    /// How long to offer load: seconds (`3`) or with a unit (`500ms`, `2m`);
+    /// more than zero.
+    #[arg(long, default_value = "3", value_parser = parse_positive_duration)]
     duration: Duration,
-    /// Workers in the pool.
-    #[arg(long, default_value_t = 2)]
+    /// Workers in the pool (at least 1).
+    #[arg(long, default_value = "2", value_parser = parse_positive)]
     workers: usize,
-    /// Most batches queued on one worker (the pool's `load`).
-    #[arg(long, default_value_t = 2)]
+    /// Most batches queued on one worker (the pool's `load`; at least 1).
+    #[arg(long, default_value = "2", value_parser = parse_positive)]
     load: usize,
     /// Bytes of payload per call (one octet string).
     #[arg(long, default_value_t = 16)]
@@ -62,6 +63,34 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("{s:?} is not a duration"));
     }
     humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration: {e}"))
+}
+
+/// A duration of more than zero.
+pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err("must be more than zero".into()),
+        d => Ok(d),
+    }
+}
+
+/// A whole number of at least 1.
+pub fn parse_positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{s:?} is not a whole number")),
+    }
+}
+
+/// Calls per second: a positive, finite number.
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r > 0.0 && r.is_finite() => Ok(r),
+        Ok(_) => Err(format!(
+            "{s:?}: the rate must be a positive number of calls per second"
+        )),
+        Err(_) => Err(format!("{s:?} is not a number")),
+    }
 }
 
 fn parse_handler(s: &str) -> Result<HandlerSpec, String> {
