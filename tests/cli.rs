@@ -203,3 +203,25 @@ fn serialiser_switch_for_w1() {
         assert!(r["value"].as_f64().unwrap() > 0.0);
     }
 }
+
+/// `scripts/load-sweep` refuses a malformed `--rates` list with exit code
+/// 2 and a message naming the flag, before building or running anything.
+#[test]
+fn load_sweep_refuses_malformed_rates() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/load-sweep");
+    for rates in ["5000,abc", "0", "-100", "5000,,6000", "1.5"] {
+        let Ok(out) = Command::new("python3")
+            .args([script, "--rates", rates])
+            .output()
+        else {
+            eprintln!("note: python3 is not installed; load-sweep's refusals are not tested");
+            return;
+        };
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{rates}: {err}");
+        assert!(
+            err.contains("--rates") && err.contains("not a positive whole number"),
+            "{rates}: {err}"
+        );
+    }
+}
