@@ -571,6 +571,24 @@ impl Shared {
         });
     }
 
+    /// Delivers call `id`'s outcome to `sink`, or sends the call (its
+    /// arguments `again`) once more if its worker never started it.
+    fn deliver_or_resend(
+        self: &Arc<Self>,
+        id: JobId,
+        again: Payload,
+        sink: Sink,
+        r: Outcome,
+        pid: i32,
+    ) {
+        match r.error() {
+            Some(Error::NotStarted { .. }) => {
+                self.resend(vec![(id, Job::new(Args::Payload(again), sink))])
+            }
+            _ => complete(sink, r, pid),
+        }
+    }
+
     /// As [`Shared::resend`], for a job made anew (the items of a map's
     /// chunk that a dead worker never started).
     pub(crate) fn resend_new(self: &Arc<Self>, job: Job) {
@@ -827,13 +845,7 @@ impl Shared {
                 Some(batch) => {
                     let (batch, again) = (batch.clone(), args.clone());
                     Waiter::relay(raw, move |r| {
-                        let deliver = || match r.error() {
-                            Some(Error::NotStarted { .. }) => {
-                                let job = Job::new(Args::Payload(again), sink);
-                                sh.resend(vec![(id, job)])
-                            }
-                            _ => complete(sink, r, pid),
-                        };
+                        let deliver = || sh.deliver_or_resend(id, again, sink, r, pid);
                         if batch.left.fetch_sub(1, Ordering::AcqRel) == 1 {
                             sh.batch_done(w, pid, deliver);
                         } else {
@@ -858,13 +870,7 @@ impl Shared {
                         sink => {
                             let again = args.clone();
                             Waiter::relay(raw, move |r| {
-                                let deliver = || match r.error() {
-                                    Some(Error::NotStarted { .. }) => {
-                                        let job = Job::new(Args::Payload(again), sink);
-                                        sh.resend(vec![(id, job)])
-                                    }
-                                    _ => complete(sink, r, pid),
-                                };
+                                let deliver = || sh.deliver_or_resend(id, again, sink, r, pid);
                                 if last {
                                     sh.batch_done(w, pid, deliver)
                                 } else {
