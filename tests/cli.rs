@@ -225,3 +225,44 @@ fn load_sweep_refuses_malformed_rates() {
         );
     }
 }
+
+/// After `--grace`, `load` ends: calls still running count as unanswered
+/// and their workers are stopped, not waited for (a 60 s handler here).
+#[test]
+fn load_ends_after_grace_without_draining() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_forkrpc"))
+        .args([
+            "load",
+            "--rate",
+            "10",
+            "--duration",
+            "0.3",
+            "--grace",
+            "100ms",
+            "--workers",
+            "1",
+            "--handler",
+            "sleep:60000",
+            "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let limit = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > limit {
+            let _ = child.kill();
+            panic!("load still running 30 s after a 0.3 s run with 100 ms of grace");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(3));
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+    let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(r["calls"].as_u64(), Some(3), "{r}");
+    assert_eq!(r["unanswered"].as_u64(), Some(3), "{r}");
+}

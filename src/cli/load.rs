@@ -146,11 +146,15 @@ pub fn run(args: LoadArgs) -> Result<bool, Box<dyn std::error::Error>> {
             .load(args.load.max(1))
             .start(Duration::ZERO),
     )?;
+    let warm = prefix.as_ref().map(|_| "0".to_owned());
     let mut call_args: Octets = prefix.into_iter().collect();
     call_args.push(vec![b'x'; args.payload].into());
-    // Warm up: every worker forked and answering before the clock starts.
+    // Warm up: every worker forked and answering before the clock starts
+    // (a sleeping or burning handler for no time: only the forks count).
+    let mut warm_args: Octets = warm.into_iter().collect();
+    warm_args.push(vec![b'x'; args.payload].into());
     for _ in 0..workers * 4 {
-        pool.call_blocking(call_args.clone())?;
+        pool.call_blocking(warm_args.clone())?;
     }
 
     let rec = Arc::new(Record {
@@ -266,7 +270,13 @@ pub fn run(args: LoadArgs) -> Result<bool, Box<dyn std::error::Error>> {
     if let Some(e) = rec.first_error.lock().unwrap().as_ref() {
         eprintln!("forkrpc load: first error: {e}");
     }
-    drop(pool);
+    if unanswered > 0 {
+        // Past --grace: stop the workers instead of waiting for the calls
+        // they still run (the run has ended; they count as errors).
+        drop(pool.close_within(Duration::ZERO));
+    } else {
+        drop(pool);
+    }
     Ok(errors == 0)
 }
 
