@@ -27,7 +27,8 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 /// A waiter an async call's reply and its timeout race for.
-pub(crate) type Slot = Arc<Mutex<Option<Waiter>>>;
+type SlotInner = Mutex<Option<Waiter>>;
+type Slot = Arc<SlotInner>;
 
 enum Target {
     /// Sync: call `seq` of the connection (1 = first) of worker `pid`.
@@ -38,7 +39,7 @@ enum Target {
     },
     /// Async: the call's waiter, completed on `engine`'s driver thread.
     Slot {
-        slot: Weak<Mutex<Option<Waiter>>>,
+        slot: Weak<SlotInner>,
         engine: &'static Engine,
     },
 }
@@ -100,8 +101,8 @@ pub(crate) fn watch_call(stats: Weak<ConnStats>, pid: i32, seq: u64, after: Dura
 /// An async call's waiter, put in a slot its reply takes it from; at
 /// `after` from now, if it is still there, it fails with `Timeout`.
 pub(crate) fn timed(done: Waiter, engine: &'static Engine, after: Duration) -> Waiter {
+    let raw = done.wants_raw();
     let slot: Slot = Arc::new(Mutex::new(Some(done)));
-    let raw = slot.lock().unwrap().as_ref().is_some_and(Waiter::wants_raw);
     push(Entry {
         at: Instant::now() + after,
         target: Target::Slot {

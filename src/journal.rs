@@ -218,6 +218,10 @@ pub(crate) mod worker {
         out: usize,
         /// Bytes of the chunk results mirrored so far.
         part: usize,
+        /// The chunk fields of the header were written since the last
+        /// request started (a plain request leaves them alone: nothing to
+        /// reset).
+        chunk: bool,
     }
 
     thread_local! {
@@ -227,7 +231,14 @@ pub(crate) mod worker {
     /// Maps the journal `fd` (once, as a worker starts).
     pub(crate) fn map(fd: OwnedFd) -> std::io::Result<()> {
         let j = Journal::map(&fd)?;
-        MIRROR.with_borrow_mut(|m| *m = Some(Mirror { j, out: 0, part: 0 }));
+        MIRROR.with_borrow_mut(|m| {
+            *m = Some(Mirror {
+                j,
+                out: 0,
+                part: 0,
+                chunk: false,
+            })
+        });
         Ok(())
     }
 
@@ -305,12 +316,14 @@ pub(crate) mod worker {
     pub(crate) fn frame_started(out: &[u8]) {
         with(|m| {
             m.sync_out(out);
-            m.part = 0;
-            let h = m.header();
-            h.items.store(0, Ordering::Release);
-            h.part_len.store(0, Ordering::Release);
-            h.part_first.store(0, Ordering::Release);
-            h.set_broken(PART_BROKEN, false);
+            let h = m.j.header();
+            if std::mem::take(&mut m.chunk) {
+                m.part = 0;
+                h.items.store(0, Ordering::Release);
+                h.part_len.store(0, Ordering::Release);
+                h.part_first.store(0, Ordering::Release);
+                h.set_broken(PART_BROKEN, false);
+            }
             h.frames
                 .store(h.frames.load(Ordering::Relaxed) + 1, Ordering::Release);
         })
@@ -321,6 +334,7 @@ pub(crate) mod worker {
     #[inline]
     pub(crate) fn item_started(i: u64, out: &[u8], part: &[u8]) {
         with(|m| {
+            m.chunk = true;
             m.sync_out(out);
             if part.len() > m.part {
                 if m.j

@@ -52,6 +52,9 @@ struct Framed {
     armed: bool,
     /// The connection has ended: calls are refused.
     ended: bool,
+    /// Waiters that are futures' latches (only those can be abandoned;
+    /// see [`Outbox::take`]).
+    latches: usize,
 }
 
 impl Outbox {
@@ -115,6 +118,7 @@ impl Outbox {
             return Err(done);
         }
         write(&mut f);
+        f.latches += usize::from(matches!(done, Waiter::Latch(_)));
         f.waiters.push_back(done);
         count.store(count.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
         Ok(!std::mem::replace(&mut f.armed, true))
@@ -142,8 +146,11 @@ impl Outbox {
         framed: &AtomicU64,
     ) {
         let mut f = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        // Only a future's latch can be abandoned: without one, the waiters
+        // are not looked at.
+        let latches = std::mem::take(&mut f.latches);
         let mut dropped = None;
-        if live && f.held.is_empty() && f.waiters.iter().any(Waiter::abandoned) {
+        if live && latches > 0 && f.held.is_empty() && f.waiters.iter().any(Waiter::abandoned) {
             dropped = Some(f.drop_abandoned(framed));
         }
         held.append(&mut f.held);

@@ -12,8 +12,7 @@ use crate::window::Window;
 use crate::wire::frame::{put_id_header, put_len_header, EVENT_ID, SYNC_REPLY_ID};
 use crate::wire::{shared, starts_with_tag, CHUNK_PART_TAG, ERROR_TAG, FATAL_TAG, RELEASE_TAG};
 use crate::{octets, Octets};
-use bytes::BytesMut;
-use bytes::{BufMut, Bytes};
+use bytes::{BufMut, Bytes, BytesMut};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
@@ -50,7 +49,7 @@ pub struct Options {
     pub(crate) on_event_raw: Option<Arc<dyn Fn(Bytes) + Send + Sync>>,
     /// Internal: the worker announced it is about to exit.
     pub(crate) on_fatal: Option<Arc<dyn Fn() + Send + Sync>>,
-    /// Per-call timeout of a sync worker's calls.
+    /// Per-call timeout (see [`Options::timeout`]).
     pub(crate) timeout: Option<std::time::Duration>,
 }
 
@@ -344,7 +343,6 @@ impl Payload {
         }
     }
 
-    /// True if the arguments are octets (not a codec's frozen payload).
     /// The strings of an octets payload (None for a frozen one).
     pub(crate) fn octets(&self) -> Option<Octets> {
         match &self.body {
@@ -356,6 +354,7 @@ impl Payload {
         }
     }
 
+    /// True if the arguments are octets (not a codec's frozen payload).
     pub(crate) fn is_octets(&self) -> bool {
         match &self.body {
             Body::Octets(_) => true,
@@ -628,7 +627,7 @@ struct Inner {
     /// [`Rpc::close`] ran: calls through other clones fail with
     /// [`Error::Closed`].
     closed: std::sync::atomic::AtomicBool,
-    /// Per-call timeout (sync workers; see [`Options::timeout`]).
+    /// Per-call timeout (see [`Options::timeout`]).
     timeout: Option<std::time::Duration>,
 }
 
@@ -737,15 +736,13 @@ impl Rpc {
     /// After a call was put in the outbox: tells the driver if it must be
     /// told; a call the ended connection refused fails.
     fn framed(&self, put: std::result::Result<bool, Waiter>) {
-        if put.is_ok() {
-            if let Some(after) = self.inner.timeout {
-                // This call's number on the connection (a caller framing
-                // at the same moment may make it the next one's: its
-                // deadline is as good as the same).
-                let s = &self.inner.stats;
-                let seq = s.framed.load(Ordering::Relaxed) + s.submitted.load(Ordering::Relaxed);
-                crate::deadline::watch_call(Arc::downgrade(s), self.inner.pid, seq, after);
-            }
+        if let (Ok(_), Some(after)) = (&put, self.inner.timeout) {
+            // This call's number on the connection (a caller framing at the
+            // same moment may make it the next one's: its deadline is as
+            // good as the same).
+            let s = &self.inner.stats;
+            let seq = s.framed.load(Ordering::Relaxed) + s.submitted.load(Ordering::Relaxed);
+            crate::deadline::watch_call(Arc::downgrade(s), self.inner.pid, seq, after);
         }
         match put {
             Ok(true) => self.inner.engine.push(Command::Flush { id: self.inner.id }),
@@ -1347,65 +1344,49 @@ impl Protocol for Session {
         if let Some(f) = &self.opts.on_end {
             f(&end);
         }
-        // Async: the calls it started (by their place in the order sent)
-        // fail with how it died; the others never started.
-        if let (Calls::Async(w), Some(started)) = (&mut self.calls, started) {
-            let all = w.drain_in_order();
-            let known = all.iter().all(|(seq, _)| seq.is_some());
-            let not_started = Error::NotStarted {
-                pid,
-                cause: err.end_cause(),
-            };
-            for (seq, w) in all {
-                match seq {
-                    Some(s) if known && s >= started as u64 => w.complete(Err(not_started.clone())),
-                    _ => w.complete(Err(err.clone())),
-                }
+        // Which of the calls left it started: all of them, unless its
+        // journal says (sync: the first `started`, in order; async: by
+        // their place in the order sent, known within a cycle of ids).
+        let marked: Vec<(bool, Waiter)> = match (&mut self.calls, started) {
+            (Calls::Async(w), Some(started)) => {
+                let all = w.drain_in_order();
+                let known = all.iter().all(|(seq, _)| seq.is_some());
+                all.into_iter()
+                    .map(|(seq, w)| (!known || seq.is_some_and(|s| s < started as u64), w))
+                    .collect()
             }
-            self.end.set(end);
-            return;
-        }
-        let mut pending = self.calls.drain().into_iter();
-        let running = if kind.as_deref() == Some("panic") {
+            (calls, started) => calls
+                .drain()
+                .into_iter()
+                .enumerate()
+                .map(|(i, w)| (started.is_none_or(|n| i < n), w))
+                .collect(),
+        };
+        // The first call it started was running (a sync worker runs one):
+        // it fails with the panic, if that is how the worker ended; the
+        // other started ones with how it ended; the rest never started.
+        let mut running = Some(if kind.as_deref() == Some("panic") {
             Error::HandlerPanicked {
                 pid,
                 message: msg.unwrap_or_default(),
             }
         } else {
             err.clone()
+        });
+        let not_started = Error::NotStarted {
+            pid,
+            cause: err.end_cause(),
         };
-        match started {
-            // The journal says which calls it started: the one running
-            // fails (in a chunk, its running item; the items after it were
-            // not started); those it never started fail as such.
-            Some(started) => {
-                let not_started = Error::NotStarted {
-                    pid,
-                    cause: err.end_cause(),
-                };
-                for (i, w) in pending.enumerate() {
-                    match (i < started, w) {
-                        (true, Waiter::Chunk(c)) => guard("a reply callback", || {
-                            c.died(Some(running.clone()), not_started.clone())
-                        }),
-                        (true, w) if i + 1 == started => w.complete(Err(running.clone())),
-                        (true, w) => w.complete(Err(err.clone())),
-                        (false, Waiter::Chunk(c)) => {
-                            guard("a reply callback", || c.died(None, not_started.clone()))
-                        }
-                        (false, w) => w.complete(Err(not_started.clone())),
-                    }
+        for (was_started, w) in marked {
+            let e = was_started.then(|| running.take().unwrap_or_else(|| err.clone()));
+            match (e, w) {
+                // A chunk of calls sorts its items out, if the journal says
+                // which ran (without it, all of them fail).
+                (e, Waiter::Chunk(c)) if started.is_some() => {
+                    guard("a reply callback", || c.died(e, not_started.clone()))
                 }
-            }
-            None => {
-                if kind.as_deref() == Some("panic") {
-                    if let Some(first) = pending.next() {
-                        first.complete(Err(running));
-                    }
-                }
-                for w in pending {
-                    w.complete(Err(err.clone()));
-                }
+                (Some(e), w) => w.complete(Err(e)),
+                (None, w) => w.complete(Err(not_started.clone())),
             }
         }
         self.end.set(end);

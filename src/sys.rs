@@ -33,11 +33,7 @@ pub(crate) fn read_into(fd: RawFd, buf: &mut BytesMut, min_spare: usize) -> io::
 /// Sends all of `data` on a blocking stream socket, without SIGPIPE.
 pub(crate) fn send_all(fd: RawFd, mut data: &[u8]) -> io::Result<()> {
     while !data.is_empty() {
-        match nix::sys::socket::send(fd, data, nix::sys::socket::MsgFlags::MSG_NOSIGNAL) {
-            Ok(n) => data = &data[n..],
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(e.into()),
-        }
+        data = &data[send_some(fd, data)?..];
     }
     Ok(())
 }

@@ -332,8 +332,8 @@ pub(crate) fn run_chunk(
     // An echo's results take what its requests took, plus a status byte.
     let room = blob.len() + n;
     // The results wait in `OUT` so that an event from a handler can send
-    // those of earlier items before itself (see `queue_event`).
-    // Each call writes one item's result.
+    // those of earlier items before itself (see `queue_event`). Each call
+    // of `with_part` writes one item's result.
     let with_part = |f: &mut dyn FnMut(&mut chunk::ReplyWriter)| {
         OUT.with_borrow_mut(|o| {
             if let Some(o) = o.as_mut() {
@@ -348,7 +348,6 @@ pub(crate) fn run_chunk(
             o.part_results = 0;
         }
     });
-    let mut item = 0u64;
     let mut panicked: Option<String> = None;
     let mut sent_at = sys::coarse_now();
     let mut pos = 0;
@@ -362,14 +361,14 @@ pub(crate) fn run_chunk(
             continue;
         }
         // Should the worker die in this item, the parent learns which
-        // one, and gets the results before it.
+        // one (the results so far number the items before it), and gets
+        // the results before it.
         OUT.with_borrow(|o| {
             if let Some(o) = o {
                 let part = o.part.as_ref().map_or(&[][..], |p| p.bytes());
-                crate::journal::worker::item_started(item, &o.buf, part);
+                crate::journal::worker::item_started(o.part_results, &o.buf, part);
             }
         });
-        item += 1;
         // The item is decoded, run and its result written inside the
         // guard: nothing the size of a result moves through the unwind
         // boundary (those moves were the worker's main cost per item).

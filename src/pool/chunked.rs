@@ -326,20 +326,17 @@ impl Batch {
         }
     }
 
-    /// Sends the jobs left, items `first..` of the chunk, again: the
-    /// worker never started them. What cannot be read back fails with
-    /// `e`.
-    fn resend_from(&mut self, first: usize, e: Error) {
+    /// Sends the jobs left (the chunk's last items) again: the worker
+    /// never started them. What cannot be read back fails with `e`.
+    fn resend_rest(&mut self, e: Error) {
+        let first = self.results.n - self.jobs.len();
         let blob = match self.request.octets() {
             Some(o) if chunk::is_chunk(&o) => o[1].clone(),
             _ => return self.fail(e),
         };
-        let mut pos = 0;
-        for _ in 0..first {
-            if chunk::next_field(&blob, &mut pos).is_err() {
-                return self.fail(e);
-            }
-        }
+        let Ok(mut pos) = chunk::item_offset(&blob, first) else {
+            return self.fail(e);
+        };
         let mut again = Vec::with_capacity(self.jobs.len());
         for (id, job) in self.jobs.by_ref() {
             let sink = job.into_sink();
@@ -355,21 +352,17 @@ impl Batch {
         self.shared.resend(again);
     }
 
-    /// Hands result `r` of the next item to its sink; an item skipped
-    /// (an earlier one panicked) is left with its sink, to send again.
-    /// Returns false from the first skipped item on.
+    /// Hands result `r` of the next item to its sink, unless an item was
+    /// skipped (an earlier one panicked): from the first such item on, the
+    /// jobs stay, to be sent again.
     fn deliver(
         jobs: &mut forkrpc_pool::IntoIter<Job>,
-        skipped: &mut Option<usize>,
-        at: usize,
+        skipped: &mut bool,
         r: Result<Octets>,
         pid: i32,
     ) {
-        if skipped.is_some() {
-            return;
-        }
-        if matches!(r, Err(Error::Skipped { .. })) {
-            *skipped = Some(at);
+        *skipped |= matches!(r, Err(Error::Skipped { .. }));
+        if *skipped {
             return;
         }
         if let Some(s) = next_sink(jobs) {
@@ -405,14 +398,12 @@ impl ChunkWaiter for Batch {
         let pid = self.results.pid;
         let (shared, worker) = (self.shared.clone(), self.worker);
         shared.batch_done(worker, pid, move || {
-            let mut first = self.results.seen;
             if let Some(e) = running {
                 if let Some(s) = next_sink(&mut self.jobs) {
                     complete(s, Err(e), pid);
-                    first += 1;
                 }
             }
-            self.resend_from(first, not_started);
+            self.resend_rest(not_started);
         });
     }
 
@@ -423,26 +414,20 @@ impl ChunkWaiter for Batch {
             let b = &mut *self;
             if let Err(e @ Error::NotStarted { .. }) = r {
                 // Never sent (its worker had ended): every item again.
-                let first = b.results.seen;
-                return b.resend_from(first, e);
+                return b.resend_rest(e);
             }
             let (sinks, results) = (&mut b.jobs, &mut b.results);
-            let mut skipped = None;
-            let e = match r.map(|reply| {
-                let mut at = results.seen;
-                results.last(&reply, |r| {
-                    Batch::deliver(sinks, &mut skipped, at, r, pid);
-                    at += 1;
-                })
-            }) {
+            let mut skipped = false;
+            let e = match r
+                .map(|reply| results.last(&reply, |r| Batch::deliver(sinks, &mut skipped, r, pid)))
+            {
                 Ok(Ok(())) => {
                     // Items after one that panicked did not run.
-                    if let Some(first) = skipped {
-                        let e = Error::NotStarted {
+                    if skipped {
+                        b.resend_rest(Error::NotStarted {
                             pid,
                             cause: "an earlier call of its batch panicked".into(),
-                        };
-                        b.resend_from(first, e);
+                        });
                     }
                     return;
                 }

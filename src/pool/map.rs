@@ -91,11 +91,7 @@ impl ChunkSink {
             return;
         }
         let rest = self.again.as_ref().and_then(|(blob, shared)| {
-            let mut pos = 0;
-            for _ in 0..first {
-                chunk::next_field(blob, &mut pos).ok()?;
-            }
-            let items = blob.slice(pos..);
+            let items = blob.slice(chunk::item_offset(blob, first).ok()?..);
             let p = Payload::new(chunk::tagged(items.clone())).ok()?;
             Some((items, shared.clone(), p))
         });

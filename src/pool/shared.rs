@@ -277,9 +277,6 @@ impl Shared {
         let epoch = Instant::now();
         let sched = Scheduler::new(popts.cfg.clone(), Duration::ZERO);
         let on_destroy = opts.on_destroy.take();
-        // A worker's own timeout would kill it behind the pool's back (see
-        // `PoolOptions::timeout` for the pool's).
-        opts.timeout = None;
         let shared = Arc::new(Shared {
             st: Mutex::new(State {
                 sched,

@@ -95,6 +95,15 @@ pub(crate) fn next_field(buf: &[u8], pos: &mut usize) -> Result<std::ops::Range<
     Ok(start..end)
 }
 
+/// Where item `n` of a chunk blob (request or reply) starts.
+pub(crate) fn item_offset(blob: &[u8], n: usize) -> Result<usize, WireError> {
+    let mut pos = 0;
+    for _ in 0..n {
+        next_field(blob, &mut pos)?;
+    }
+    Ok(pos)
+}
+
 /// The argument lists of a chunk request (slices of its blob).
 pub fn items(req: &Octets) -> Result<Vec<Octets>, WireError> {
     check(req)?;
