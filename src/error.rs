@@ -216,6 +216,39 @@ pub enum Error {
 }
 
 impl Error {
+    /// A short, stable name of the error's kind, in snake case: the
+    /// variant's name (`"worker_exited"`, `"timeout"`, `"not_started"` …),
+    /// for counting errors by kind in logs and reports.
+    ///
+    /// ```
+    /// assert_eq!(forkrpc::Error::Closed.kind(), "closed");
+    /// let t = forkrpc::Error::Timeout { after: std::time::Duration::from_secs(1) };
+    /// assert_eq!(t.kind(), "timeout");
+    /// ```
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::WorkerExited { .. } => "worker_exited",
+            Error::HandlerPanicked { .. } => "handler_panicked",
+            Error::Handler { .. } => "handler",
+            Error::Timeout { .. } => "timeout",
+            Error::QueueFull { .. } => "queue_full",
+            Error::Shutdown { .. } => "shutdown",
+            Error::CrashLoop { .. } => "crash_loop",
+            Error::NotStarted { .. } => "not_started",
+            Error::Skipped { .. } => "skipped",
+            Error::Codec { .. } => "codec",
+            Error::NeedsAsync { .. } => "needs_async",
+            Error::UnknownHandler { .. } => "unknown_handler",
+            Error::PayloadTooLarge { .. } => "payload_too_large",
+            Error::Protocol { .. } => "protocol",
+            Error::Closed => "closed",
+            Error::NotInitialised => "not_initialised",
+            Error::Template(_) => "template",
+            Error::WouldDeadlock => "would_deadlock",
+            Error::Io { .. } => "io",
+        }
+    }
+
     pub(crate) fn io(context: &'static str, source: impl Into<std::io::Error>) -> Self {
         Error::Io {
             context,

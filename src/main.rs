@@ -10,7 +10,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use clap::{Parser, Subcommand};
 
-/// Exit status: some calls of `load` failed (or went unanswered).
+/// Exit status: some calls of `load` failed, went unanswered or were missed.
 const CALLS_FAILED: i32 = 3;
 
 #[derive(Parser)]
@@ -20,8 +20,8 @@ const CALLS_FAILED: i32 = 3;
     about = "Offload jobs to forked worker processes",
     after_help = "Exit status: 0 success; 1 the run could not be carried out (a worker or \
                   the template could not start, I/O failed); 2 bad usage (an unknown or \
-                  malformed option, named in the message); 3 `load`: some calls failed or \
-                  went unanswered."
+                  malformed option, named in the message); 3 `load`: some calls failed, \
+                  went unanswered or were missed (the rate was not held)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -33,7 +33,8 @@ enum Command {
     /// Run the benchmark workloads (W1..W7) with raw baselines.
     Bench(cli::bench::BenchArgs),
     /// Offer calls at a fixed rate to a pool (open loop) and report latency
-    /// from the intended send times; exits with 3 if any call failed.
+    /// from the intended send times, beside a raw socketpair baseline on
+    /// the same schedule; exits with 3 if any call failed or was missed.
     Load(cli::load::LoadArgs),
 }
 

@@ -99,10 +99,111 @@ fn load_prints_one_json_line_and_succeeds() {
     assert_eq!(r["calls"].as_u64(), Some(600), "2000/s for 0.3 s");
     assert_eq!(r["errors"].as_u64(), Some(0));
     assert!(r["achieved_rate"].as_f64().unwrap() > 0.0);
+    assert_eq!(r["sent"].as_u64(), Some(600));
+    assert_eq!(r["missed"].as_u64(), Some(0));
+    assert_eq!(r["ok"].as_u64(), Some(600));
+    assert_eq!(r["errors_by_kind"], serde_json::json!({}));
     let p = |k: &str| r[k].as_f64().unwrap();
     assert!(p("p50_us") > 0.0);
     assert!(p("p50_us") <= p("p90_us") && p("p90_us") <= p("p99_us"));
     assert!(p("p99_us") <= p("p999_us") && p("p999_us") <= p("max_us"));
+    // The generator's own lateness, apart from the system's latency.
+    assert!(p("send_late_p50_us") <= p("send_late_p99_us"));
+    assert!(p("send_late_p99_us") <= p("send_late_p999_us"));
+    // The raw baseline ran the same schedule; ratios are pool / raw.
+    let raw = &r["raw"];
+    assert_eq!(raw["sent"].as_u64(), Some(600), "{r}");
+    let raw_p50 = raw["p50_us"].as_f64().unwrap();
+    assert!(raw_p50 > 0.0);
+    let ratio = p("p50_ratio");
+    assert!(
+        (ratio - p("p50_us") / raw_p50).abs() < 1e-9 * ratio.max(1.0),
+        "{r}"
+    );
+}
+
+#[test]
+fn load_without_baseline_reports_no_ratio() {
+    let out = load(&[
+        "--rate",
+        "1000",
+        "--duration",
+        "100ms",
+        "--no-baseline",
+        "--json",
+    ]);
+    let r = &json_rows(out)[0];
+    assert_eq!(r["sent"].as_u64(), Some(100));
+    assert!(r["raw"].is_null(), "{r}");
+    assert!(r["p50_ratio"].is_null(), "{r}");
+}
+
+/// Waits for `child` at most `limit`; kills it and panics past that.
+fn wait_at_most(
+    child: &mut std::process::Child,
+    limit: std::time::Duration,
+    what: &str,
+) -> std::process::ExitStatus {
+    let until = std::time::Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if std::time::Instant::now() > until {
+            let _ = child.kill();
+            panic!("{what}: still running after {limit:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+fn stdout_json(child: &mut std::process::Child) -> serde_json::Value {
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// A rate no generator can offer still ends at `--duration` (plus the
+/// 0.1 s leeway and the drain), with memory bounded by
+/// `--max-outstanding`: the calls it could not send are counted as
+/// missed, and the run exits with 3 (the rate was not held).
+#[test]
+fn load_at_an_absurd_rate_ends_on_time_with_bounded_memory() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_forkrpc"))
+        .args([
+            "load",
+            "--rate",
+            "1e9",
+            "--duration",
+            "300ms",
+            "--max-outstanding",
+            "1000",
+            "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_at_most(
+        &mut child,
+        std::time::Duration::from_secs(30),
+        "load --rate 1e9 --duration 300ms",
+    );
+    assert_eq!(status.code(), Some(3));
+    let r = stdout_json(&mut child);
+    let n = |k: &str| r[k].as_u64().unwrap_or_else(|| panic!("{k} in {r}"));
+    assert_eq!(n("calls"), 300_000_000);
+    assert_eq!(n("sent") + n("missed"), n("calls"), "{r}");
+    assert!(n("missed") > n("sent"), "{r}");
+    assert_eq!(n("errors"), 0, "{r}");
+    assert_eq!(n("ok"), n("sent"), "{r}");
+    let raw = &r["raw"];
+    assert_eq!(
+        raw["sent"].as_u64().unwrap() + raw["missed"].as_u64().unwrap(),
+        300_000_000
+    );
+    // 1,000 calls in flight take a few MiB; an unbounded queue of
+    // 3 × 10^8 calls would take tens of GiB.
+    assert!(r["peak_rss_mib"].as_f64().unwrap() < 512.0, "{r}");
 }
 
 #[test]
@@ -130,6 +231,11 @@ fn load_fails_when_calls_fail() {
     assert_eq!(r["calls"].as_u64(), Some(200));
     assert!(r["errors"].as_u64().unwrap() > 100, "{r}");
     assert_eq!(r["errors"], r["unanswered"]);
+    assert_eq!(
+        r["errors_by_kind"],
+        serde_json::json!({ "unanswered": r["errors"] }),
+        "{r}"
+    );
 }
 
 /// Bad usage exits with 2 and names the flag; calls that fail, with 3
@@ -248,21 +354,13 @@ fn load_ends_after_grace_without_draining() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let limit = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if std::time::Instant::now() > limit {
-            let _ = child.kill();
-            panic!("load still running 30 s after a 0.3 s run with 100 ms of grace");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+    let status = wait_at_most(
+        &mut child,
+        std::time::Duration::from_secs(30),
+        "a 0.3 s load run with 100 ms of grace",
+    );
     assert_eq!(status.code(), Some(3));
-    let mut out = String::new();
-    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
-    let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let r = stdout_json(&mut child);
     assert_eq!(r["calls"].as_u64(), Some(3), "{r}");
     assert_eq!(r["unanswered"].as_u64(), Some(3), "{r}");
 }

@@ -4,9 +4,12 @@
 //! sent, so a stall shows up in the percentiles instead of quietly slowing
 //! the load (coordinated omission corrected).
 
+use super::raw;
+use super::schedule::Schedule;
 use super::stats::{self, latency};
 use forkrpc::{Octets, Options, Pool, PoolOptions, Template};
 use hdrhistogram::Histogram;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -17,7 +20,7 @@ pub struct LoadArgs {
     #[arg(long, default_value = "10000", value_parser = parse_rate, allow_negative_numbers = true)]
     rate: f64,
     /// How long to offer load: seconds (`3`) or with a unit (`500ms`, `2m`);
-    /// more than zero.
+    /// more than zero. Calls not sent within 0.1 s after it are missed.
     #[arg(long, default_value = "3", value_parser = parse_positive_duration)]
     duration: Duration,
     /// Workers in the pool (at least 1).
@@ -39,9 +42,23 @@ pub struct LoadArgs {
     #[arg(long)]
     engine: Option<String>,
     /// After the last call is issued, wait this long for replies; calls
-    /// still unanswered then count as errors.
+    /// still unanswered then count as errors and their workers are
+    /// stopped (the run's drain: it ends by `--duration` + `--grace`).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     grace: Duration,
+    /// Most calls in flight (sent, not yet answered; at least 1). A call
+    /// that falls due while this many are in flight is not sent but
+    /// counted as missed: memory stays bounded whatever the rate.
+    #[arg(long, default_value = "65536", value_parser = parse_positive_u64)]
+    max_outstanding: u64,
+    /// Spin (instead of sleeping) over this last part of each wait for a
+    /// call's due time: a sleep wakes late, a spin burns a core.
+    #[arg(long, default_value = "20us", value_parser = parse_duration)]
+    spin: Duration,
+    /// Skip the raw baseline (the same schedule against a bare socketpair
+    /// echo child, run after the pool's) and its ratios.
+    #[arg(long)]
+    no_baseline: bool,
     /// Print one JSON line with the results instead of text.
     #[arg(long)]
     json: bool,
@@ -82,6 +99,11 @@ pub fn parse_positive(s: &str) -> Result<usize, String> {
     }
 }
 
+/// A whole number of at least 1.
+fn parse_positive_u64(s: &str) -> Result<u64, String> {
+    parse_positive(s).map(|n| n as u64)
+}
+
 /// Calls per second: a positive, finite number.
 fn parse_rate(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
@@ -112,15 +134,80 @@ fn parse_handler(s: &str) -> Result<HandlerSpec, String> {
 struct Record {
     hist: Mutex<Histogram<u64>>,
     done: AtomicU64,
-    errors: AtomicU64,
+    errors: Mutex<BTreeMap<&'static str, u64>>,
     first_error: Mutex<Option<String>>,
-    all_in: (Mutex<bool>, Condvar),
+    /// Calls the waiter waits for (`u64::MAX` while calls are still
+    /// being sent): the callback that completes them wakes it.
+    target: AtomicU64,
+    all_in: (Mutex<()>, Condvar),
+}
+
+impl Record {
+    fn new() -> Record {
+        Record {
+            hist: Mutex::new(stats::histogram()),
+            done: AtomicU64::new(0),
+            errors: Mutex::new(BTreeMap::new()),
+            first_error: Mutex::new(None),
+            target: AtomicU64::new(u64::MAX),
+            all_in: (Mutex::new(()), Condvar::new()),
+        }
+    }
+
+    fn answer(&self, intended: Instant, res: forkrpc::Result<Octets>) {
+        match res {
+            Ok(_) => stats::record(&mut self.hist.lock().unwrap(), intended.elapsed()),
+            Err(e) => {
+                *self.errors.lock().unwrap().entry(e.kind()).or_insert(0) += 1;
+                self.first_error
+                    .lock()
+                    .unwrap()
+                    .get_or_insert_with(|| e.to_string());
+            }
+        }
+        // SeqCst pairs with `wait_for`: either it sees this count, or this
+        // sees its target and wakes it.
+        if self.done.fetch_add(1, Ordering::SeqCst) + 1 >= self.target.load(Ordering::SeqCst) {
+            let _g = self.all_in.0.lock().unwrap();
+            self.all_in.1.notify_all();
+        }
+    }
+
+    /// Waits until `sent` calls are answered or `deadline` passes.
+    fn wait_for(&self, sent: u64, deadline: Instant) {
+        self.target.store(sent, Ordering::SeqCst);
+        let mut g = self.all_in.0.lock().unwrap();
+        while self.done.load(Ordering::SeqCst) < sent {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            g = self.all_in.1.wait_timeout(g, deadline - now).unwrap().0;
+        }
+    }
+}
+
+/// The figures of one run against the pool.
+struct PoolRun {
+    total: u64,
+    sent: u64,
+    missed: u64,
+    ok: u64,
+    unanswered: u64,
+    errors: BTreeMap<&'static str, u64>,
+    first_error: Option<String>,
+    hist: Histogram<u64>,
+    lateness: Histogram<u64>,
+    elapsed: Duration,
+}
+
+impl PoolRun {
+    fn errors(&self) -> u64 {
+        self.errors.values().sum()
+    }
 }
 
 pub fn run(args: LoadArgs) -> Result<bool, Box<dyn std::error::Error>> {
-    if !(args.rate > 0.0 && args.rate.is_finite()) {
-        return Err("--rate must be a positive number of calls per second".into());
-    }
     let asynchronous = args.backend == super::bench::Backend::Async;
     let mut opts = Options::default()
         .asynchronous(asynchronous)
@@ -134,7 +221,7 @@ pub fn run(args: LoadArgs) -> Result<bool, Box<dyn std::error::Error>> {
         HandlerSpec::Sleep(ms) if asynchronous => (forkrpc::SLEEP, Some(ms.to_string())),
         HandlerSpec::Sleep(ms) => (forkrpc::SLEEP_BLOCKING, Some(ms.to_string())),
     };
-    let workers = args.workers.max(1);
+    let workers = args.workers;
     let template = Template::root()?;
     let pool = Pool::new(
         &template,
@@ -143,7 +230,7 @@ pub fn run(args: LoadArgs) -> Result<bool, Box<dyn std::error::Error>> {
         PoolOptions::default()
             .max(workers)
             .idle(workers)
-            .load(args.load.max(1))
+            .load(args.load)
             .start(Duration::ZERO),
     )?;
     let warm = prefix.as_ref().map(|_| "0".to_owned());
@@ -156,128 +243,186 @@ pub fn run(args: LoadArgs) -> Result<bool, Box<dyn std::error::Error>> {
     for _ in 0..workers * 4 {
         pool.call_blocking(warm_args.clone())?;
     }
-
-    let rec = Arc::new(Record {
-        hist: Mutex::new(stats::histogram()),
-        done: AtomicU64::new(0),
-        errors: AtomicU64::new(0),
-        first_error: Mutex::new(None),
-        all_in: (Mutex::new(false), Condvar::new()),
-    });
-    let interval = Duration::from_secs_f64(1.0 / args.rate);
-    let total = (args.duration.as_secs_f64() * args.rate).floor() as u64;
-    let bar = progress(args.duration, args.json);
-    let start = Instant::now();
-    let mut issued = 0u64;
-    while issued < total {
-        let due = start + interval.mul_f64(issued as f64);
-        let now = Instant::now();
-        if due > now {
-            // Sleep in short steps; calls due meanwhile go out together.
-            std::thread::sleep((due - now).min(Duration::from_millis(1)));
-            continue;
-        }
-        // Every call whose time has come, at once (open loop).
-        while issued < total && start + interval.mul_f64(issued as f64) <= now {
-            let intended = start + interval.mul_f64(issued as f64);
-            let r = rec.clone();
-            pool.call_with(call_args.clone(), move |res| {
-                match res {
-                    Ok(_) => stats::record(&mut r.hist.lock().unwrap(), intended.elapsed()),
-                    Err(e) => {
-                        r.errors.fetch_add(1, Ordering::Relaxed);
-                        r.first_error.lock().unwrap().get_or_insert(e.to_string());
-                    }
-                }
-                if r.done.fetch_add(1, Ordering::AcqRel) + 1 == total {
-                    *r.all_in.0.lock().unwrap() = true;
-                    r.all_in.1.notify_all();
-                }
-            });
-            issued += 1;
-        }
-        if let Some(b) = &bar {
-            b.set_position(start.elapsed().as_millis() as u64);
-        }
-    }
-    let issue_time = start.elapsed();
-    // Replies still on their way get `--grace`, then count as errors.
-    let deadline = Instant::now() + args.grace;
-    let mut all = rec.all_in.0.lock().unwrap();
-    while !*all && total > 0 {
-        let now = Instant::now();
-        if now >= deadline {
-            break;
-        }
-        all = rec.all_in.1.wait_timeout(all, deadline - now).unwrap().0;
-    }
-    drop(all);
-    let elapsed = start.elapsed();
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
-    let done = rec.done.load(Ordering::Acquire);
-    let unanswered = total - done.min(total);
-    let errors = rec.errors.load(Ordering::Relaxed) + unanswered;
-    let hist = rec.hist.lock().unwrap().clone();
-    let l = latency(&hist);
-    let ok = done - rec.errors.load(Ordering::Relaxed);
-    let achieved = ok as f64 / elapsed.max(issue_time).as_secs_f64().max(1e-9);
-    if args.json {
-        println!(
-            "{{\"offered_rate\":{:.1},\"achieved_rate\":{:.1},\"calls\":{},\"errors\":{},\"p50_us\":{:.1},\"p90_us\":{:.1},\"p99_us\":{:.1},\"p999_us\":{:.1},\"max_us\":{:.1},\"mean_us\":{:.1},\"unanswered\":{},\"duration_s\":{:.3},\"workers\":{},\"load\":{},\"payload\":{},\"backend\":\"{}\",\"handler\":\"{}\"}}",
-            args.rate,
-            achieved,
-            total,
-            errors,
-            l.p50,
-            l.p90,
-            l.p99,
-            l.p999,
-            l.max,
-            hist.mean() / 1000.0,
-            unanswered,
-            elapsed.as_secs_f64(),
-            workers,
-            args.load,
-            args.payload,
-            if asynchronous { "async" } else { "sync" },
-            match args.handler {
-                HandlerSpec::Echo => "echo".to_owned(),
-                HandlerSpec::Burn(us) => format!("burn:{us}"),
-                HandlerSpec::Sleep(ms) => format!("sleep:{ms}"),
-            }
-        );
-    } else {
-        println!(
-            "offered {:.0} calls/s for {:.2} s: {} calls, achieved {:.0} calls/s, {} errors{}",
-            args.rate,
-            args.duration.as_secs_f64(),
-            total,
-            achieved,
-            errors,
-            if unanswered > 0 {
-                format!(" ({unanswered} unanswered after {:?})", args.grace)
-            } else {
-                String::new()
-            }
-        );
-        println!(
-            "latency from intended send (µs): p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}",
-            l.p50, l.p90, l.p99, l.p999, l.max
-        );
-    }
-    if let Some(e) = rec.first_error.lock().unwrap().as_ref() {
-        eprintln!("forkrpc load: first error: {e}");
-    }
-    if unanswered > 0 {
+    let r = drive_pool(&pool, &args, &call_args);
+    if r.unanswered > 0 {
         // Past --grace: stop the workers instead of waiting for the calls
         // they still run (the run has ended; they count as errors).
         drop(pool.close_within(Duration::ZERO));
     } else {
         drop(pool);
     }
-    Ok(errors == 0)
+    let raw = if args.no_baseline {
+        None
+    } else {
+        let (fd, _pid) = template.spawn_raw_echo()?;
+        let mut sched = Schedule::new(args.rate, args.duration, args.spin);
+        let frame = raw::FRAME.max(8 + args.payload);
+        let run = raw::open_loop(&fd, &mut sched, frame, args.max_outstanding)?;
+        Some((sched, run))
+    };
+    report(&args, &r, raw.as_ref().map(|(s, run)| (s, &run.hist)));
+    if let Some(e) = &r.first_error {
+        eprintln!("forkrpc load: first error: {e}");
+    }
+    Ok(r.errors() == 0 && r.missed == 0)
+}
+
+/// Offers the schedule to the pool; waits `--grace` for the last replies.
+fn drive_pool(pool: &Pool, args: &LoadArgs, call_args: &Octets) -> PoolRun {
+    let rec = Arc::new(Record::new());
+    let bar = progress(args.duration, args.json);
+    let cap = args.max_outstanding;
+    let mut sched = Schedule::new(args.rate, args.duration, args.spin);
+    let full = |sent: u64| sent - rec.done.load(Ordering::Acquire) >= cap;
+    while let Some(intended) = sched.next(full) {
+        let r = rec.clone();
+        pool.call_with(call_args.clone(), move |res| r.answer(intended, res));
+        if let Some(b) = &bar {
+            if sched.sent() % 256 == 0 {
+                b.set_position(sched.start().elapsed().as_millis() as u64);
+            }
+        }
+    }
+    // Replies still on their way get `--grace`, then count as errors.
+    rec.wait_for(sched.sent(), Instant::now() + args.grace);
+    let elapsed = sched.start().elapsed();
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let done = rec.done.load(Ordering::SeqCst).min(sched.sent());
+    let unanswered = sched.sent() - done;
+    let mut errors = rec.errors.lock().unwrap().clone();
+    let failed: u64 = errors.values().sum();
+    if unanswered > 0 {
+        errors.insert("unanswered", unanswered);
+    }
+    let first_error = rec.first_error.lock().unwrap().clone();
+    let hist = rec.hist.lock().unwrap().clone();
+    PoolRun {
+        total: sched.total(),
+        sent: sched.sent(),
+        missed: sched.missed(),
+        ok: done - failed.min(done),
+        unanswered,
+        errors,
+        first_error,
+        hist,
+        lateness: sched.lateness().clone(),
+        elapsed,
+    }
+}
+
+/// Peak resident memory of this process in MiB (`VmHWM`), if known.
+fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+fn report(args: &LoadArgs, r: &PoolRun, raw: Option<(&Schedule, &Histogram<u64>)>) {
+    let l = latency(&r.hist);
+    let late = latency(&r.lateness);
+    let achieved = r.ok as f64 / r.elapsed.as_secs_f64().max(1e-9);
+    let raw_l = raw.map(|(_, h)| latency(h));
+    let ratio = |v: f64, base: Option<f64>| base.filter(|b| *b > 0.0).map(|b| v / b);
+    let handler = match args.handler {
+        HandlerSpec::Echo => "echo".to_owned(),
+        HandlerSpec::Burn(us) => format!("burn:{us}"),
+        HandlerSpec::Sleep(ms) => format!("sleep:{ms}"),
+    };
+    let backend = match args.backend {
+        super::bench::Backend::Sync => "sync",
+        super::bench::Backend::Async => "async",
+    };
+    if args.json {
+        let raw_json = raw.map(|(s, h)| {
+            let rl = latency(h);
+            serde_json::json!({
+                "sent": s.sent(),
+                "missed": s.missed(),
+                "p50_us": rl.p50,
+                "p99_us": rl.p99,
+                "p999_us": rl.p999,
+                "max_us": rl.max,
+            })
+        });
+        let line = serde_json::json!({
+            "offered_rate": args.rate,
+            "achieved_rate": achieved,
+            "calls": r.total,
+            "sent": r.sent,
+            "missed": r.missed,
+            "ok": r.ok,
+            "errors": r.errors(),
+            "errors_by_kind": r.errors,
+            "unanswered": r.unanswered,
+            "p50_us": l.p50,
+            "p90_us": l.p90,
+            "p99_us": l.p99,
+            "p999_us": l.p999,
+            "max_us": l.max,
+            "mean_us": r.hist.mean() / 1000.0,
+            "send_late_p50_us": late.p50,
+            "send_late_p99_us": late.p99,
+            "send_late_p999_us": late.p999,
+            "raw": raw_json,
+            "p50_ratio": ratio(l.p50, raw_l.map(|x| x.p50)),
+            "p99_ratio": ratio(l.p99, raw_l.map(|x| x.p99)),
+            "p999_ratio": ratio(l.p999, raw_l.map(|x| x.p999)),
+            "duration_s": r.elapsed.as_secs_f64(),
+            "max_outstanding": args.max_outstanding,
+            "peak_rss_mib": peak_rss_mib(),
+            "workers": args.workers,
+            "load": args.load,
+            "payload": args.payload,
+            "backend": backend,
+            "handler": handler,
+        });
+        println!("{line}");
+        return;
+    }
+    println!(
+        "offered {:.0} calls/s for {:.2} s: {} calls, {} sent, {} missed, achieved {:.0} calls/s, {} errors{}",
+        args.rate,
+        args.duration.as_secs_f64(),
+        r.total,
+        r.sent,
+        r.missed,
+        achieved,
+        r.errors(),
+        if r.errors.is_empty() {
+            String::new()
+        } else {
+            let kinds: Vec<String> = r.errors.iter().map(|(k, n)| format!("{k} {n}")).collect();
+            format!(" ({})", kinds.join(", "))
+        }
+    );
+    println!(
+        "latency from intended send (µs): p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}",
+        l.p50, l.p90, l.p99, l.p999, l.max
+    );
+    println!(
+        "generator's own lateness (µs):   p50 {:.1}  p99 {:.1}  p99.9 {:.1}",
+        late.p50, late.p99, late.p999
+    );
+    if let Some(rl) = raw_l {
+        println!(
+            "raw socketpair echo, same schedule (µs): p50 {:.1}  p99 {:.1}  p99.9 {:.1}; ratio p50 {:.2}  p99 {:.2}  p99.9 {:.2}",
+            rl.p50,
+            rl.p99,
+            rl.p999,
+            l.p50 / rl.p50.max(1e-9),
+            l.p99 / rl.p99.max(1e-9),
+            l.p999 / rl.p999.max(1e-9)
+        );
+    }
 }
 
 /// A progress bar over the run's milliseconds, on a terminal only.

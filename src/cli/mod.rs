@@ -3,4 +3,5 @@
 pub mod bench;
 pub mod load;
 pub mod raw;
+pub mod schedule;
 pub mod stats;

@@ -1,11 +1,13 @@
 //! The raw baselines: a forked child echoing bytes over a bare socketpair,
 //! no framework — what the machine allows.
 
+use super::schedule::Schedule;
 use super::stats;
 use hdrhistogram::Histogram;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Size of one raw frame, about a W1 frame (header + 16-byte argument).
@@ -88,4 +90,77 @@ pub fn ping_pong(fd: &OwnedFd, n: usize) -> io::Result<Histogram<u64>> {
         stats::record(&mut h, t.elapsed());
     }
     Ok(h)
+}
+
+/// What the raw echo child gave under an open-loop schedule.
+pub struct OpenLoop {
+    /// Latency of each echo from its call's due time.
+    pub hist: Histogram<u64>,
+}
+
+/// `forkrpc load`'s schedule against the raw echo child: a `frame`-byte
+/// frame per call, written when due (calls due together go out in one
+/// write, up to 64), at most `cap` in flight; a reader thread takes the
+/// echoes in order and measures each from its call's due time.
+pub fn open_loop(
+    fd: &OwnedFd,
+    sched: &mut Schedule,
+    frame: usize,
+    cap: u64,
+) -> io::Result<OpenLoop> {
+    set_blocking(fd, true)?;
+    let answered = AtomicU64::new(0);
+    let (tx, rx) = std::sync::mpsc::channel::<Instant>();
+    std::thread::scope(|s| {
+        let reader = s.spawn(|| -> io::Result<Histogram<u64>> {
+            let mut h = stats::histogram();
+            let mut inb = vec![0u8; 256 * 1024];
+            let mut have = 0usize;
+            for due in rx {
+                while have < frame {
+                    match nix::unistd::read(fd.as_raw_fd(), &mut inb).map_err(io_err)? {
+                        0 => {
+                            return Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "raw echo child closed",
+                            ))
+                        }
+                        n => have += n,
+                    }
+                }
+                have -= frame;
+                stats::record(&mut h, due.elapsed());
+                answered.fetch_add(1, Ordering::Release);
+            }
+            Ok(h)
+        });
+        let out = vec![0x5au8; frame * 64];
+        let mut pending = 0usize;
+        let mut result = Ok(());
+        while let Some(due) = sched.next(|sent| sent - answered.load(Ordering::Acquire) >= cap) {
+            pending += 1;
+            let _ = tx.send(due);
+            if pending == 64 || !sched.due_now() {
+                if let Err(e) = write_all(fd, &out[..pending * frame]) {
+                    result = Err(e);
+                    break;
+                }
+                pending = 0;
+            }
+        }
+        if result.is_ok() && pending > 0 {
+            result = write_all(fd, &out[..pending * frame]);
+        }
+        drop(tx);
+        let hist = reader.join().expect("raw reader thread")?;
+        result.map(|()| OpenLoop { hist })
+    })
+}
+
+fn write_all(fd: &OwnedFd, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        let n = nix::unistd::write(fd, buf).map_err(io_err)?;
+        buf = &buf[n..];
+    }
+    Ok(())
 }
