@@ -20,19 +20,21 @@ pub struct BenchArgs {
     #[arg(long)]
     json: bool,
     /// Workloads to run, e.g. `W1,W2` (default: all supported).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = parse_workload)]
     only: Vec<String>,
-    /// Measured runs per workload (after one warm-up; at least 1).
-    #[arg(long, default_value = "5", value_parser = super::load::parse_positive)]
+    /// Measured runs per workload (after one warm-up; 1 to 1000).
+    #[arg(long, default_value = "5", value_parser = |s: &str| parse_at_most(s, MAX_RUNS))]
     runs: usize,
     /// Engine: uring or epoll (default: FORKRPC_ENGINE, else uring if available).
-    #[arg(long)]
-    engine: Option<String>,
-    /// Calls per run for W1 (BENCHMARKS.md: 200000).
-    #[arg(long, default_value_t = 200_000)]
+    #[arg(long, value_parser = parse_engine)]
+    engine: Option<EngineKind>,
+    /// Calls per run for W1, W3 and W3-map, all queued at once (BENCHMARKS.md:
+    /// 200000; at most 20,000,000, about 1.5 GB queued).
+    #[arg(long, default_value = "200000", value_parser = |s: &str| parse_at_most(s, MAX_CALLS))]
     calls: usize,
-    /// Round trips per run for W2/W2f (BENCHMARKS.md: 20000).
-    #[arg(long, default_value_t = 20_000)]
+    /// Round trips per run for W2/W2f (BENCHMARKS.md: 20000; at most
+    /// 10,000,000).
+    #[arg(long, default_value = "20000", value_parser = |s: &str| parse_at_most(s, MAX_PINGS))]
     pings: usize,
     /// Backend of the echo worker in W1, W2, W2f and W4: sync or async.
     #[arg(long, default_value = "sync")]
@@ -167,11 +169,8 @@ type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
 const ALL: [&str; 9] = ["W1", "W2", "W2f", "W3", "W4", "W5", "W6", "W7", "W3-map"];
 
 pub fn run(args: BenchArgs) -> BenchResult<()> {
-    let engine = match args.engine.as_deref() {
-        None => EngineKind::from_env(),
-        Some(e) => parse_engine(e)?,
-    };
-    let runs = args.runs.max(1);
+    let engine = args.engine.unwrap_or_else(EngineKind::from_env);
+    let runs = args.runs;
     let template = Template::root()?;
     let backend = args.backend;
     let opts = Options::default()
@@ -183,11 +182,6 @@ pub fn run(args: BenchArgs) -> BenchResult<()> {
     };
     let wanted =
         |id: &str| args.only.is_empty() || args.only.iter().any(|o| o.eq_ignore_ascii_case(id));
-    for o in &args.only {
-        if !ALL.iter().any(|a| a.eq_ignore_ascii_case(o)) {
-            return Err(format!("unknown workload {o:?}; known: {}", ALL.join(", ")).into());
-        }
-    }
     if !args.json {
         println!(
             "forkrpc bench — engine {}, {backend_name} backend, {} serialiser (W1, W4), {runs} runs each (median [min..max]); ratio = value / raw baseline of the same run",
@@ -243,11 +237,34 @@ pub fn run(args: BenchArgs) -> BenchResult<()> {
 }
 
 /// `uring` or `epoll`.
-pub fn parse_engine(e: &str) -> BenchResult<EngineKind> {
+pub fn parse_engine(e: &str) -> Result<EngineKind, String> {
     match e {
         "uring" => Ok(EngineKind::Uring),
         "epoll" => Ok(EngineKind::Epoll),
-        o => Err(format!("unknown engine {o:?} (uring or epoll)").into()),
+        o => Err(format!("unknown engine {o:?} (uring or epoll)")),
+    }
+}
+
+/// Most measured runs per workload.
+const MAX_RUNS: usize = 1000;
+/// Most calls of W1/W3 queued at once (about 75 bytes each in flight).
+const MAX_CALLS: usize = 20_000_000;
+/// Most round trips per W2 run (one in flight; bounds the time).
+const MAX_PINGS: usize = 10_000_000;
+
+/// A whole number from 1 to `max`.
+fn parse_at_most(s: &str, max: usize) -> Result<usize, String> {
+    match super::load::parse_positive(s)? {
+        n if n > max => Err(format!("{n} is more than the most allowed, {max}")),
+        n => Ok(n),
+    }
+}
+
+/// A workload's id, as in BENCHMARKS.md.
+fn parse_workload(s: &str) -> Result<String, String> {
+    match ALL.iter().find(|a| a.eq_ignore_ascii_case(s)) {
+        Some(a) => Ok((*a).to_owned()),
+        None => Err(format!("unknown workload {s:?}; known: {}", ALL.join(", "))),
     }
 }
 

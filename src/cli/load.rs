@@ -29,8 +29,8 @@ pub struct LoadArgs {
     /// Most batches queued on one worker (the pool's `load`; at least 1).
     #[arg(long, default_value = "2", value_parser = parse_positive)]
     load: usize,
-    /// Bytes of payload per call (one octet string).
-    #[arg(long, default_value_t = 16)]
+    /// Bytes of payload per call (one octet string; at most 64 MiB).
+    #[arg(long, default_value = "16", value_parser = parse_payload)]
     payload: usize,
     /// Worker backend: sync or async.
     #[arg(long, default_value = "sync")]
@@ -39,16 +39,17 @@ pub struct LoadArgs {
     #[arg(long, default_value = "echo", value_parser = parse_handler)]
     handler: HandlerSpec,
     /// Engine: uring or epoll (default: FORKRPC_ENGINE, else uring if available).
-    #[arg(long)]
-    engine: Option<String>,
+    #[arg(long, value_parser = super::bench::parse_engine)]
+    engine: Option<forkrpc::EngineKind>,
     /// After the last call is issued, wait this long for replies; calls
     /// still unanswered then count as errors and their workers are
     /// stopped (the run's drain: it ends by `--duration` + `--grace`).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     grace: Duration,
-    /// Most calls in flight (sent, not yet answered; at least 1). A call
-    /// that falls due while this many are in flight is not sent but
-    /// counted as missed: memory stays bounded whatever the rate.
+    /// Most calls in flight (sent, not yet answered; at least 1), and at
+    /// most 256 MiB of their payloads. A call that falls due while this
+    /// many are in flight is not sent but counted as missed: memory stays
+    /// bounded whatever the rate.
     #[arg(long, default_value = "65536", value_parser = parse_positive_u64)]
     max_outstanding: u64,
     /// Spin (instead of sleeping) over this last part of each wait for a
@@ -62,6 +63,16 @@ pub struct LoadArgs {
     /// Print one JSON line with the results instead of text.
     #[arg(long)]
     json: bool,
+}
+
+impl LoadArgs {
+    /// Calls allowed in flight: `--max-outstanding`, lowered so that their
+    /// payloads (plus about 64 bytes of frame and bookkeeping each) stay
+    /// within 256 MiB.
+    fn in_flight_cap(&self) -> u64 {
+        let by_bytes = MAX_BYTES_IN_FLIGHT / (self.payload as u64 + 64);
+        self.max_outstanding.min(by_bytes.max(1))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -98,6 +109,20 @@ pub fn parse_positive(s: &str) -> Result<usize, String> {
         Err(_) => Err(format!("{s:?} is not a whole number")),
     }
 }
+
+/// Bytes of payload: a whole number up to 64 MiB.
+fn parse_payload(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n > MAX_PAYLOAD => Err(format!("{n} bytes is more than 64 MiB")),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{s:?} is not a whole number of bytes")),
+    }
+}
+
+/// Largest `--payload`.
+const MAX_PAYLOAD: usize = 64 << 20;
+/// Most payload bytes in flight: lowers `--max-outstanding` for big payloads.
+const MAX_BYTES_IN_FLIGHT: u64 = 256 << 20;
 
 /// A whole number of at least 1.
 fn parse_positive_u64(s: &str) -> Result<u64, String> {
@@ -212,8 +237,8 @@ pub fn run(args: LoadArgs) -> Result<bool, Box<dyn std::error::Error>> {
     let mut opts = Options::default()
         .asynchronous(asynchronous)
         .on_error(|e| eprintln!("forkrpc load: worker error: {e}"));
-    if let Some(e) = &args.engine {
-        opts = opts.engine(super::bench::parse_engine(e)?);
+    if let Some(e) = args.engine {
+        opts = opts.engine(e);
     }
     let (name, prefix): (&str, Option<String>) = match args.handler {
         HandlerSpec::Echo => (forkrpc::ECHO, None),
@@ -257,7 +282,7 @@ pub fn run(args: LoadArgs) -> Result<bool, Box<dyn std::error::Error>> {
         let (fd, _pid) = template.spawn_raw_echo()?;
         let mut sched = Schedule::new(args.rate, args.duration, args.spin);
         let frame = raw::FRAME.max(8 + args.payload);
-        let run = raw::open_loop(&fd, &mut sched, frame, args.max_outstanding)?;
+        let run = raw::open_loop(&fd, &mut sched, frame, args.in_flight_cap())?;
         Some((sched, run))
     };
     report(&args, &r, raw.as_ref().map(|(s, run)| (s, &run.hist)));
@@ -271,7 +296,7 @@ pub fn run(args: LoadArgs) -> Result<bool, Box<dyn std::error::Error>> {
 fn drive_pool(pool: &Pool, args: &LoadArgs, call_args: &Octets) -> PoolRun {
     let rec = Arc::new(Record::new());
     let bar = progress(args.duration, args.json);
-    let cap = args.max_outstanding;
+    let cap = args.in_flight_cap();
     let mut sched = Schedule::new(args.rate, args.duration, args.spin);
     let full = |sent: u64| sent - rec.done.load(Ordering::Acquire) >= cap;
     while let Some(intended) = sched.next(full) {
@@ -377,7 +402,7 @@ fn report(args: &LoadArgs, r: &PoolRun, raw: Option<(&Schedule, &Histogram<u64>)
             "p99_ratio": ratio(l.p99, raw_l.map(|x| x.p99)),
             "p999_ratio": ratio(l.p999, raw_l.map(|x| x.p999)),
             "duration_s": r.elapsed.as_secs_f64(),
-            "max_outstanding": args.max_outstanding,
+            "max_outstanding": args.in_flight_cap(),
             "peak_rss_mib": peak_rss_mib(),
             "workers": args.workers,
             "load": args.load,
