@@ -137,6 +137,10 @@ impl Options {
     /// [`DEFAULT_CONCURRENCY`](crate::DEFAULT_CONCURRENCY) = 1024). Further
     /// requests wait unread in the socket, then in the parent; `usize::MAX`
     /// starts every call at once, as Perl does.
+    ///
+    /// ```
+    /// assert_eq!(forkrpc::DEFAULT_CONCURRENCY, 1024);
+    /// ```
     pub fn concurrency(mut self, n: usize) -> Self {
         self.concurrency = Some(n.max(1));
         self

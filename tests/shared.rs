@@ -207,6 +207,10 @@ fn a_worker_that_ends_frees_what_it_held(t: &Template, kind: EngineKind) -> Resu
     eq(reply.str(0), Some("1"))?;
     // Our copy went with the request; the worker keeps its view.
     eq(arena_stats().map(|s| (s.regions, s.bytes)), Some((1, MIB)))?;
+    if std::env::var_os("FORKRPC_ARENA").is_none() {
+        // The documented default: 1 GiB of address space.
+        eq(arena_stats().map(|s| s.capacity), Some(1 << 30))?;
+    }
     rpc.close_blocking()?;
     eq(arena_stats().map(|s| s.regions), Some(0))?;
     Ok(())

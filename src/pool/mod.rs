@@ -59,27 +59,49 @@ pub struct PoolOptions {
 
 impl PoolOptions {
     /// Most workers at once (default 4).
+    ///
+    /// ```
+    /// assert_eq!(forkrpc::PoolOptions::default().config().max, 4);
+    /// ```
     pub fn max(mut self, n: usize) -> Self {
         self.cfg.max = n;
         self
     }
     /// Workers kept even when idle, and started with the pool (default 0).
+    ///
+    /// ```
+    /// assert_eq!(forkrpc::PoolOptions::default().config().idle, 0);
+    /// ```
     pub fn idle(mut self, n: usize) -> Self {
         self.cfg.idle = n;
         self
     }
     /// Most batches queued on one worker (default 2).
+    ///
+    /// ```
+    /// assert_eq!(forkrpc::PoolOptions::default().config().load, 2);
+    /// ```
     pub fn load(mut self, n: usize) -> Self {
         self.cfg.load = n;
         self
     }
     /// Least time between two worker starts (default 0.1 s; zero: as fast
     /// as needed).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// assert_eq!(forkrpc::PoolOptions::default().config().start, Duration::from_millis(100));
+    /// ```
     pub fn start(mut self, d: Duration) -> Self {
         self.cfg.start = d;
         self
     }
     /// Idle time after which a worker above `idle` stops (default 10 s).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// assert_eq!(forkrpc::PoolOptions::default().config().stop, Duration::from_secs(10));
+    /// ```
     pub fn stop(mut self, d: Duration) -> Self {
         self.cfg.stop = d;
         self
@@ -115,6 +137,10 @@ impl PoolOptions {
     }
     /// Recycle a worker after it was sent `n` calls (Python's
     /// `maxtasksperchild`; default: never).
+    ///
+    /// ```
+    /// assert_eq!(forkrpc::PoolOptions::default().config().max_calls, None);
+    /// ```
     pub fn max_calls_per_worker(mut self, n: u64) -> Self {
         self.cfg.max_calls = Some(n);
         self
