@@ -47,6 +47,11 @@
 
 #![warn(missing_docs)]
 
+/// The README's example, run as a doc test so that it stays true.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeExample;
+
 mod arena;
 mod child;
 mod deadline;
