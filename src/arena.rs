@@ -466,6 +466,14 @@ mod tests {
         Box::leak(Box::new(Arena::new(cap).expect("memfd with seals")))
     }
 
+    /// docs/arena.md: "default 1 GiB of address space", "touched pages
+    /// below 64 MiB are kept for reuse".
+    #[test]
+    fn sizes_are_the_documented_ones() {
+        assert_eq!(CAPACITY, 1 << 30);
+        assert_eq!(RETAIN, 64 << 20);
+    }
+
     #[test]
     fn a_shared_string_reads_back_and_frees_its_region() {
         let a = leaked(16 << 20);

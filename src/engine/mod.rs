@@ -1127,6 +1127,14 @@ mod tests {
 
     const US: Duration = Duration::from_micros(1);
 
+    /// docs/engines.md: "polls for up to 30 µs" "while at most four calls
+    /// are in flight".
+    #[test]
+    fn polling_defaults_are_the_documented_ones() {
+        assert_eq!(Spin::LIMIT, 30 * US);
+        assert_eq!(Spin::MAX_IN_FLIGHT, 4);
+    }
+
     #[test]
     fn the_driver_polls_only_with_few_calls_in_flight() {
         let mut s = Spin::new(30 * US);
