@@ -1,7 +1,6 @@
 //! A worker's crash journal: a small shared-memory region (one memfd per
 //! worker, mapped by the parent and by the worker) where the worker keeps,
-//! as it goes, what the parent needs should it die (an async worker keeps
-//! only the count of requests it started):
+//! as it goes, what the parent needs should it die:
 //!
 //! - how many request frames it has started, and in a chunk request which
 //!   item is running;
@@ -36,10 +35,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub(crate) const OUT_CAP: usize = 1 << 20;
 /// Bytes of a chunk's unframed results it can mirror.
 pub(crate) const PART_CAP: usize = 1 << 20;
-const HEADER: usize = 64;
-const SIZE: usize = HEADER + OUT_CAP + PART_CAP;
+const HEADER: usize = 128;
+/// The output mirror's two regions (an async worker's writer sends from
+/// one while its handlers add to the other), then the part mirror.
+const OUT_REGION: [usize; 2] = [HEADER, HEADER + OUT_CAP];
+const PART_REGION: usize = HEADER + 2 * OUT_CAP;
+const SIZE: usize = PART_REGION + PART_CAP;
 
-/// The journal's first 64 bytes.
+/// The journal's first bytes.
 #[repr(C)]
 struct Header {
     /// Request frames the worker has started.
@@ -47,9 +50,11 @@ struct Header {
     /// In the running chunk request: items started (the running one is
     /// `items - 1`); 0 outside a chunk.
     items: AtomicU64,
-    /// Of the mirrored output, bytes already written to the socket.
+    /// Of the output in the first region, bytes already written to the
+    /// socket.
     out_skip: AtomicU64,
-    /// Bytes of mirrored output.
+    /// Bytes of output in the first region (a sync worker's buffer, or
+    /// what an async worker's writer is sending).
     out_len: AtomicU64,
     /// The chunk item whose result is the first in the part mirror.
     part_first: AtomicU64,
@@ -59,7 +64,15 @@ struct Header {
     /// was being written straight to the socket); bit 1: nor the part
     /// mirror (too big). Each clears when its mirror starts afresh.
     broken: AtomicU64,
+    /// Which output region comes first (0 or 1): they swap as an async
+    /// worker's writer takes its buffer.
+    first: AtomicU64,
+    /// Bytes of output in the other region (an async worker's buffer
+    /// while its writer sends; 0 for a sync worker).
+    tail_len: AtomicU64,
 }
+
+const _: () = assert!(std::mem::size_of::<Header>() <= HEADER);
 
 /// A mapping of a journal (parent or worker side).
 pub(crate) struct Journal {
@@ -159,13 +172,20 @@ impl Journal {
         let out_len = h.out_len.load(Ordering::Acquire) as usize;
         let out_skip = h.out_skip.load(Ordering::Acquire) as usize;
         let part_len = h.part_len.load(Ordering::Acquire) as usize;
+        let first = (h.first.load(Ordering::Acquire) & 1) as usize;
+        let tail_len = h.tail_len.load(Ordering::Acquire) as usize;
+        let out = (broken & OUT_BROKEN == 0).then(|| {
+            let mut out = self.read(OUT_REGION[first], OUT_CAP, out_skip, out_len);
+            out.extend(self.read(OUT_REGION[1 - first], OUT_CAP, 0, tail_len));
+            out
+        });
         Remains {
             frames: h.frames.load(Ordering::Acquire),
             items: h.items.load(Ordering::Acquire),
-            out: (broken & OUT_BROKEN == 0).then(|| self.read(HEADER, OUT_CAP, out_skip, out_len)),
+            out,
             part_first: h.part_first.load(Ordering::Acquire),
             part: (broken & PART_BROKEN == 0)
-                .then(|| self.read(HEADER + OUT_CAP, PART_CAP, 0, part_len)),
+                .then(|| self.read(PART_REGION, PART_CAP, 0, part_len)),
         }
     }
 }
@@ -214,6 +234,13 @@ pub(crate) mod worker {
     /// hot path (a chunk item) touches it once.
     struct Mirror {
         j: Journal,
+        /// An async worker: its buffer is mirrored in the second output
+        /// region, behind what its writer sends (see [`out_swapped`]).
+        tail: bool,
+        /// Which output region comes first.
+        first: usize,
+        /// The buffer's mirror overflowed since it last started afresh.
+        tail_broken: bool,
         /// Bytes of the output buffer mirrored so far.
         out: usize,
         /// Bytes of the chunk results mirrored so far.
@@ -234,6 +261,9 @@ pub(crate) mod worker {
         MIRROR.with_borrow_mut(|m| {
             *m = Some(Mirror {
                 j,
+                tail: false,
+                first: 0,
+                tail_broken: false,
                 out: 0,
                 part: 0,
                 chunk: false,
@@ -262,12 +292,16 @@ pub(crate) mod worker {
             if out.len() <= self.out {
                 return;
             }
-            if self.j.write(HEADER, OUT_CAP, self.out, &out[self.out..]) {
+            let region = OUT_REGION[self.first ^ self.tail as usize];
+            if self.j.write(region, OUT_CAP, self.out, &out[self.out..]) {
                 self.out = out.len();
-                self.header()
-                    .out_len
-                    .store(out.len() as u64, Ordering::Release);
+                let len = match self.tail {
+                    true => &self.header().tail_len,
+                    false => &self.header().out_len,
+                };
+                len.store(out.len() as u64, Ordering::Release);
             } else {
+                self.tail_broken = true;
                 self.header().set_broken(OUT_BROKEN, true);
             }
         }
@@ -292,7 +326,36 @@ pub(crate) mod worker {
             h.out_skip.store(0, Ordering::Release);
             // A fresh buffer: whatever broke the mirror is gone.
             h.set_broken(OUT_BROKEN, false);
+            m.tail_broken = false;
             m.out = 0;
+        })
+    }
+
+    /// This worker is async: its writer sends the buffer it takes while
+    /// handlers fill a fresh one, mirrored in the other region.
+    pub(crate) fn async_output() {
+        with(|m| m.tail = true)
+    }
+
+    /// An async worker's writer took the output buffer to send it
+    /// (`chunk`; the buffer is empty again): the regions swap, no bytes
+    /// move. [`out_written`] then counts the chunk's bytes sent.
+    pub(crate) fn out_swapped(chunk: &[u8]) {
+        with(|m| {
+            m.sync_out(chunk); // anything added without a sync
+            let h = m.j.header();
+            // Unknown while the header changes (only a kill from outside
+            // can land here: the worker's one thread is here).
+            h.set_broken(OUT_BROKEN, true);
+            m.first ^= 1;
+            h.first.store(m.first as u64, Ordering::Release);
+            h.out_skip.store(0, Ordering::Release);
+            h.out_len.store(chunk.len() as u64, Ordering::Release);
+            h.tail_len.store(0, Ordering::Release);
+            m.out = 0;
+            // The chunk is whole if its mirror never overflowed; the fresh
+            // buffer is empty.
+            h.set_broken(OUT_BROKEN, std::mem::take(&mut m.tail_broken));
         })
     }
 
@@ -302,8 +365,9 @@ pub(crate) mod worker {
         with(|m| m.header().set_broken(OUT_BROKEN, on))
     }
 
-    /// An async worker starts a request (it keeps no output mirror: its
-    /// replies go out as they are made).
+    /// An async worker starts a request (its output is mirrored by
+    /// [`sync_out`] after each reply and event, [`out_swapped`] and
+    /// [`out_written`] as its writer sends).
     pub(crate) fn request_started() {
         with(|m| {
             let h = m.header();
@@ -337,9 +401,7 @@ pub(crate) mod worker {
             m.chunk = true;
             m.sync_out(out);
             if part.len() > m.part {
-                if m.j
-                    .write(HEADER + OUT_CAP, PART_CAP, m.part, &part[m.part..])
-                {
+                if m.j.write(PART_REGION, PART_CAP, m.part, &part[m.part..]) {
                     m.part = part.len();
                     m.header()
                         .part_len
@@ -400,5 +462,41 @@ mod tests {
         assert_eq!(parent.remains().out, None, "mid-string: unknown");
         worker::direct_write(false);
         assert_eq!(parent.remains().out.as_deref(), Some(&b""[..]));
+    }
+
+    #[test]
+    fn an_async_writers_chunk_comes_before_the_buffer() {
+        let (parent, fd) = Journal::create().unwrap();
+        worker::map(fd).unwrap();
+        worker::async_output();
+        let out = |p: &Journal| p.remains().out;
+        let mut buf = b"r1".to_vec();
+        worker::sync_out(&buf);
+        assert_eq!(out(&parent).as_deref(), Some(&b"r1"[..]));
+        // The writer takes the buffer; r2 is made while r1 is sent.
+        let chunk = std::mem::take(&mut buf);
+        worker::out_swapped(&chunk);
+        buf.extend_from_slice(b"r2");
+        worker::sync_out(&buf);
+        worker::out_written(1);
+        assert_eq!(out(&parent).as_deref(), Some(&b"1r2"[..]));
+        worker::out_written(2);
+        buf.extend_from_slice(b"r3");
+        worker::sync_out(&buf);
+        assert_eq!(out(&parent).as_deref(), Some(&b"r2r3"[..]));
+        // Bytes added without a sync are mirrored as the writer takes them.
+        buf.extend_from_slice(b"r4");
+        let chunk = std::mem::take(&mut buf);
+        worker::out_swapped(&chunk);
+        assert_eq!(out(&parent).as_deref(), Some(&b"r2r3r4"[..]));
+        // A buffer too big to mirror: unknown until a chunk fits again.
+        worker::out_written(6);
+        worker::sync_out(&vec![b'x'; OUT_CAP + 1]);
+        assert_eq!(out(&parent), None);
+        worker::out_swapped(&vec![b'x'; OUT_CAP + 1]);
+        assert_eq!(out(&parent), None, "the chunk sent is not whole");
+        worker::sync_out(b"r5");
+        worker::out_swapped(b"r5");
+        assert_eq!(out(&parent).as_deref(), Some(&b"r5"[..]));
     }
 }

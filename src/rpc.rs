@@ -958,7 +958,20 @@ impl Session {
     fn recover(&mut self, rest: BytesMut) -> Option<usize> {
         let r = self.journal.as_ref()?.remains();
         if let Calls::Async(_) = self.calls {
-            // Requests it started, in the order sent (no output mirror).
+            // Replies and events it made and had not written, then the
+            // count of requests it started, in the order sent (an output
+            // mirror that overflowed leaves the started ones failing).
+            if let Some(out) = r.out {
+                let mut stream = rest;
+                stream.extend_from_slice(&out);
+                let stream = stream.freeze();
+                let mut error = None;
+                crate::wire::frame::id_frames(&stream, |f| {
+                    if error.is_none() {
+                        error = self.frame(f.id, &stream, f.payload).err();
+                    }
+                });
+            }
             return Some(r.frames as usize);
         }
         // A mirror that overflowed: which calls finished is not known.

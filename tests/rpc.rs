@@ -46,6 +46,19 @@ fn template() -> Result<Template, Error> {
             // destructors is the point (a worker dying mid-call).
             unsafe { libc::_exit(args.num(0).unwrap() as i32) }
         })
+        // Async: an event, then the reply; `reply-abort` then aborts, before
+        // the worker's writer had a chance to send either.
+        .asynchronous(
+            "t::reply_then_crash",
+            |done: forkrpc::Done, args: Octets| {
+                let crash = args.str(0) == Some("reply-abort");
+                forkrpc::event(octets!["made", args[0].clone()]);
+                done.reply(args);
+                if crash {
+                    std::process::abort();
+                }
+            },
+        )
         // Dies the way its argument says; echoes anything else.
         .sync("t::crash_on", |args| match args.str(0) {
             Some("abort") => std::process::abort(),
@@ -225,6 +238,10 @@ fn main() {
         (
             "async_death_fails_the_calls_it_started_only",
             async_death_started_only,
+        ),
+        (
+            "async_death_keeps_replies_made_before_it",
+            async_death_keeps_made_replies,
         ),
         (
             "dropped_future_of_an_unsent_call_is_not_sent",
@@ -1241,6 +1258,42 @@ fn async_death_started_only(t: &Template, kind: EngineKind) -> Result<(), Failed
             (i, r) => return Err(format!("call {i}: {r:?}").into()),
         }
     }
+    Ok(())
+}
+
+/// Async backend: replies and events the worker made before it died but
+/// had not written yet still arrive (its journal mirrors its output), in
+/// the order made; the one call after the crash never started.
+fn async_death_keeps_made_replies(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    let (tx, rx) = mpsc::channel();
+    let rpc = t.fork().run(
+        "t::reply_then_crash",
+        opts(kind)
+            .asynchronous(true)
+            .concurrency(8)
+            .on_error(|_| {})
+            .on_event(move |ev| {
+                let _ = tx.send(ev);
+            }),
+    )?;
+    let args = ["a", "b", "reply-abort", "c"];
+    let calls: Vec<_> = args.iter().map(|a| rpc.call(octets![*a])).collect();
+    for (i, r) in await_in_order(calls).into_iter().enumerate() {
+        match (i, r) {
+            (0..=2, Ok(o)) if o == octets![args[i]] => {}
+            (3, Err(Error::NotStarted { cause, .. })) if cause.ends_with("signal 6 (SIGABRT)") => {}
+            (i, r) => return Err(format!("call {i} ({}): {r:?}", args[i]).into()),
+        }
+    }
+    let events: Vec<Octets> = rx.try_iter().collect();
+    eq(
+        events,
+        vec![
+            octets!["made", "a"],
+            octets!["made", "b"],
+            octets!["made", "reply-abort"],
+        ],
+    )?;
     Ok(())
 }
 

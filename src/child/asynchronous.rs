@@ -85,6 +85,9 @@ impl Done {
             let Some(o) = o.as_mut() else { return };
             o.put_raw_reply(id, reply.map_err(|m| ("error", m)));
             o.put_releases();
+            // Mirrored before the handler goes on: should it crash next,
+            // this reply still reaches the parent.
+            crate::journal::worker::sync_out(&o.buf);
             if let Some(st) = o.wake.clone() {
                 st.call_done();
             }
@@ -133,6 +136,9 @@ fn complete(id: u32, r: Result<Octets, (&str, String)>) {
         let Some(o) = o.as_mut() else { return };
         o.put_reply(id, r);
         o.put_releases();
+        // Mirrored before the handler goes on: should it crash next, this
+        // reply still reaches the parent.
+        crate::journal::worker::sync_out(&o.buf);
         if let Some(st) = o.wake.clone() {
             st.call_done();
         }
@@ -204,6 +210,7 @@ pub(crate) fn serve(sock: OwnedFd, handler: Handler, limit: usize, uring: bool) 
             part_results: 0,
         })
     });
+    crate::journal::worker::async_output();
     let code = match runtime::block_on(uring, run(sock, handler, st)) {
         Ok(code) => code,
         Err(e) => super::fatal(
@@ -326,6 +333,8 @@ async fn write_loop(mut wr: OwnedWriteHalf, st: Rc<State>) {
         // Cleared before looking: output queued from now on wakes us again.
         st.writer_woken.set(false);
         OUT.with_borrow_mut(|o| std::mem::swap(&mut o.as_mut().unwrap().buf, &mut chunk));
+        // The journal's mirror follows: what is being sent comes first.
+        crate::journal::worker::out_swapped(&chunk);
         if chunk.is_empty() {
             if st.finishing.get() {
                 break;
@@ -334,8 +343,18 @@ async fn write_loop(mut wr: OwnedWriteHalf, st: Rc<State>) {
             continue;
         }
         st.writing.set(chunk.len());
-        if wr.write_all(&chunk).await.is_err() {
-            exit_now(0); // the parent is gone: nobody wants the results
+        // The journal follows the write: should the worker die in the
+        // middle, the parent knows where the stream stops.
+        let mut sent = 0;
+        while sent < chunk.len() {
+            match wr.write(&chunk[sent..]).await {
+                Ok(n) if n > 0 => {
+                    sent += n;
+                    crate::journal::worker::out_written(sent);
+                }
+                // The parent is gone: nobody wants the results.
+                _ => exit_now(0),
+            }
         }
         st.writing.set(0);
         chunk.clear();
