@@ -2,6 +2,7 @@
 //! worker, each with its raw baseline measured in the same run, repeated
 //! `--runs` times (median, min, max). Ratios are value / raw.
 
+use super::args::{parse_at_most, parse_engine, Backend};
 use super::raw;
 use super::stats::{self, latency, summarize, CpuTime, Latency};
 use forkrpc::serial::{Json, Rkyv};
@@ -148,12 +149,6 @@ enum BigPayload {
     Rkyv(Vec<u8>),
 }
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Backend {
-    Sync,
-    Async,
-}
-
 struct Row {
     id: &'static str,
     name: &'static str,
@@ -176,10 +171,7 @@ pub fn run(args: BenchArgs) -> BenchResult<()> {
     let opts = Options::default()
         .engine(engine)
         .asynchronous(backend == Backend::Async);
-    let backend_name = match backend {
-        Backend::Sync => "sync",
-        Backend::Async => "async",
-    };
+    let backend_name = backend.name();
     let wanted =
         |id: &str| args.only.is_empty() || args.only.iter().any(|o| o.eq_ignore_ascii_case(id));
     if !args.json {
@@ -236,29 +228,12 @@ pub fn run(args: BenchArgs) -> BenchResult<()> {
     Ok(())
 }
 
-/// `uring` or `epoll`.
-pub fn parse_engine(e: &str) -> Result<EngineKind, String> {
-    match e {
-        "uring" => Ok(EngineKind::Uring),
-        "epoll" => Ok(EngineKind::Epoll),
-        o => Err(format!("unknown engine {o:?} (uring or epoll)")),
-    }
-}
-
 /// Most measured runs per workload.
 const MAX_RUNS: usize = 1000;
 /// Most calls of W1/W3 queued at once (about 75 bytes each in flight).
 const MAX_CALLS: usize = 20_000_000;
 /// Most round trips per W2 run (one in flight; bounds the time).
 const MAX_PINGS: usize = 10_000_000;
-
-/// A whole number from 1 to `max`.
-fn parse_at_most(s: &str, max: usize) -> Result<usize, String> {
-    match super::load::parse_positive(s)? {
-        n if n > max => Err(format!("{n} is more than the most allowed, {max}")),
-        n => Ok(n),
-    }
-}
 
 /// A workload's id, as in BENCHMARKS.md.
 fn parse_workload(s: &str) -> Result<String, String> {

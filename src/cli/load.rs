@@ -4,6 +4,7 @@
 //! sent, so a stall shows up in the percentiles instead of quietly slowing
 //! the load (coordinated omission corrected).
 
+use super::args::{parse_duration, parse_engine, parse_positive, parse_positive_duration, Backend};
 use super::raw;
 use super::schedule::Schedule;
 use super::stats::{self, latency};
@@ -34,12 +35,12 @@ pub struct LoadArgs {
     payload: usize,
     /// Worker backend: sync or async.
     #[arg(long, default_value = "sync")]
-    backend: super::bench::Backend,
+    backend: Backend,
     /// Handler: `echo`, `burn:MICROS` (spins that long) or `sleep:MILLIS`.
     #[arg(long, default_value = "echo", value_parser = parse_handler)]
     handler: HandlerSpec,
     /// Engine: uring or epoll (default: FORKRPC_ENGINE, else uring if available).
-    #[arg(long, value_parser = super::bench::parse_engine)]
+    #[arg(long, value_parser = parse_engine)]
     engine: Option<forkrpc::EngineKind>,
     /// After the last call is issued, wait this long for replies; calls
     /// still unanswered then count as errors and their workers are
@@ -80,34 +81,6 @@ pub enum HandlerSpec {
     Echo,
     Burn(u64),
     Sleep(u64),
-}
-
-/// `3` (seconds), `1.5`, `500ms`, `2m`, `1h` …
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    if let Ok(secs) = s.parse::<f64>() {
-        if secs.is_finite() && secs >= 0.0 {
-            return Ok(Duration::from_secs_f64(secs));
-        }
-        return Err(format!("{s:?} is not a duration"));
-    }
-    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration: {e}"))
-}
-
-/// A duration of more than zero.
-pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
-    match parse_duration(s)? {
-        d if d.is_zero() => Err("must be more than zero".into()),
-        d => Ok(d),
-    }
-}
-
-/// A whole number of at least 1.
-pub fn parse_positive(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(0) => Err("must be at least 1".into()),
-        Ok(n) => Ok(n),
-        Err(_) => Err(format!("{s:?} is not a whole number")),
-    }
 }
 
 /// Bytes of payload: a whole number up to 64 MiB.
@@ -233,7 +206,7 @@ impl PoolRun {
 }
 
 pub fn run(args: LoadArgs) -> Result<bool, Box<dyn std::error::Error>> {
-    let asynchronous = args.backend == super::bench::Backend::Async;
+    let asynchronous = args.backend == Backend::Async;
     let mut opts = Options::default()
         .asynchronous(asynchronous)
         .on_error(|e| eprintln!("forkrpc load: worker error: {e}"));
@@ -362,10 +335,7 @@ fn report(args: &LoadArgs, r: &PoolRun, raw: Option<(&Schedule, &Histogram<u64>)
         HandlerSpec::Burn(us) => format!("burn:{us}"),
         HandlerSpec::Sleep(ms) => format!("sleep:{ms}"),
     };
-    let backend = match args.backend {
-        super::bench::Backend::Sync => "sync",
-        super::bench::Backend::Async => "async",
-    };
+    let backend = args.backend.name();
     if args.json {
         let raw_json = raw.map(|(s, h)| {
             let rl = latency(h);
@@ -469,16 +439,6 @@ fn progress(d: Duration, json: bool) -> Option<indicatif::ProgressBar> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_take_seconds_or_units() {
-        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
-        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("-1").is_err());
-    }
 
     #[test]
     fn handlers_parse() {

@@ -1,5 +1,6 @@
 //! Subcommands of the `forkrpc` binary.
 
+pub mod args;
 pub mod bench;
 pub mod load;
 pub mod raw;
