@@ -47,14 +47,23 @@ async fn run_job(State(app): State<Arc<App>>, Path(n): Path<u64>) -> (StatusCode
     if crash {
         app.stats.crash_inputs.fetch_add(1, Ordering::Relaxed);
     }
-    let arg = if crash { "crash".to_owned() } else { n.to_string() };
+    let arg = if crash {
+        "crash".to_owned()
+    } else {
+        n.to_string()
+    };
     match app.pool.call(octets![arg]).await {
         Ok(r) => {
             app.stats.ok.fetch_add(1, Ordering::Relaxed);
             (StatusCode::OK, r.str(0).unwrap_or("").to_owned())
         }
         Err(e) => {
-            *app.stats.failed.lock().unwrap().entry(e.kind().to_owned()).or_default() += 1;
+            *app.stats
+                .failed
+                .lock()
+                .unwrap()
+                .entry(e.kind().to_owned())
+                .or_default() += 1;
             if !crash {
                 app.stats.innocent_failed.fetch_add(1, Ordering::Relaxed);
             }
