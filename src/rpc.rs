@@ -85,7 +85,7 @@ impl Options {
         f: impl Fn(Result<C::Thawed>) + Send + Sync + 'static,
     ) -> Self {
         self.on_event_raw = Some(Arc::new(move |p: Bytes| {
-            f(codec.thaw(p, crate::typed::REPLY_OFFSET))
+            f(codec.thaw(p, crate::wire::REPLY_OFFSET))
         }));
         self
     }
@@ -341,7 +341,7 @@ impl Payload {
         if matches!(self.body, Body::Small(_)) {
             return; // nothing of the caller's to free
         }
-        if self.len < crate::engine::SEND_IN_PLACE as u32 {
+        if self.len < crate::wire::SEND_IN_PLACE as u32 {
             let on_driver = self.on_driver;
             leftovers::keep(Spent::Payload(self), on_driver);
         }
@@ -386,7 +386,7 @@ impl Payload {
 
 /// A string this long is neither shared nor sent in place.
 fn small_string(n: usize) -> bool {
-    n < SHARE_MIN.min(crate::engine::SEND_IN_PLACE)
+    n < SHARE_MIN.min(crate::wire::SEND_IN_PLACE)
 }
 
 /// The encoded size of `o` if [`Body::plain_len`] would give one.
@@ -1230,7 +1230,7 @@ impl Protocol for Session {
         let len = form
             .as_ref()
             .map_or(call.args.len(), |f| f.encoded_len() as u32);
-        let copied = (len as usize).min(crate::engine::SEND_IN_PLACE);
+        let copied = (len as usize).min(crate::wire::SEND_IN_PLACE);
         match &mut self.calls {
             Calls::Sync(q) => {
                 out.reserve(4 + copied);

@@ -31,8 +31,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-/// The header in front of every reply and event payload (`NN`).
-pub(crate) const REPLY_OFFSET: usize = crate::wire::frame::ID_HEADER;
+use crate::wire::REPLY_OFFSET;
 
 type Thawed<C, T> = <C as Codec<T>>::Thawed;
 

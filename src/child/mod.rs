@@ -96,7 +96,7 @@ impl Out {
         }
         // The sync backend writes big strings straight from where they lie
         // (for an echo, the receive buffer) instead of copying them here.
-        let big = |b: &Bytes| b.len() >= crate::engine::SEND_IN_PLACE;
+        let big = |b: &Bytes| b.len() >= crate::wire::SEND_IN_PLACE;
         if self.wake.is_none() && payload.iter().any(big) {
             put_id_header(&mut self.buf, id, len as u32);
             for b in payload.iter() {
@@ -183,7 +183,7 @@ impl Out {
         put_id_header(&mut self.buf, id, payload.len() as u32);
         // The sync backend writes a big payload from where it lies (for a
         // typed reply, the buffer it was frozen into) instead of copying it.
-        if self.wake.is_none() && payload.len() >= crate::engine::SEND_IN_PLACE {
+        if self.wake.is_none() && payload.len() >= crate::wire::SEND_IN_PLACE {
             self.flush();
             crate::journal::worker::direct_write(true);
             if sys::send_all(self.fd, payload).is_err() {

@@ -243,8 +243,7 @@ pub(crate) struct SendQueue {
     ready: VecDeque<Bytes>,
 }
 
-/// Buffers at least this big are sent in place rather than copied.
-pub(crate) const SEND_IN_PLACE: usize = 64 * 1024;
+use crate::wire::SEND_IN_PLACE;
 /// Size of the segments frames are built in (see [`SendQueue::reserve`]).
 pub(crate) const SEGMENT: usize = 64 * 1024;
 

@@ -6,11 +6,11 @@
 
 use super::map::ChunkSink;
 use super::shared::{complete, Args, Job, Shared, Sink};
-use crate::engine::SEND_IN_PLACE;
 use crate::error::{Error, Result};
 use crate::rpc::{ChunkWaiter, Payload};
 use crate::wire::ber;
 use crate::wire::chunk::{self, ItemResult};
+use crate::wire::SEND_IN_PLACE;
 use crate::Octets;
 use bytes::{Bytes, BytesMut};
 use forkrpc_pool::{JobId, WorkerId};

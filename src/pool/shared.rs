@@ -367,7 +367,7 @@ impl Shared {
         let body = match args.into() {
             Body::Octets(o) if self.chunks => {
                 match crate::rpc::plain_octets_len(&o)
-                    .filter(|&n| (n as usize) < crate::engine::SEND_IN_PLACE)
+                    .filter(|&n| (n as usize) < crate::wire::SEND_IN_PLACE)
                 {
                     Some(n) => return self.submit_small(o, n, waiter, admit),
                     None => Body::Octets(o),

@@ -14,6 +14,16 @@ pub mod frame;
 pub mod octets;
 
 pub use frame::{Decoded, Frame, MAX_PAYLOAD};
+
+/// Strings at least this big are sent from where they lie (a send of
+/// their own, or written straight to the socket by a worker) rather than
+/// copied into a frame buffer. Shared by the parent's send queue, its
+/// callers' framing, the pool's chunks and the workers.
+pub(crate) const SEND_IN_PLACE: usize = 64 * 1024;
+
+/// Where a reply's or event's payload starts in its frame: after the
+/// `NN` header (typed replies are thawed at this offset).
+pub(crate) const REPLY_OFFSET: usize = frame::ID_HEADER;
 pub use octets::Octets;
 
 /// A payload that does not follow the wire format.
