@@ -32,7 +32,9 @@
 //! - `engine`: the parent's driver thread and its backends (io_uring,
 //!   epoll) behind one contract.
 //! - `child`: what runs in a worker: the sync backend, the async backend
-//!   ([`Done`]) and its runtime (tokio-uring, else tokio), [`event`].
+//!   ([`Done`]) and its runtime (tokio-uring, else tokio), [`event`];
+//!   `child::registry`: handlers and init functions by name (the template
+//!   registers them, workers run them), typed handlers' adapters.
 //! - `rpc`: the RPC handle ([`Rpc`]) and the protocol of a connection;
 //!   `window`: async calls in flight by id; `outbox`: sync calls framed
 //!   on the caller's thread; `leftovers`: spent arguments and callbacks
@@ -41,7 +43,6 @@
 //! - `pool`: [`Pool`], acting on the decisions of `forkrpc-pool`'s
 //!   scheduler; bulk [`Pool::map`].
 //! - `template`: [`Template`], [`Builder`], [`Fork`], [`init`].
-//! - `registry`: handlers and init functions by name.
 //! - `sys`: the few raw syscalls outside the backends; `idmap`: maps keyed
 //!   by our own ids; `prefetch`: cache hints for the callers' queues.
 
@@ -65,7 +66,6 @@ mod outbox;
 mod pool;
 mod prefetch;
 mod process;
-mod registry;
 mod rpc;
 pub mod serial;
 mod sys;
@@ -76,16 +76,16 @@ pub mod wire;
 
 pub use arena::{arena_stats, in_shared_arena, ArenaStats};
 pub use child::asynchronous::{Done, DEFAULT_CONCURRENCY, OUT_HIGH};
+pub use child::registry::{
+    AsyncHandler, InitFn, IntoReply, SyncHandler, WorkerArgs, BURN, ECHO, ECHO_JSON, ECHO_RKYV,
+    SLEEP, SLEEP_BLOCKING,
+};
 pub use child::runtime::{async_runtime, uring, AsyncRuntime};
 pub use child::{event, event_with, retire, PANIC_EXIT_CODE, PROTOCOL_EXIT_CODE};
 pub use engine::EngineKind;
 pub use error::{Error, ExitStatus, Result};
 pub use pool::{ncpu, Map, Ncpu, Pool, PoolCall, PoolConfig, PoolOptions, PoolStats};
 pub use process::{template_mode, TemplateMode, MARKER};
-pub use registry::{
-    AsyncHandler, InitFn, IntoReply, SyncHandler, WorkerArgs, BURN, ECHO, ECHO_JSON, ECHO_RKYV,
-    SLEEP, SLEEP_BLOCKING,
-};
 pub use rpc::{CallFuture, Closing, Options, Rpc};
 pub use template::{init, Builder, Fork, Template};
 pub use typed::{Typed, TypedCall, TypedPool};

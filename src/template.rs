@@ -2,10 +2,10 @@
 //! template ([`init`]), deriving templates, and forking workers ([`Fork`]).
 
 use crate::child::asynchronous::{Done, DEFAULT_CONCURRENCY};
+use crate::child::registry::{self, Handler, IntoReply, WorkerArgs};
 use crate::engine::{Engine, EngineKind};
 use crate::error::{Error, Result};
 use crate::process::{self, Backend, TemplateClient, WorkerSpec};
-use crate::registry::{self, Handler, IntoReply, WorkerArgs};
 use crate::rpc::{Options, Rpc};
 use crate::serial::Codec;
 use crate::Octets;
@@ -108,7 +108,7 @@ impl Builder {
     {
         self.handlers.push((
             name.into(),
-            Handler::Raw(crate::typed::raw_sync::<C, Req, Resp>(codec, f)),
+            Handler::Raw(crate::child::registry::raw_sync::<C, Req, Resp>(codec, f)),
         ));
         self
     }
@@ -129,7 +129,9 @@ impl Builder {
     {
         self.handlers.push((
             name.into(),
-            Handler::RawAsync(crate::typed::raw_async::<C, Req, Resp, F, Fut>(codec, f)),
+            Handler::RawAsync(crate::child::registry::raw_async::<C, Req, Resp, F, Fut>(
+                codec, f,
+            )),
         ));
         self
     }

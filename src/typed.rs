@@ -28,7 +28,6 @@ use bytes::{Bytes, BytesMut};
 use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use crate::wire::REPLY_OFFSET;
@@ -231,44 +230,4 @@ where
             Err(e) => deliver(Err(e)),
         }
     }
-}
-
-/// Wraps a typed sync handler for the registry.
-pub(crate) fn raw_sync<C, Req, Resp>(
-    codec: C,
-    f: impl Fn(Thawed<C, Req>) -> Resp + Send + Sync + 'static,
-) -> crate::registry::RawHandler
-where
-    C: Codec<Req> + Codec<Resp>,
-{
-    Arc::new(move |payload: Bytes, offset: usize, out: &mut BytesMut| {
-        let req = <C as Codec<Req>>::thaw(&codec, payload, offset).map_err(|e| e.to_string())?;
-        let resp = f(req);
-        codec
-            .freeze(&resp, out, REPLY_OFFSET)
-            .map_err(|e| e.to_string())
-    })
-}
-
-/// Wraps a typed async handler (an `async fn`) for the registry.
-pub(crate) fn raw_async<C, Req, Resp, F, Fut>(codec: C, f: F) -> crate::registry::RawAsyncHandler
-where
-    C: Codec<Req> + Codec<Resp>,
-    F: Fn(Thawed<C, Req>) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Resp> + 'static,
-{
-    let codec = Arc::new(codec);
-    Arc::new(move |done, payload: Bytes, offset: usize| {
-        let req = match <C as Codec<Req>>::thaw(&codec, payload, offset) {
-            Ok(r) => r,
-            Err(e) => return done.fail(e),
-        };
-        let fut = f(req);
-        let codec = codec.clone();
-        tokio::task::spawn_local(async move {
-            let resp = fut.await;
-            let reply = freeze(&*codec, &resp, REPLY_OFFSET);
-            done.reply_raw(reply.as_deref().map_err(|e| e.to_string()));
-        });
-    })
 }

@@ -22,7 +22,7 @@
 
 use super::runtime;
 use super::{capture_panics, take_panic_message, Out, OUT, PROTOCOL_EXIT_CODE};
-use crate::registry::{Handler, IntoReply};
+use crate::child::registry::{Handler, IntoReply};
 use crate::sys::exit_now;
 use crate::wire::frame::{read_want, split_id_frame, EVENT_ID, ID_HEADER};
 use crate::wire::{Decoded, FATAL_TAG};

@@ -2,6 +2,7 @@
 //! ([`event`]). Depends on the wire module, never on the parent engine.
 
 pub(crate) mod asynchronous;
+pub(crate) mod registry;
 pub(crate) mod runtime;
 pub(crate) mod sync;
 
@@ -317,7 +318,7 @@ pub fn retire() -> bool {
 pub(crate) fn run_chunk(
     fd: RawFd,
     req: &Octets,
-    handler: &crate::registry::SyncHandler,
+    handler: &crate::child::registry::SyncHandler,
 ) -> (Octets, Option<String>) {
     let n = match chunk::check(req) {
         Ok(n) => n,

@@ -6,8 +6,8 @@ use super::{
     capture_panics, fatal, run_chunk, take_panic_message, unshare, unshare_raw, with_reply_buffer,
     Out, OUT, PANIC_EXIT_CODE, PROTOCOL_EXIT_CODE,
 };
+use crate::child::registry::{Handler, RawHandler};
 use crate::octets;
-use crate::registry::{Handler, RawHandler};
 use crate::sys;
 use crate::wire::chunk;
 use crate::wire::frame::{len_frames, read_want, EVENT_ID, SYNC_REPLY_ID};

@@ -10,9 +10,9 @@
 //! thread without the lock.
 
 use super::{chunked, Admit, PoolOptions, PoolStats};
+use crate::child::registry;
 use crate::error::{Error, Result};
 use crate::latch::Latch;
-use crate::registry;
 use crate::rpc::{Body, Call, Options, Outcome, Payload, Rpc, Waiter};
 use crate::template::Template;
 use crate::wire::RETIRE_TAG;

@@ -4,8 +4,8 @@
 
 use super::fdpass::{recv_msg, send_msg};
 use super::Backend;
+use crate::child::registry::{self, Handler, WorkerArgs};
 use crate::error::ExitStatus;
-use crate::registry::{self, Handler, WorkerArgs};
 use crate::sys::exit_now;
 use crate::{octets, Octets};
 use bytes::Bytes;

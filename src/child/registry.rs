@@ -4,9 +4,12 @@
 //! running the same `main` up to `start()`.
 
 use crate::child::asynchronous::Done;
+use crate::serial::Codec;
+use crate::wire::REPLY_OFFSET;
 use crate::Octets;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 
@@ -120,15 +123,14 @@ fn with<R>(f: impl FnOnce(&mut Registry) -> R) -> R {
         );
         r.handlers.insert(
             ECHO_JSON.into(),
-            Handler::Raw(crate::typed::raw_sync::<
-                _,
-                serde_json::Value,
-                serde_json::Value,
-            >(crate::serial::Json, |v| v)),
+            Handler::Raw(raw_sync::<_, serde_json::Value, serde_json::Value>(
+                crate::serial::Json,
+                |v| v,
+            )),
         );
         r.handlers.insert(
             ECHO_RKYV.into(),
-            Handler::Raw(crate::typed::raw_sync::<_, Vec<u8>, Vec<u8>>(
+            Handler::Raw(raw_sync::<_, Vec<u8>, Vec<u8>>(
                 crate::serial::Rkyv::checked(),
                 |v: crate::serial::Archived<Vec<u8>>| v.as_slice().to_vec(),
             )),
@@ -203,4 +205,50 @@ fn sleep_handler(done: Done, args: Octets) {
         tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
         done.reply(args);
     });
+}
+
+/// The `Thawed` form of `T` through codec `C`.
+type Thawed<C, T> = <C as Codec<T>>::Thawed;
+
+/// Wraps a typed sync handler for the registry.
+pub(crate) fn raw_sync<C, Req, Resp>(
+    codec: C,
+    f: impl Fn(Thawed<C, Req>) -> Resp + Send + Sync + 'static,
+) -> RawHandler
+where
+    C: Codec<Req> + Codec<Resp>,
+{
+    Arc::new(move |payload: Bytes, offset: usize, out: &mut BytesMut| {
+        let req = <C as Codec<Req>>::thaw(&codec, payload, offset).map_err(|e| e.to_string())?;
+        let resp = f(req);
+        codec
+            .freeze(&resp, out, REPLY_OFFSET)
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// Wraps a typed async handler (an `async fn`) for the registry.
+pub(crate) fn raw_async<C, Req, Resp, F, Fut>(codec: C, f: F) -> RawAsyncHandler
+where
+    C: Codec<Req> + Codec<Resp>,
+    F: Fn(Thawed<C, Req>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Resp> + 'static,
+{
+    let codec = Arc::new(codec);
+    Arc::new(move |done, payload: Bytes, offset: usize| {
+        let req = match <C as Codec<Req>>::thaw(&codec, payload, offset) {
+            Ok(r) => r,
+            Err(e) => return done.fail(e),
+        };
+        let fut = f(req);
+        let codec = codec.clone();
+        tokio::task::spawn_local(async move {
+            let resp = fut.await;
+            let mut out = BytesMut::new();
+            let reply = codec
+                .freeze(&resp, &mut out, REPLY_OFFSET)
+                .map(|()| &out[..]);
+            done.reply_raw(reply.map_err(|e| e.to_string()));
+        });
+    })
 }
