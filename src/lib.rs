@@ -35,10 +35,12 @@
 //!   ([`Done`]) and its runtime (tokio-uring, else tokio), [`event`];
 //!   `child::registry`: handlers and init functions by name (the template
 //!   registers them, workers run them), typed handlers' adapters.
-//! - `rpc`: the RPC handle ([`Rpc`]) and the protocol of a connection;
-//!   `window`: async calls in flight by id; `outbox`: sync calls framed
-//!   on the caller's thread; `leftovers`: spent arguments and callbacks
-//!   freed on a caller's thread, not the driver's.
+//! - `rpc`: the RPC handle ([`Rpc`]) and the protocol of a connection,
+//!   with its parts: `rpc::window`, async calls in flight by id;
+//!   `rpc::outbox`, sync calls framed on the caller's thread;
+//!   `rpc::leftovers`, spent arguments and callbacks freed on a caller's
+//!   thread, not the driver's; `rpc::deadline`, a single handle's call
+//!   timeouts.
 //! - `typed`: typed handles ([`Typed`], [`TypedPool`]) over a codec.
 //! - `pool`: [`Pool`], acting on the decisions of `forkrpc-pool`'s
 //!   scheduler; bulk [`Pool::map`].
@@ -55,14 +57,11 @@ pub struct ReadmeExample;
 
 mod arena;
 mod child;
-mod deadline;
 pub mod engine;
 mod error;
 mod idmap;
 mod journal;
 mod latch;
-mod leftovers;
-mod outbox;
 mod pool;
 mod prefetch;
 mod process;
@@ -71,7 +70,6 @@ pub mod serial;
 mod sys;
 mod template;
 mod typed;
-mod window;
 pub mod wire;
 
 pub use arena::{arena_stats, in_shared_arena, ArenaStats};

@@ -52,7 +52,7 @@
 //! only when the driver is asleep; the driver drains the queue once per
 //! loop. Code running on the driver thread (callbacks) never wakes it.
 //! Calls to sync workers skip the queue: callers frame them in the
-//! connection's outbox (`crate::outbox`), and the driver takes it after
+//! connection's outbox (`crate::rpc::outbox`), and the driver takes it after
 //! each read of that connection's replies, so while calls are outstanding
 //! nobody wakes it for more (`Command::Flush` tells it otherwise).
 
@@ -61,7 +61,7 @@ pub(crate) mod uring;
 
 use crate::error::{Error, ExitStatus};
 use crate::idmap::IdMap;
-use crate::leftovers::{self, Bin, Shelf, IDLE_FREE};
+use crate::rpc::leftovers::{self, Bin, Shelf, IDLE_FREE};
 use crate::rpc::Call;
 use crate::wire::frame::{id_frames, read_want};
 use bytes::{Bytes, BytesMut};

@@ -2,23 +2,28 @@
 //! callbacks (on the driver thread) or blocking returns. Also the per-worker
 //! [`Protocol`] that gives frames their meaning (sync and async backends).
 
+pub(crate) mod deadline;
+pub(crate) mod leftovers;
+pub(crate) mod outbox;
+pub(crate) mod window;
+
 use crate::arena::{Arena, SHARE_MIN};
 use crate::engine::{Command, ConnStats, Engine, EngineKind, Protocol, SendQueue};
 use crate::error::{Error, ExitStatus, Result};
 use crate::latch::{Latch, Take};
-use crate::leftovers::{self, Callback, RawCallback, Spent};
-use crate::outbox::Outbox;
-use crate::window::Window;
 use crate::wire::frame::{put_id_header, put_len_header, EVENT_ID, SYNC_REPLY_ID};
 use crate::wire::{shared, starts_with_tag, CHUNK_PART_TAG, ERROR_TAG, FATAL_TAG, RELEASE_TAG};
 use crate::{octets, Octets};
 use bytes::{BufMut, Bytes, BytesMut};
+use leftovers::{Callback, RawCallback, Spent};
+use outbox::Outbox;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use window::Window;
 
 type EventFn = Arc<dyn Fn(Octets) + Send + Sync>;
 type ErrorFn = Arc<dyn Fn(Error) + Send + Sync>;
@@ -412,7 +417,7 @@ pub(crate) struct Call {
 }
 
 /// Who waits for a reply. Callback boxes outlive their call, to be freed
-/// on a caller's thread (see [`leftovers`](crate::leftovers)).
+/// on a caller's thread (see [`leftovers`](crate::rpc::leftovers)).
 ///
 /// `on_driver`: the callback was boxed on a driver thread (a call made
 /// from a callback), so freeing it there at once is the cheap local free.
@@ -719,7 +724,7 @@ impl Rpc {
         }
         let done = match self.inner.timeout {
             Some(after) if self.inner.asynchronous => {
-                crate::deadline::timed(done, self.inner.engine, after)
+                crate::rpc::deadline::timed(done, self.inner.engine, after)
             }
             _ => done,
         };
@@ -746,7 +751,7 @@ impl Rpc {
             // good as the same).
             let s = &self.inner.stats;
             let seq = s.framed.load(Ordering::Relaxed) + s.submitted.load(Ordering::Relaxed);
-            crate::deadline::watch_call(Arc::downgrade(s), self.inner.pid, seq, after);
+            crate::rpc::deadline::watch_call(Arc::downgrade(s), self.inner.pid, seq, after);
         }
         match put {
             Ok(true) => self.inner.engine.push(Command::Flush { id: self.inner.id }),
