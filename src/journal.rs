@@ -50,9 +50,10 @@ struct Header {
     /// In the running chunk request: items started (the running one is
     /// `items - 1`); 0 outside a chunk.
     items: AtomicU64,
-    /// Of the output in the first region, bytes already written to the
-    /// socket.
-    out_skip: AtomicU64,
+    /// Where the first region's first byte lies in the worker's output
+    /// stream: bytes it had written to its socket before it. The parent,
+    /// which counted the bytes it read, skips those it has.
+    out_base: AtomicU64,
     /// Bytes of output in the first region (a sync worker's buffer, or
     /// what an async worker's writer is sending).
     out_len: AtomicU64,
@@ -165,20 +166,27 @@ impl Journal {
         v
     }
 
-    /// What a dead worker left (the parent's side, after it exited).
-    pub(crate) fn remains(&self) -> Remains {
+    /// What a dead worker left (the parent's side, after it exited),
+    /// `received` being the bytes the parent read from its socket in all.
+    pub(crate) fn remains(&self, received: u64) -> Remains {
         let h = self.header();
         let broken = h.broken.load(Ordering::Acquire);
         let out_len = h.out_len.load(Ordering::Acquire) as usize;
-        let out_skip = h.out_skip.load(Ordering::Acquire) as usize;
+        let out_base = h.out_base.load(Ordering::Acquire);
         let part_len = h.part_len.load(Ordering::Acquire) as usize;
         let first = (h.first.load(Ordering::Acquire) & 1) as usize;
         let tail_len = h.tail_len.load(Ordering::Acquire) as usize;
-        let out = (broken & OUT_BROKEN == 0).then(|| {
-            let mut out = self.read(OUT_REGION[first], OUT_CAP, out_skip, out_len);
-            out.extend(self.read(OUT_REGION[1 - first], OUT_CAP, 0, tail_len));
-            out
-        });
+        // What the parent has of the mirrored bytes is skipped by count,
+        // not by what the worker noted as written: it may die between a
+        // write and its note.
+        let out = (broken & OUT_BROKEN == 0)
+            .then(|| {
+                let mut out = self.read(OUT_REGION[first], OUT_CAP, 0, out_len);
+                out.extend(self.read(OUT_REGION[1 - first], OUT_CAP, 0, tail_len));
+                let skip = usize::try_from(received.checked_sub(out_base)?).ok()?;
+                (skip <= out.len()).then(|| out.split_off(skip))
+            })
+            .flatten();
         Remains {
             frames: h.frames.load(Ordering::Acquire),
             items: h.items.load(Ordering::Acquire),
@@ -243,6 +251,8 @@ pub(crate) mod worker {
         tail_broken: bool,
         /// Bytes of the output buffer mirrored so far.
         out: usize,
+        /// Bytes written to the socket in all.
+        written: u64,
         /// Bytes of the chunk results mirrored so far.
         part: usize,
         /// The chunk fields of the header were written since the last
@@ -265,6 +275,7 @@ pub(crate) mod worker {
                 first: 0,
                 tail_broken: false,
                 out: 0,
+                written: 0,
                 part: 0,
                 chunk: false,
             })
@@ -312,10 +323,9 @@ pub(crate) mod worker {
         with(|m| m.sync_out(out))
     }
 
-    /// `n` bytes of the output buffer reached the socket (a flush in
-    /// progress).
+    /// `n` more bytes of output reached the socket.
     pub(crate) fn out_written(n: usize) {
-        with(|m| m.header().out_skip.store(n as u64, Ordering::Release))
+        with(|m| m.written += n as u64)
     }
 
     /// The output buffer was written out whole and emptied.
@@ -323,7 +333,7 @@ pub(crate) mod worker {
         with(|m| {
             let h = m.header();
             h.out_len.store(0, Ordering::Release);
-            h.out_skip.store(0, Ordering::Release);
+            h.out_base.store(m.written, Ordering::Release);
             // A fresh buffer: whatever broke the mirror is gone.
             h.set_broken(OUT_BROKEN, false);
             m.tail_broken = false;
@@ -349,7 +359,8 @@ pub(crate) mod worker {
             h.set_broken(OUT_BROKEN, true);
             m.first ^= 1;
             h.first.store(m.first as u64, Ordering::Release);
-            h.out_skip.store(0, Ordering::Release);
+            // Every earlier chunk was written whole.
+            h.out_base.store(m.written, Ordering::Release);
             h.out_len.store(chunk.len() as u64, Ordering::Release);
             h.tail_len.store(0, Ordering::Release);
             m.out = 0;
@@ -359,10 +370,22 @@ pub(crate) mod worker {
         })
     }
 
-    /// A string goes straight to the socket (`on`), or went (`!on`): the
-    /// stream is between frames only once it went.
-    pub(crate) fn direct_write(on: bool) {
-        with(|m| m.header().set_broken(OUT_BROKEN, on))
+    /// A string goes straight to the socket (the output buffer was just
+    /// flushed): the stream is between frames only once it went.
+    pub(crate) fn direct_write_started() {
+        with(|m| m.header().set_broken(OUT_BROKEN, true))
+    }
+
+    /// The string went, `n` bytes: the (empty) buffer starts after it.
+    pub(crate) fn direct_write_done(n: usize) {
+        with(|m| {
+            m.written += n as u64;
+            let h = m.j.header();
+            h.out_len.store(0, Ordering::Release);
+            h.out_base.store(m.written, Ordering::Release);
+            m.out = 0;
+            h.set_broken(OUT_BROKEN, false);
+        })
     }
 
     /// An async worker starts a request (its output is mirrored by
@@ -446,22 +469,34 @@ mod tests {
         worker::item_started(1, &out, b"r\x01\x00");
         worker::part_taken(&out, 2);
         worker::item_started(2, &out, b"r\x01\x00");
-        let r = parent.remains();
+        let r = parent.remains(3);
         assert_eq!((r.frames, r.items, r.part_first), (1, 3, 2));
         assert_eq!(r.out.as_deref(), Some(&b"me-1frame-2"[..]));
         assert_eq!(r.part.as_deref(), Some(&b"r\x01\x00"[..]));
+        // The parent read more than the worker noted (it died between a
+        // write and its note): what the parent has is skipped all the same.
+        assert_eq!(parent.remains(7).out.as_deref(), Some(&b"frame-2"[..]));
+        assert_eq!(parent.remains(14).out.as_deref(), Some(&b""[..]));
+        assert_eq!(parent.remains(15).out, None, "more than it wrote");
         // A part too big to mirror makes it unknown until it restarts,
         // whatever the output mirror does meanwhile.
         worker::item_started(3, &out, &vec![b'x'; PART_CAP + 1]);
+        worker::out_written(11);
         worker::out_flushed();
-        assert_eq!(parent.remains().part, None);
+        assert_eq!(parent.remains(14).part, None);
         worker::part_taken(&[], 4);
-        assert_eq!(parent.remains().part.as_deref(), Some(&b""[..]));
+        assert_eq!(parent.remains(14).part.as_deref(), Some(&b""[..]));
         worker::out_flushed();
-        worker::direct_write(true);
-        assert_eq!(parent.remains().out, None, "mid-string: unknown");
-        worker::direct_write(false);
-        assert_eq!(parent.remains().out.as_deref(), Some(&b""[..]));
+        worker::direct_write_started();
+        assert_eq!(parent.remains(14).out, None, "mid-string: unknown");
+        worker::direct_write_done(100);
+        let mut out = b"frame-3".to_vec();
+        worker::sync_out(&out);
+        assert_eq!(parent.remains(114).out.as_deref(), Some(&b"frame-3"[..]));
+        out.clear();
+        worker::out_written(7);
+        worker::out_flushed();
+        assert_eq!(parent.remains(121).out.as_deref(), Some(&b""[..]));
     }
 
     #[test]
@@ -469,34 +504,37 @@ mod tests {
         let (parent, fd) = Journal::create().unwrap();
         worker::map(fd).unwrap();
         worker::async_output();
-        let out = |p: &Journal| p.remains().out;
+        let out = |received: u64| parent.remains(received).out;
         let mut buf = b"r1".to_vec();
         worker::sync_out(&buf);
-        assert_eq!(out(&parent).as_deref(), Some(&b"r1"[..]));
+        assert_eq!(out(0).as_deref(), Some(&b"r1"[..]));
         // The writer takes the buffer; r2 is made while r1 is sent.
         let chunk = std::mem::take(&mut buf);
         worker::out_swapped(&chunk);
         buf.extend_from_slice(b"r2");
         worker::sync_out(&buf);
         worker::out_written(1);
-        assert_eq!(out(&parent).as_deref(), Some(&b"1r2"[..]));
-        worker::out_written(2);
+        assert_eq!(out(1).as_deref(), Some(&b"1r2"[..]));
+        worker::out_written(1);
         buf.extend_from_slice(b"r3");
         worker::sync_out(&buf);
-        assert_eq!(out(&parent).as_deref(), Some(&b"r2r3"[..]));
+        assert_eq!(out(2).as_deref(), Some(&b"r2r3"[..]));
         // Bytes added without a sync are mirrored as the writer takes them.
         buf.extend_from_slice(b"r4");
         let chunk = std::mem::take(&mut buf);
         worker::out_swapped(&chunk);
-        assert_eq!(out(&parent).as_deref(), Some(&b"r2r3r4"[..]));
+        assert_eq!(out(2).as_deref(), Some(&b"r2r3r4"[..]));
+        // Sent, but it died before noting it: the parent's count decides.
+        assert_eq!(out(8).as_deref(), Some(&b""[..]));
         // A buffer too big to mirror: unknown until a chunk fits again.
         worker::out_written(6);
         worker::sync_out(&vec![b'x'; OUT_CAP + 1]);
-        assert_eq!(out(&parent), None);
+        assert_eq!(out(8), None);
         worker::out_swapped(&vec![b'x'; OUT_CAP + 1]);
-        assert_eq!(out(&parent), None, "the chunk sent is not whole");
+        assert_eq!(out(8), None, "the chunk sent is not whole");
+        worker::out_written(OUT_CAP + 1);
         worker::sync_out(b"r5");
         worker::out_swapped(b"r5");
-        assert_eq!(out(&parent).as_deref(), Some(&b"r5"[..]));
+        assert_eq!(out(8 + OUT_CAP as u64 + 1).as_deref(), Some(&b"r5"[..]));
     }
 }

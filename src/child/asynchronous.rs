@@ -350,7 +350,7 @@ async fn write_loop(mut wr: OwnedWriteHalf, st: Rc<State>) {
             match wr.write(&chunk[sent..]).await {
                 Ok(n) if n > 0 => {
                     sent += n;
-                    crate::journal::worker::out_written(sent);
+                    crate::journal::worker::out_written(n);
                 }
                 // The parent is gone: nobody wants the results.
                 _ => exit_now(0),

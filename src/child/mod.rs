@@ -104,11 +104,11 @@ impl Out {
                 crate::wire::ber::encode(b.len() as u64, &mut self.buf);
                 if big(b) {
                     self.flush();
-                    crate::journal::worker::direct_write(true);
+                    crate::journal::worker::direct_write_started();
                     if sys::send_all(self.fd, b).is_err() {
                         exit_now(0); // the parent went away
                     }
-                    crate::journal::worker::direct_write(false);
+                    crate::journal::worker::direct_write_done(b.len());
                 } else {
                     self.buf.extend_from_slice(b);
                 }
@@ -186,11 +186,11 @@ impl Out {
         // typed reply, the buffer it was frozen into) instead of copying it.
         if self.wake.is_none() && payload.len() >= crate::wire::SEND_IN_PLACE {
             self.flush();
-            crate::journal::worker::direct_write(true);
+            crate::journal::worker::direct_write_started();
             if sys::send_all(self.fd, payload).is_err() {
                 exit_now(0); // the parent went away
             }
-            crate::journal::worker::direct_write(false);
+            crate::journal::worker::direct_write_done(payload.len());
             return true;
         }
         self.buf.extend_from_slice(payload);
@@ -228,7 +228,7 @@ impl Out {
             match sys::send_some(self.fd, &self.buf[sent..]) {
                 Ok(n) => {
                     sent += n;
-                    crate::journal::worker::out_written(sent);
+                    crate::journal::worker::out_written(n);
                 }
                 // The parent went away: nobody wants the results.
                 Err(_) => exit_now(0),

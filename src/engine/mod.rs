@@ -331,8 +331,9 @@ pub(crate) trait Protocol: Send {
         payload: std::ops::Range<usize>,
     ) -> Result<(), String>;
     /// The connection ended: EOF (or a read error), and `status` if known;
-    /// `rest` is what it sent after its last complete frame.
-    fn finish(&mut self, pid: i32, status: Option<ExitStatus>, rest: BytesMut);
+    /// `rest` is what it sent after its last complete frame, `received`
+    /// the bytes read from it in all.
+    fn finish(&mut self, pid: i32, status: Option<ExitStatus>, rest: BytesMut, received: u64);
     /// Takes the calls that callers framed themselves (see `outbox`),
     /// appending their frames to `out`, or dropping them when `live` is
     /// false (the worker can no longer read).
@@ -640,6 +641,8 @@ struct Conn {
     /// The buffer of the send in flight, and how much of it went already.
     sending: Option<(Bytes, usize)>,
     inbuf: BytesMut,
+    /// Bytes read from the worker in all.
+    received: u64,
     want: usize,
     reading: bool,
     /// The handle was dropped: shut the write side once `out` is sent.
@@ -765,7 +768,7 @@ impl<I: Io> Driver<I> {
                 if let Err(e) = self.io.add(fd.as_raw_fd(), id) {
                     let mut proto = proto;
                     eprintln!("forkrpc: cannot watch worker {pid}: {e}");
-                    proto.finish(pid, None, BytesMut::new());
+                    proto.finish(pid, None, BytesMut::new(), 0);
                     return;
                 }
                 let status = self
@@ -788,6 +791,7 @@ impl<I: Io> Driver<I> {
                         },
                         sending: None,
                         inbuf: BytesMut::with_capacity(READ_CHUNK),
+                        received: 0,
                         want: READ_CHUNK,
                         reading: false,
                         closing: false,
@@ -976,6 +980,7 @@ impl<I: Io> Driver<I> {
                 // SAFETY: the kernel wrote `result` bytes into the spare
                 // capacity handed to this read.
                 unsafe { c.inbuf.set_len(c.inbuf.len() + comp.result as usize) };
+                c.received += comp.result as u64;
                 // Every complete frame is frozen at once and handed out as
                 // a slice: one split of the buffer per read, not per frame.
                 let (end, partial) = id_frames(&c.inbuf, |_| {});
@@ -1063,7 +1068,7 @@ impl<I: Io> Driver<I> {
         }
         let status = c.status.or(c.deadline.map(|_| ExitStatus::StillRunning));
         let rest = std::mem::take(&mut c.inbuf);
-        c.proto.finish(c.pid, status, rest);
+        c.proto.finish(c.pid, status, rest, c.received);
         if !c.closing {
             // Its handle lives: later calls must learn how it ended.
             self.ended.insert(id, c.stats.clone());

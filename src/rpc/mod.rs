@@ -960,8 +960,8 @@ impl Session {
     /// socket ended with, which its unwritten output continues), and the
     /// running chunk's results. Returns how many of the calls left were
     /// started (the others never were), or None without a journal.
-    fn recover(&mut self, rest: BytesMut) -> Option<usize> {
-        let r = self.journal.as_ref()?.remains();
+    fn recover(&mut self, rest: BytesMut, received: u64) -> Option<usize> {
+        let r = self.journal.as_ref()?.remains(received);
         if let Calls::Async(_) = self.calls {
             // Replies and events it made and had not written, then the
             // count of requests it started, in the order sent (an output
@@ -1307,7 +1307,7 @@ impl Protocol for Session {
         }
     }
 
-    fn finish(&mut self, pid: i32, status: Option<ExitStatus>, rest: BytesMut) {
+    fn finish(&mut self, pid: i32, status: Option<ExitStatus>, rest: BytesMut, received: u64) {
         // How it ended, for calls that arrive from now on: recorded before
         // the outbox refuses any, so none of them reads a bare `Closed`.
         let note = self
@@ -1333,7 +1333,7 @@ impl Protocol for Session {
         }
         // What it computed and had not written yet, and which calls it
         // started at all.
-        let started = self.recover(rest);
+        let started = self.recover(rest, received);
         // The worker is gone: what it held is free (our own views remain).
         if let Some(arena) = self.arena {
             for (region, n) in self.held.drain(..) {
