@@ -57,6 +57,7 @@ pub struct ReadmeExample;
 
 mod arena;
 mod child;
+mod driver_thread;
 pub mod engine;
 mod error;
 mod idmap;

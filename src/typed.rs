@@ -111,7 +111,7 @@ where
 
     /// Calls the handler and blocks until the reply arrives.
     pub fn call_blocking(&self, req: &Req) -> Result<Thawed<C, Resp>> {
-        if crate::engine::on_driver_thread() {
+        if crate::driver_thread::on_driver_thread() {
             return Err(Error::WouldDeadlock);
         }
         let latch = Latch::new();
@@ -202,7 +202,7 @@ where
 
     /// Calls the handler and blocks until the reply arrives.
     pub fn call_blocking(&self, req: &Req) -> Result<Thawed<C, Resp>> {
-        if crate::engine::on_driver_thread() {
+        if crate::driver_thread::on_driver_thread() {
             return Err(Error::WouldDeadlock);
         }
         let latch = Latch::new();

@@ -294,7 +294,7 @@ impl<I: Iterator<Item = Octets>> Map<I> {
             if let Some(r) = self.step() {
                 return r;
             }
-            if crate::engine::on_driver_thread() {
+            if crate::driver_thread::on_driver_thread() {
                 // Results are delivered by this very thread: waiting
                 // would never end.
                 self.jobs = None;

@@ -301,7 +301,7 @@ impl Pool {
 
     /// Calls the handler and blocks until the reply arrives.
     pub fn call_blocking(&self, args: Octets) -> Result<Octets> {
-        if crate::engine::on_driver_thread() {
+        if crate::driver_thread::on_driver_thread() {
             return Err(Error::WouldDeadlock);
         }
         let latch = Latch::new();

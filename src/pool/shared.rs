@@ -446,7 +446,7 @@ impl Shared {
         sink: Sink,
         admit: Admit,
     ) -> Result<JobId> {
-        let admit = if crate::engine::on_driver_thread() {
+        let admit = if crate::driver_thread::on_driver_thread() {
             Admit::Force
         } else {
             // The driver sends this pool's jobs, so its callers never queue
@@ -613,7 +613,7 @@ impl Shared {
     /// True when a queue limit is set and reached.
     pub(crate) fn queue_full(&self) -> bool {
         match self.popts.queue_limit {
-            Some(limit) if !crate::engine::on_driver_thread() => {
+            Some(limit) if !crate::driver_thread::on_driver_thread() => {
                 let st = self.lock();
                 st.sched.queued() >= limit && !st.sched.is_closing()
             }
@@ -626,7 +626,7 @@ impl Shared {
         let Some(limit) = self.popts.queue_limit else {
             return true;
         };
-        if crate::engine::on_driver_thread() {
+        if crate::driver_thread::on_driver_thread() {
             return true;
         }
         let mut st = self.lock();

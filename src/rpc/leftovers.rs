@@ -230,7 +230,7 @@ pub(crate) enum Spent {
 /// made elsewhere; else drops it here (where it was made, or on a thread
 /// that may as well free it).
 pub(crate) fn keep(s: Spent, made_on_driver: bool) {
-    if made_on_driver || !crate::engine::on_driver_thread() {
+    if made_on_driver || !crate::driver_thread::on_driver_thread() {
         return;
     }
     match &s {
@@ -341,10 +341,10 @@ mod tests {
         small.reply(Ok(Octets::new()));
         assert_eq!(drops.load(Ordering::Relaxed), 1);
         let big = unrun(&drops);
-        crate::engine::ON_DRIVER.set(true);
+        crate::driver_thread::ON_DRIVER.set(true);
         keep(Spent::Callback(small), false);
         keep(Spent::Callback(big), false);
-        crate::engine::ON_DRIVER.set(false);
+        crate::driver_thread::ON_DRIVER.set(false);
         LOCAL.with_borrow_mut(|l| {
             assert_eq!(
                 l.bin.callbacks.len(),

@@ -271,7 +271,7 @@ impl Payload {
         Ok(Payload {
             body,
             len,
-            on_driver: crate::engine::on_driver_thread(),
+            on_driver: crate::driver_thread::on_driver_thread(),
             shared: false,
         })
     }
@@ -463,7 +463,7 @@ impl Waiter {
     pub(crate) fn callback(f: impl FnOnce(Result<Octets>) + Send + 'static) -> Waiter {
         Waiter::Callback {
             f: leftovers::callback!(f),
-            on_driver: crate::engine::on_driver_thread(),
+            on_driver: crate::driver_thread::on_driver_thread(),
         }
     }
 
@@ -471,7 +471,7 @@ impl Waiter {
     pub(crate) fn raw(f: impl FnOnce(Result<Bytes>) + Send + 'static) -> Waiter {
         Waiter::Raw {
             f: leftovers::callback!(f),
-            on_driver: crate::engine::on_driver_thread(),
+            on_driver: crate::driver_thread::on_driver_thread(),
         }
     }
 
@@ -806,7 +806,7 @@ impl Rpc {
     /// Calls the handler and blocks this thread until the reply arrives.
     /// Fails with [`Error::WouldDeadlock`] on the driver thread.
     pub fn call_blocking(&self, args: Octets) -> Result<Octets> {
-        if crate::engine::on_driver_thread() {
+        if crate::driver_thread::on_driver_thread() {
             return Err(Error::WouldDeadlock);
         }
         let latch = Latch::new();

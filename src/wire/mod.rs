@@ -12,6 +12,7 @@
 pub mod ber;
 pub mod frame;
 pub mod octets;
+pub(crate) mod sendq;
 
 pub use frame::{Decoded, Frame, MAX_PAYLOAD};
 
