@@ -23,30 +23,35 @@
 //!
 //! # Layout
 //!
-//! - [`wire`]: the byte layout (BER varints, octets, frames). No I/O.
-//! - [`serial`]: serialisers (octets, JSON, rkyv, your own) for typed calls.
+//! From the bottom up; a module imports only from those above it in this
+//! list (`scripts/module-graph` checks that no circle is left):
+//!
+//! - `error`, `sys` (the few raw syscalls outside the backends), `idmap`,
+//!   `latch`, `prefetch`, `driver_thread` (is this a driver thread?).
+//! - [`wire`]: the byte layout (BER varints, octets, frames, chunk frames,
+//!   shared payloads) and `wire::sendq`, frames queued for a worker. No
+//!   I/O. [`serial`]: serialisers (octets, JSON, rkyv, your own).
 //! - `arena`: the shared memory where big strings of calls to sync
-//!   workers cross without a copy (mapping, regions, who holds them).
-//! - `process`: fork, exec, descriptor passing and reaping; the template
-//!   process and its client. The only place that forks.
-//! - `engine`: the parent's driver thread and its backends (io_uring,
-//!   epoll) behind one contract.
+//!   workers cross without a copy; `journal`: a worker's crash journal.
 //! - `child`: what runs in a worker: the sync backend, the async backend
 //!   ([`Done`]) and its runtime (tokio-uring, else tokio), [`event`];
 //!   `child::registry`: handlers and init functions by name (the template
 //!   registers them, workers run them), typed handlers' adapters.
+//! - `process`: fork, exec, descriptor passing and reaping; the template
+//!   process and its client. The only place that forks.
+//! - `call`: a call as the layers hand it down: its payload, its waiter,
+//!   and `call::leftovers`, spent arguments and callbacks freed on a
+//!   caller's thread, not the driver's.
+//! - `engine`: the parent's driver thread and its backends (io_uring,
+//!   epoll) behind one contract; it calls up through `Protocol`.
 //! - `rpc`: the RPC handle ([`Rpc`]) and the protocol of a connection,
 //!   with its parts: `rpc::window`, async calls in flight by id;
 //!   `rpc::outbox`, sync calls framed on the caller's thread;
-//!   `rpc::leftovers`, spent arguments and callbacks freed on a caller's
-//!   thread, not the driver's; `rpc::deadline`, a single handle's call
-//!   timeouts.
-//! - `typed`: typed handles ([`Typed`], [`TypedPool`]) over a codec.
-//! - `pool`: [`Pool`], acting on the decisions of `forkrpc-pool`'s
-//!   scheduler; bulk [`Pool::map`].
+//!   `rpc::deadline`, a single handle's call timeouts.
 //! - `template`: [`Template`], [`Builder`], [`Fork`], [`init`].
-//! - `sys`: the few raw syscalls outside the backends; `idmap`: maps keyed
-//!   by our own ids; `prefetch`: cache hints for the callers' queues.
+//! - `pool`: [`Pool`], acting on the decisions of `forkrpc-pool`'s
+//!   scheduler; bulk [`Pool::map`]. `typed`: typed handles ([`Typed`],
+//!   [`TypedPool`]) over a codec.
 
 #![warn(missing_docs)]
 
@@ -56,6 +61,7 @@
 pub struct ReadmeExample;
 
 mod arena;
+mod call;
 mod child;
 mod driver_thread;
 pub mod engine;

@@ -59,11 +59,11 @@
 pub(crate) mod epoll;
 pub(crate) mod uring;
 
+use crate::call::leftovers::{self, Bin, Shelf, IDLE_FREE};
+use crate::call::Call;
 use crate::driver_thread::{on_driver_thread, ON_DRIVER};
 use crate::error::{Error, ExitStatus};
 use crate::idmap::IdMap;
-use crate::rpc::leftovers::{self, Bin, Shelf, IDLE_FREE};
-use crate::rpc::Call;
 use crate::wire::frame::{id_frames, read_want};
 pub(crate) use crate::wire::sendq::SendQueue;
 use bytes::{Bytes, BytesMut};

@@ -19,8 +19,8 @@
 //! and never for long: a bin that no caller collects within [`IDLE_FREE`]
 //! is freed by the driver after all.
 
+use crate::call::Payload;
 use crate::error::Result;
-use crate::rpc::Payload;
 use crate::Octets;
 use bytes::Bytes;
 use smallbox::{space::S2, SmallBox};
