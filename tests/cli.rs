@@ -341,6 +341,34 @@ fn load_sweep_refuses_malformed_rates() {
     }
 }
 
+/// The crate's top-level modules import one way: `scripts/module-graph`
+/// finds no circle among them (see lib.rs's Layout).
+#[test]
+fn module_graph_has_no_circle() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/module-graph");
+    let Ok(out) = Command::new("python3").arg(script).output() else {
+        eprintln!("note: python3 is not installed; the module graph is not checked");
+        return;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.ends_with("no circles\n"), "{text}");
+    // It reads the edges it should: the RPC layer sits on the engine, and
+    // the engine names nothing above it (it calls up through a trait).
+    let targets = |from: &str| -> Vec<String> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{from} -> ")))
+            .map(|t| t.split(", ").map(str::to_owned).collect())
+            .unwrap_or_default()
+    };
+    assert!(targets("rpc").contains(&"engine".to_owned()), "{text}");
+    let engine = targets("engine");
+    assert!(engine.contains(&"wire".to_owned()), "{text}");
+    for above in ["rpc", "pool", "template", "typed"] {
+        assert!(!engine.contains(&above.to_owned()), "{text}");
+    }
+}
+
 /// After `--grace`, `load` ends: calls still running count as unanswered
 /// and their workers are stopped, not waited for (a 60 s handler here).
 #[test]
