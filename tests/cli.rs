@@ -140,6 +140,20 @@ fn load_without_baseline_reports_no_ratio() {
     assert!(r["p50_ratio"].is_null(), "{r}");
 }
 
+/// Runs `forkrpc load ARGS --json`, killing it (and failing) if it is not
+/// done within 30 s; its exit code and JSON line.
+fn load_at_most_30s(args: &[&str], what: &str) -> (Option<i32>, serde_json::Value) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_forkrpc"))
+        .arg("load")
+        .args(args)
+        .arg("--json")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_at_most(&mut child, std::time::Duration::from_secs(30), what);
+    (status.code(), stdout_json(&mut child))
+}
+
 /// Waits for `child` at most `limit`; kills it and panics past that.
 fn wait_at_most(
     child: &mut std::process::Child,
@@ -171,27 +185,18 @@ fn stdout_json(child: &mut std::process::Child) -> serde_json::Value {
 /// missed, and the run exits with 3 (the rate was not held).
 #[test]
 fn load_at_an_absurd_rate_ends_on_time_with_bounded_memory() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_forkrpc"))
-        .args([
-            "load",
+    let (code, r) = load_at_most_30s(
+        &[
             "--rate",
             "1e9",
             "--duration",
             "300ms",
             "--max-outstanding",
             "1000",
-            "--json",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let status = wait_at_most(
-        &mut child,
-        std::time::Duration::from_secs(30),
+        ],
         "load --rate 1e9 --duration 300ms",
     );
-    assert_eq!(status.code(), Some(3));
-    let r = stdout_json(&mut child);
+    assert_eq!(code, Some(3));
     let n = |k: &str| r[k].as_u64().unwrap_or_else(|| panic!("{k} in {r}"));
     assert_eq!(n("calls"), 300_000_000);
     assert_eq!(n("sent") + n("missed"), n("calls"), "{r}");
@@ -373,9 +378,8 @@ fn module_graph_has_no_circle() {
 /// and their workers are stopped, not waited for (a 60 s handler here).
 #[test]
 fn load_ends_after_grace_without_draining() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_forkrpc"))
-        .args([
-            "load",
+    let (code, r) = load_at_most_30s(
+        &[
             "--rate",
             "10",
             "--duration",
@@ -386,18 +390,10 @@ fn load_ends_after_grace_without_draining() {
             "1",
             "--handler",
             "sleep:60000",
-            "--json",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let status = wait_at_most(
-        &mut child,
-        std::time::Duration::from_secs(30),
+        ],
         "a 0.3 s load run with 100 ms of grace",
     );
-    assert_eq!(status.code(), Some(3));
-    let r = stdout_json(&mut child);
+    assert_eq!(code, Some(3));
     assert_eq!(r["calls"].as_u64(), Some(3), "{r}");
     assert_eq!(r["unanswered"].as_u64(), Some(3), "{r}");
 }

@@ -503,6 +503,22 @@ struct Session {
 }
 
 impl Session {
+    /// Handles the frames of `rest` (what the worker sent after its last
+    /// complete frame) followed by `out` (what it made and never wrote):
+    /// the rest of its output stream. Stops at the first violation.
+    fn replay(&mut self, rest: BytesMut, out: &[u8]) -> std::result::Result<(), String> {
+        let mut stream = rest;
+        stream.extend_from_slice(out);
+        let stream = stream.freeze();
+        let mut error = Ok(());
+        crate::wire::frame::id_frames(&stream, |f| {
+            if error.is_ok() {
+                error = self.frame(f.id, &stream, f.payload);
+            }
+        });
+        error
+    }
+
     /// After the worker's death, what its journal says: delivers the
     /// replies it had not written yet (`rest`: the partial frame the
     /// socket ended with, which its unwritten output continues), and the
@@ -515,15 +531,7 @@ impl Session {
             // count of requests it started, in the order sent (an output
             // mirror that overflowed leaves the started ones failing).
             if let Some(out) = r.out {
-                let mut stream = rest;
-                stream.extend_from_slice(&out);
-                let stream = stream.freeze();
-                let mut error = None;
-                crate::wire::frame::id_frames(&stream, |f| {
-                    if error.is_none() {
-                        error = self.frame(f.id, &stream, f.payload).err();
-                    }
-                });
+                let _ = self.replay(rest, &out);
             }
             return Some(r.frames as usize);
         }
@@ -531,19 +539,8 @@ impl Session {
         let (Some(out), Some(part)) = (r.out, r.part) else {
             return None;
         };
-        {
-            let mut stream = rest;
-            stream.extend_from_slice(&out);
-            let stream = stream.freeze();
-            let mut error = None;
-            crate::wire::frame::id_frames(&stream, |f| {
-                if error.is_none() {
-                    error = self.frame(f.id, &stream, f.payload).err();
-                }
-            });
-            if error.is_some() {
-                return None;
-            }
+        if self.replay(rest, &out).is_err() {
+            return None;
         }
         let answered = self.stats.answered.load(Ordering::Relaxed);
         let started = r.frames.saturating_sub(answered) as usize;
