@@ -17,9 +17,9 @@
 //!
 //! [`Options::timeout`]: crate::Options::timeout
 
+use crate::call::Waiter;
 use crate::engine::{Command, ConnStats, Engine};
 use crate::error::Error;
-use crate::rpc::Waiter;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::sync::atomic::Ordering;

@@ -25,9 +25,9 @@
 //! connection's outbox before any command for it.
 
 use crate::arena::Arena;
-use crate::engine::SendQueue;
-use crate::rpc::{write_octets, Payload, Waiter};
+use crate::call::{write_octets, Payload, Waiter};
 use crate::wire::frame::{put_len_header, LEN_HEADER};
+use crate::wire::sendq::SendQueue;
 use crate::wire::SEND_IN_PLACE;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,7 +1,7 @@
 //! The rkyv codec: aligned payloads, archives read in place (see the
 //! parent module's docs for the layout and why).
 
-use super::{codec_error, Codec};
+use super::codec::{codec_error, Codec};
 use crate::error::Result;
 use bytes::{BufMut, Bytes, BytesMut};
 use rkyv::api::high::{HighSerializer, HighValidator};

@@ -10,10 +10,12 @@
 //! All integers are big-endian. A sync reply carries id 1.
 
 pub mod ber;
+mod error;
 pub mod frame;
 pub mod octets;
 pub(crate) mod sendq;
 
+pub use error::WireError;
 pub use frame::{Decoded, Frame, MAX_PAYLOAD};
 
 /// Strings at least this big are sent from where they lie (a send of
@@ -26,23 +28,6 @@ pub(crate) const SEND_IN_PLACE: usize = 64 * 1024;
 /// `NN` header (typed replies are thawed at this offset).
 pub(crate) const REPLY_OFFSET: usize = frame::ID_HEADER;
 pub use octets::Octets;
-
-/// A payload that does not follow the wire format.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum WireError {
-    /// A length prefix points past the end of the payload.
-    #[error("payload truncated: a length prefix points past its end")]
-    Truncated,
-    /// A BER length longer than 64 bits.
-    #[error("BER length prefix longer than 64 bits")]
-    VarintOverflow,
-    /// A chunk reply item with an unknown status byte.
-    #[error("chunk reply item with an unknown status")]
-    BadChunkItem,
-    /// A shared payload (see [`shared`]) that does not follow its format.
-    #[error("malformed shared payload: {0}")]
-    Shared(&'static str),
-}
 
 /// First element of the event a forkrpc worker sends before it exits on a
 /// fatal condition: `[FATAL_TAG, kind, message]`, kind being `panic`,

@@ -3,7 +3,7 @@
 //! the strings share its allocation and nothing is copied.
 
 use super::ber::{self, Varint};
-use super::WireError;
+use super::error::WireError;
 use bytes::{BufMut, Bytes, BytesMut};
 
 /// The arguments of a call, a reply, or an event: a list of byte strings.
