@@ -2,7 +2,7 @@
 //! operation is tried at once when its descriptor was last seen ready, and
 //! again each time epoll reports it ready.
 
-use super::{Completion, Io, Op};
+use super::backend::{Completion, Io, Op};
 use nix::sys::epoll::{Epoll as Ep, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use std::collections::HashMap;
 use std::io;

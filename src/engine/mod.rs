@@ -4,13 +4,7 @@
 //!
 //! # Backend contract
 //!
-//! A backend (`Io`) runs operations on descriptors and reports their
-//! completions, like io_uring does; `uring` is io_uring itself, `epoll`
-//! emulates it with readiness. At most one read and one send are in flight
-//! per descriptor. Operations queued between two `Io::wait` calls are
-//! submitted together by that `wait` (one `io_uring_enter` for the whole
-//! batch, for all workers). A buffer handed to `read` or `send` stays valid
-//! and untouched until its completion has been returned by `wait`.
+//! In `backend.rs`; one file per backend: `uring.rs`, `epoll.rs`.
 //!
 //! # Copies of a big payload
 //!
@@ -56,8 +50,11 @@
 //! each read of that connection's replies, so while calls are outstanding
 //! nobody wakes it for more (`Command::Flush` tells it otherwise).
 
+mod backend;
 pub(crate) mod epoll;
 pub(crate) mod uring;
+
+use backend::{Completion, Io, Op};
 
 use crate::call::leftovers::{self, Bin, Shelf, IDLE_FREE};
 use crate::call::Call;
@@ -69,7 +66,7 @@ pub(crate) use crate::wire::sendq::SendQueue;
 use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -107,50 +104,6 @@ impl EngineKind {
             EngineKind::Epoll => "epoll",
         }
     }
-}
-
-/// A completed operation.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Completion {
-    pub id: u64,
-    pub op: Op,
-    /// Bytes moved, or a negated errno.
-    pub result: i32,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Op {
-    Read,
-    Send,
-}
-
-/// The backend contract (see the module docs).
-pub(crate) trait Io {
-    /// Starts watching `fd` under `id`.
-    fn add(&mut self, fd: RawFd, id: u64) -> io::Result<()>;
-    /// Stops watching `fd`; no operation on it may be in flight.
-    fn remove(&mut self, fd: RawFd, id: u64);
-    /// Queues a read of up to `len` bytes into `ptr`.
-    ///
-    /// # Safety
-    /// `ptr..ptr+len` stays valid and is not otherwise accessed until the
-    /// completion of this read has been returned by `Io::wait`.
-    unsafe fn read(&mut self, fd: RawFd, id: u64, ptr: *mut u8, len: usize);
-    /// Queues a send (MSG_NOSIGNAL) of `len` bytes from `ptr`.
-    ///
-    /// # Safety
-    /// As for `Io::read`: the bytes stay valid until the completion.
-    unsafe fn send(&mut self, fd: RawFd, id: u64, ptr: *const u8, len: usize);
-    /// Submits what is queued and waits for at least one completion, or
-    /// until `timeout` passes (`None` = no limit). Appends to `out`. With a
-    /// `spin` above zero it first looks for completions without sleeping,
-    /// for up to that long (see [`Spin`]).
-    fn wait(
-        &mut self,
-        out: &mut Vec<Completion>,
-        timeout: Option<Duration>,
-        spin: Duration,
-    ) -> io::Result<()>;
 }
 
 /// Calls submitted to the workers of `conns` and not yet answered.

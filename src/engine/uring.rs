@@ -7,7 +7,7 @@
 //!   polling driver when that work is waiting (an enter runs it); the ring
 //!   falls back to plain setup without them (polling then enters each time).
 
-use super::{Completion, Io, Op};
+use super::backend::{Completion, Io, Op};
 use io_uring::{opcode, squeue, types, IoUring};
 use std::io;
 use std::os::fd::RawFd;
