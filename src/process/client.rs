@@ -1,9 +1,9 @@
 //! The parent's side of a template: requests (spawn, derive) go out with
 //! their descriptors; a listener thread reads replies and exit reports.
 
+use super::backend::Backend;
 use super::fdpass::{recv_msg, send_msg};
 use super::server::MAX_CONTROL_MSG;
-use super::Backend;
 use crate::error::{Error, ExitStatus, Result};
 use crate::{octets, Octets};
 use bytes::Bytes;

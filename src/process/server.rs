@@ -2,8 +2,8 @@
 //! derived templates) on request and reports how each child ended.
 //! Everything here runs in the template or in a child it just forked.
 
+use super::backend::Backend;
 use super::fdpass::{recv_msg, send_msg};
-use super::Backend;
 use crate::child::registry::{self, Handler, WorkerArgs};
 use crate::error::ExitStatus;
 use crate::sys::exit_now;
