@@ -346,6 +346,38 @@ fn load_sweep_refuses_malformed_rates() {
     }
 }
 
+/// A library user who turns default features off compiles none of the
+/// binary's dependencies.
+#[test]
+fn the_library_does_not_pull_the_cli_dependencies() {
+    let out = Command::new(env!("CARGO"))
+        .args([
+            "tree",
+            "-p",
+            "forkrpc",
+            "-e",
+            "normal",
+            "--no-default-features",
+        ])
+        .args(["--prefix", "none", "--offline"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("cargo runs");
+    let tree = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(tree.lines().any(|l| l.starts_with("bytes ")), "{tree}");
+    for dep in ["clap", "hdrhistogram", "mimalloc", "indicatif", "humantime"] {
+        assert!(
+            !tree.lines().any(|l| l.starts_with(&format!("{dep} "))),
+            "{dep} in the library's tree:\n{tree}"
+        );
+    }
+}
+
 /// The crate's top-level modules import one way: `scripts/module-graph`
 /// finds no circle among them (see lib.rs's Layout).
 #[test]
