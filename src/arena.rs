@@ -64,6 +64,9 @@ struct State {
     free: BTreeMap<usize, usize>,
     /// Regions handed out, start → (length, holders).
     used: BTreeMap<usize, (usize, usize)>,
+    /// Freed pages above `RETAIN` go back to the system; false once the
+    /// kernel refused (they are then kept for reuse, as those below are).
+    punch_holes: bool,
 }
 
 /// The parent's arena, made on first use; `None` when shared memory is
@@ -183,7 +186,14 @@ impl Arena {
         // Workers forked straight from this process (no `init()`) must not
         // inherit a writable mapping.
         // SAFETY: advice on the mapping just made; changes no contents.
-        unsafe { libc::madvise(base, cap, libc::MADV_DONTFORK) };
+        if unsafe { libc::madvise(base, cap, libc::MADV_DONTFORK) } < 0 {
+            // Without it a forked worker would share our writable view: no
+            // arena then (strings go through the socket).
+            let e = errno();
+            // SAFETY: the mapping made above, not yet shared with anyone.
+            unsafe { libc::munmap(base, cap) };
+            return Err(e);
+        }
         let seals = libc::F_SEAL_FUTURE_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
         // SAFETY: fcntl on our descriptor with an integer argument.
         if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
@@ -199,6 +209,7 @@ impl Arena {
             state: Mutex::new(State {
                 free: BTreeMap::from([(0, cap)]),
                 used: BTreeMap::new(),
+                punch_holes: true,
             }),
         })
     }
@@ -289,10 +300,10 @@ impl Arena {
         // Pages above RETAIN go back to the system. Under the lock: once
         // the range is on the free list, a caller may start writing it.
         let (from, to) = (region.max(RETAIN), region + size);
-        if to > from {
+        if to > from && st.punch_holes {
             // SAFETY: fallocate on our memfd over a range inside it that
             // nobody holds.
-            unsafe {
+            let r = unsafe {
                 libc::fallocate(
                     self.fd.as_raw_fd(),
                     libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
@@ -300,6 +311,9 @@ impl Arena {
                     (to - from) as i64,
                 )
             };
+            // Refused (a filesystem without hole punching): the pages stay
+            // allocated and are reused; stop asking.
+            st.punch_holes = r == 0;
         }
         let (mut start, mut len) = (region, size);
         if let Some((&s, &l)) = st.free.range(..start).next_back() {
@@ -314,15 +328,25 @@ impl Arena {
         st.free.insert(start, len);
     }
 
-    /// A view of `offset..offset + len` of `region` for us, adding a holder.
-    pub(crate) fn view(&'static self, region: usize, offset: usize, len: usize) -> Bytes {
-        self.hold(region);
-        Bytes::from_owner(View {
+    /// A view of `offset..offset + len` (arena offsets) of `region` for
+    /// us, adding a holder; `None` unless `region` is in use and holds the
+    /// whole range (what makes the view's slice sound).
+    pub(crate) fn view(&'static self, region: usize, offset: usize, len: usize) -> Option<Bytes> {
+        {
+            let mut st = self.state();
+            let (size, n) = st.used.get_mut(&region)?;
+            let end = offset.checked_add(len)?;
+            if offset < region || end > region + *size {
+                return None;
+            }
+            *n += 1;
+        }
+        Some(Bytes::from_owner(View {
             arena: self,
             region,
             offset,
             len,
-        })
+        }))
     }
 
     #[cfg(test)]
@@ -341,9 +365,9 @@ struct View {
 
 impl AsRef<[u8]> for View {
     fn as_ref(&self) -> &[u8] {
-        // SAFETY: `offset..offset + len` lies inside the mapping (checked
-        // when the view was made) and inside `region`, which this view
-        // holds, so nobody writes it while the view lives.
+        // SAFETY: `offset..offset + len` lies inside `region` (checked by
+        // `Arena::view`, the only maker of a View), so inside the mapping,
+        // and the view holds the region: nobody writes it while it lives.
         unsafe {
             std::slice::from_raw_parts((self.arena.base + self.offset) as *const u8, self.len)
         }
@@ -518,7 +542,10 @@ mod tests {
         a.hold(region); // sent to a worker
         drop(b);
         assert_eq!(a.regions(), 1);
-        let back = a.view(region, 100, 50); // its reply names part of it
+        // A view must lie inside a region in use.
+        assert!(a.view(region, region, 1 << 20).is_none(), "past its region");
+        assert!(a.view(region + 1, region + 1, 1).is_none(), "not a region");
+        let back = a.view(region, 100, 50).unwrap(); // its reply names part of it
         a.release(region); // the worker's release note
         assert_eq!(&back[..], &[7u8; 50][..]);
         assert_eq!(a.region_of(100, 50), Some(region));

@@ -24,11 +24,6 @@ struct FdState {
     send: Option<(*const u8, usize)>,
 }
 
-// SAFETY: the raw pointers are buffers owned by the driver thread, which is
-// the only thread that ever uses this backend; `Send` is needed only so the
-// backend can be built before being moved into that thread.
-unsafe impl Send for FdState {}
-
 impl Epoll {
     pub(crate) fn new() -> io::Result<Self> {
         Ok(Epoll {

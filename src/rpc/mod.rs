@@ -747,6 +747,7 @@ impl Session {
                 .iter()
                 .any(|(r, _)| *r == region)
                 .then(|| arena.view(region, off, len))
+                .flatten()
         })
         .map_err(|e| format!("malformed reply: {e}"))
     }
