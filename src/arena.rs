@@ -6,7 +6,7 @@
 //! string of at least [`SHARE_MIN`] bytes in an octets call to a worker is
 //! copied into a *region* of it on the caller's thread — the only copy on
 //! its way — and the request names it by offset and length (see
-//! [`wire::shared`](crate::wire::shared)). The worker maps the same memfd
+//! [`wire::arena_ref`](crate::wire::arena_ref)). The worker maps the same memfd
 //! read-only and reads the string in place. A reply that returns such a
 //! string (an echo, a slice of an argument) names it the same way, so it
 //! comes back without a copy either. Compare the socket: the kernel copies
@@ -16,7 +16,7 @@
 //! before anyone else can see it; after that nobody writes it. The parent
 //! counts who holds it: each `Bytes` of ours that points into it, and each
 //! worker it was sent to, until that worker says it dropped every `Bytes`
-//! of its own ([`wire::shared`](crate::wire::shared) release notes) or
+//! of its own ([`wire::arena_ref`](crate::wire::arena_ref) release notes) or
 //! ends. At zero the region is free to be handed out again.
 //!
 //! Trust. Workers get the memfd sealed against writes (`F_SEAL_FUTURE_WRITE`,

@@ -9,8 +9,8 @@ pub(crate) mod leftovers;
 use crate::arena::{Arena, SHARE_MIN};
 use crate::error::{Error, Result};
 use crate::latch::Latch;
+use crate::wire::arena_ref;
 use crate::wire::sendq::SendQueue;
-use crate::wire::shared;
 use crate::Octets;
 use bytes::{BufMut, Bytes};
 use leftovers::{Callback, RawCallback, Spent};
@@ -167,7 +167,7 @@ impl Payload {
         self.len
     }
 
-    /// The shared form of the arguments (see [`shared`]) if some of their
+    /// The shared form of the arguments (see [`arena_ref`]) if some of their
     /// strings lie in `arena`, pushing to `regions` the regions it names
     /// (each a hold for the worker to be given).
     pub(crate) fn shared_form(&self, arena: &Arena, regions: &mut Vec<usize>) -> Option<Octets> {
@@ -180,11 +180,11 @@ impl Payload {
             Body::Frozen(b) => {
                 let off = arena.offset_of(b)?;
                 regions.push(arena.region_of(off, b.len())?);
-                return Some(shared::encode_frozen(off as u64, b.len() as u64));
+                return Some(arena_ref::encode_frozen(off as u64, b.len() as u64));
             }
         };
         let start = regions.len();
-        let form = shared::encode(o, |b| {
+        let form = arena_ref::encode(o, |b| {
             let off = arena.offset_of(b).filter(|_| b.len() >= SHARE_MIN)?;
             regions.push(arena.region_of(off, b.len())?);
             Some(off as u64)
@@ -273,7 +273,7 @@ pub(crate) struct Call {
 }
 
 /// Who waits for a reply. Callback boxes outlive their call, to be freed
-/// on a caller's thread (see [`leftovers`](crate::call::leftovers)).
+/// on a caller's thread (see [`leftovers`]).
 ///
 /// `on_driver`: the callback was boxed on a driver thread (a call made
 /// from a callback), so freeing it there at once is the cheap local free.

@@ -10,7 +10,7 @@ use crate::serial::Codec;
 use crate::sys::{self, exit_now};
 use crate::wire::chunk;
 use crate::wire::frame::{put_id_header, EVENT_ID, MAX_PAYLOAD};
-use crate::wire::{shared, WireError, ERROR_TAG, FATAL_TAG, RETIRE_TAG};
+use crate::wire::{arena_ref, WireError, ERROR_TAG, FATAL_TAG, RETIRE_TAG};
 use crate::{octets, Octets};
 use bytes::Bytes;
 use std::cell::RefCell;
@@ -27,10 +27,10 @@ pub const PANIC_EXIT_CODE: i32 = 101;
 pub const PROTOCOL_EXIT_CODE: i32 = 3;
 
 /// The strings a request stands for: its own, or for a shared request
-/// (see [`shared`]) views of the parent's arena.
+/// (see [`arena_ref`]) views of the parent's arena.
 pub(crate) fn unshare(args: Octets) -> Result<Octets, WireError> {
-    if crate::arena::worker::mapped() && shared::is_shared(&args) {
-        shared::decode(&args, crate::arena::worker::view)
+    if crate::arena::worker::mapped() && arena_ref::is_shared(&args) {
+        arena_ref::decode(&args, crate::arena::worker::view)
     } else {
         Ok(args)
     }
@@ -40,14 +40,14 @@ pub(crate) fn unshare(args: Octets) -> Result<Octets, WireError> {
 /// the parent's arena; octets sent to it in the shared form are encoded
 /// back into plain octets, which it reads as its codec's bytes.
 pub(crate) fn unshare_raw(payload: Bytes) -> Result<Bytes, WireError> {
-    if !(crate::arena::worker::mapped() && shared::starts_shared(&payload)) {
+    if !(crate::arena::worker::mapped() && arena_ref::starts_shared(&payload)) {
         return Ok(payload);
     }
     // The tag is there; a payload that still is not octets is the codec's.
     let Ok(args) = Octets::decode(payload.clone()) else {
         return Ok(payload);
     };
-    match shared::decode_frozen(&args, crate::arena::worker::view)? {
+    match arena_ref::decode_frozen(&args, crate::arena::worker::view)? {
         Some(frozen) => Ok(frozen),
         None => Ok(unshare(args)?.to_bytes()),
     }
@@ -146,7 +146,7 @@ impl Out {
                 let in_arena =
                     |b: &Bytes| big(b).then(|| crate::arena::worker::offset_of(b)).flatten();
                 let form = match crate::arena::worker::mapped() && reply.iter().any(big) {
-                    true => shared::encode(&reply, in_arena),
+                    true => arena_ref::encode(&reply, in_arena),
                     false => None,
                 };
                 if self.put_frame(id, form.as_ref().unwrap_or(&reply)) {
@@ -172,7 +172,7 @@ impl Out {
     /// the last one, if any (after the replies that named them).
     pub(crate) fn put_releases(&mut self) {
         if let Some(offsets) = crate::arena::worker::take_released() {
-            self.put_frame(EVENT_ID, &shared::release_note(&offsets));
+            self.put_frame(EVENT_ID, &arena_ref::release_note(&offsets));
         }
     }
 

@@ -5,7 +5,7 @@
 //! Both run every task on the worker's one thread inside a `LocalSet`, so
 //! handlers use `tokio::task::spawn_local`, tokio timers and tokio sockets
 //! on either; `tokio_uring::fs` and friends work only on the first (see
-//! [`uring`](crate::child::runtime::uring)).
+//! [`uring`]).
 //!
 //! tokio-uring needs Linux 5.10 or later (its ring uses no optional
 //! features beyond what 5.10 has); where `io_uring_setup` fails (old

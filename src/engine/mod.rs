@@ -294,7 +294,9 @@ pub(crate) enum Command {
     Run(Box<dyn FnOnce() + Send>),
 }
 
-struct Shared {
+/// What callers hand the driver (commands) and what it hands back (bins
+/// of leftovers), with its sleep flag and the eventfd that wakes it.
+struct Mailbox {
     queue: Mutex<Queue>,
     /// The queue's shelf holds bins (a hint for [`collect_leftovers`]).
     bin_ready: AtomicBool,
@@ -312,7 +314,7 @@ struct Queue {
     collected: u64,
 }
 
-impl Shared {
+impl Mailbox {
     /// Takes the shelf's bins (under the lock).
     fn take_bins(&self, q: &mut Queue) -> Option<Vec<Bin>> {
         let bins = q.shelf.take()?;
@@ -348,7 +350,7 @@ pub(crate) fn collect_leftovers() {
 
 /// Handle to a running driver thread.
 pub(crate) struct Engine {
-    shared: Arc<Shared>,
+    shared: Arc<Mailbox>,
     kind: EngineKind,
 }
 
@@ -396,7 +398,7 @@ impl Engine {
         }
         // SAFETY: `raw` is a fresh descriptor owned by nobody else.
         let wake = unsafe { OwnedFd::from_raw_fd(raw) };
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(Mailbox {
             queue: Mutex::new(Queue::default()),
             bin_ready: AtomicBool::new(false),
             sleeping: AtomicBool::new(false),
@@ -514,7 +516,7 @@ struct Conn {
 
 struct Driver<I: Io> {
     io: I,
-    shared: Arc<Shared>,
+    shared: Arc<Mailbox>,
     conns: IdMap<u64, Conn>,
     /// Ended connections whose handle is still alive: calls that reach
     /// them fail with how the worker ended ([`ConnStats::refusal`]).
@@ -536,7 +538,7 @@ struct Driver<I: Io> {
 }
 
 impl<I: Io> Driver<I> {
-    fn new(io: I, shared: Arc<Shared>) -> Self {
+    fn new(io: I, shared: Arc<Mailbox>) -> Self {
         Driver {
             io,
             shared,

@@ -5,7 +5,7 @@
 //! per call. Results are handed out part by part, in order.
 
 use super::map::ChunkSink;
-use super::shared::{complete, Args, Job, Shared, Sink};
+use super::state::{complete, Args, Job, PoolState, Sink};
 use crate::error::{Error, Result};
 use crate::rpc::{ChunkWaiter, Payload};
 use crate::wire::ber;
@@ -300,7 +300,7 @@ pub(crate) struct Batch {
     /// are taken one at a time, not collected first).
     pub(crate) jobs: forkrpc_pool::IntoIter<Job>,
     pub(crate) results: Results,
-    pub(crate) shared: Arc<Shared>,
+    pub(crate) shared: Arc<PoolState>,
     pub(crate) worker: WorkerId,
 }
 
@@ -443,7 +443,7 @@ impl ChunkWaiter for Batch {
 /// its results are in, the batch is done.
 pub(crate) struct Ending {
     pub(crate) inner: Box<dyn ChunkWaiter>,
-    pub(crate) shared: Arc<Shared>,
+    pub(crate) shared: Arc<PoolState>,
     pub(crate) worker: WorkerId,
     pub(crate) pid: i32,
 }
@@ -472,7 +472,7 @@ impl ChunkWaiter for Ending {
 
 impl Ending {
     /// Tells the pool its batch is done, then hands the inner waiter to
-    /// `f` (see [`Shared::batch_done`]).
+    /// `f` (see [`PoolState::batch_done`]).
     fn done_then(self, f: impl FnOnce(Box<dyn ChunkWaiter>)) {
         let Ending {
             inner,

@@ -10,7 +10,7 @@
 //! [`Map::chunk_size`] overrides it.
 
 use super::chunked::{MapChunk, Results};
-use super::shared::{Args, Incoming, Job, Shared, Sink};
+use super::state::{Args, Incoming, Job, PoolState, Sink};
 use super::{Admit, Pool};
 use crate::error::{Error, Result};
 use crate::rpc::{ChunkWaiter, Payload, Waiter};
@@ -58,7 +58,7 @@ pub(crate) struct ChunkSink {
     out: Arc<Arrivals>,
     /// The chunk's items (its request's blob) and the pool, to send again
     /// the items a dead worker never started.
-    again: Option<(Bytes, Arc<Shared>)>,
+    again: Option<(Bytes, Arc<PoolState>)>,
 }
 
 impl ChunkSink {

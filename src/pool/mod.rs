@@ -4,7 +4,7 @@
 //! `forkrpc-pool`'s [`Scheduler`](forkrpc_pool::Scheduler) decides (which
 //! worker gets which jobs, when to start and stop workers); this module
 //! acts on its decisions:
-//! - `shared.rs`: the pool's state under one lock, the actions carried
+//! - `state.rs`: the pool's state under one lock, the actions carried
 //!   out, and the manager thread that forks workers (never under the lock)
 //!   and fires timers;
 //! - `map.rs`: bulk `map` with a bounded number of calls in flight, in
@@ -17,7 +17,7 @@
 
 pub(crate) mod chunked;
 mod map;
-pub(crate) mod shared;
+pub(crate) mod state;
 
 pub use forkrpc_pool::PoolConfig;
 pub use map::Map;
@@ -28,7 +28,7 @@ use crate::rpc::{Closing, Options, Waiter};
 use crate::template::Template;
 use crate::Octets;
 use forkrpc_pool::JobId;
-use shared::Shared;
+use state::PoolState;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -207,7 +207,7 @@ pub struct Pool {
 }
 
 /// Closes the pool when the last `Pool` clone goes.
-struct Handle(Arc<Shared>);
+struct Handle(Arc<PoolState>);
 
 impl Drop for Handle {
     fn drop(&mut self) {
@@ -240,11 +240,11 @@ impl Pool {
         pool: PoolOptions,
     ) -> Result<Pool> {
         Ok(Pool {
-            handle: Arc::new(Handle(Shared::new(template, handler, opts, pool)?)),
+            handle: Arc::new(Handle(PoolState::new(template, handler, opts, pool)?)),
         })
     }
 
-    fn shared(&self) -> &Arc<Shared> {
+    fn shared(&self) -> &Arc<PoolState> {
         &self.handle.0
     }
 
@@ -397,11 +397,11 @@ pub struct PoolCall {
 
 enum CallState {
     Waiting {
-        shared: Arc<Shared>,
+        shared: Arc<PoolState>,
         args: Option<Octets>,
     },
     Sent {
-        shared: Arc<Shared>,
+        shared: Arc<PoolState>,
         latch: Arc<Latch<Result<Octets>>>,
         job: JobId,
     },

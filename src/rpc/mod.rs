@@ -14,7 +14,7 @@ use crate::engine::{Command, ConnStats, Engine, EngineKind, Protocol, SendQueue}
 use crate::error::{Error, ExitStatus, Result};
 use crate::latch::{Latch, Take};
 use crate::wire::frame::{put_id_header, put_len_header, EVENT_ID, SYNC_REPLY_ID};
-use crate::wire::{shared, starts_with_tag, CHUNK_PART_TAG, ERROR_TAG, FATAL_TAG, RELEASE_TAG};
+use crate::wire::{arena_ref, starts_with_tag, CHUNK_PART_TAG, ERROR_TAG, FATAL_TAG, RELEASE_TAG};
 use crate::{octets, Octets};
 use bytes::{Bytes, BytesMut};
 use outbox::Outbox;
@@ -700,7 +700,7 @@ impl Session {
     fn released(&mut self, payload: Bytes) -> Result<(), String> {
         let arena = self.arena.expect("release notes are read with an arena");
         let offsets = Octets::decode(payload)
-            .and_then(|note| shared::released(&note).map(|o| o.collect::<Vec<_>>()));
+            .and_then(|note| arena_ref::released(&note).map(|o| o.collect::<Vec<_>>()));
         let offsets = match offsets {
             Ok(o) => o,
             Err(e) => return self.violation(format!("malformed release note: {e}")),
@@ -740,7 +740,7 @@ impl Session {
     fn unshare(&self, buf: &Bytes, range: std::ops::Range<usize>) -> Result<Octets, String> {
         let arena = self.arena.expect("shared replies are read with an arena");
         let o = Octets::decode_in(buf, range).map_err(|e| format!("malformed reply: {e}"))?;
-        shared::decode(&o, |off, len| {
+        arena_ref::decode(&o, |off, len| {
             let (off, len) = (usize::try_from(off).ok()?, usize::try_from(len).ok()?);
             let region = arena.region_of(off, len)?;
             self.held
@@ -822,7 +822,7 @@ impl Protocol for Session {
             });
         };
         self.answered_one();
-        if self.arena.is_some() && shared::starts_shared(&buf[payload.clone()]) {
+        if self.arena.is_some() && arena_ref::starts_shared(&buf[payload.clone()]) {
             return match self.unshare(buf, payload) {
                 Ok(o) => {
                     w.complete_octets(o);
@@ -966,7 +966,7 @@ mod tests {
     use super::*;
     use crate::call::SMALL;
     use crate::pool::chunked::Staging;
-    use crate::pool::shared::Args;
+    use crate::pool::state::Args;
     use crate::wire::chunk;
 
     fn sent(p: &Payload) -> Vec<u8> {

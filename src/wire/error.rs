@@ -12,7 +12,7 @@ pub enum WireError {
     /// A chunk reply item with an unknown status byte.
     #[error("chunk reply item with an unknown status")]
     BadChunkItem,
-    /// A shared payload (see [`shared`](super::shared)) that does not follow its format.
+    /// A shared payload (see [`arena_ref`](super::arena_ref)) that does not follow its format.
     #[error("malformed shared payload: {0}")]
     Shared(&'static str),
 }

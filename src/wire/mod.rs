@@ -60,12 +60,12 @@ pub const CHUNK_TAG: &str = "\0forkrpc-chunk";
 pub const CHUNK_PART_TAG: &str = "\0forkrpc-part";
 
 /// First element of a *shared* payload: `[SHARED_TAG, map, strings...]`,
-/// whose big strings lie in the parent's shared arena (see [`shared`]).
+/// whose big strings lie in the parent's shared arena (see [`arena_ref`]).
 /// Between a forkrpc parent and the workers it started only.
 pub const SHARED_TAG: &str = "\0forkrpc-shm";
 
 /// The event a worker sends once it dropped strings it received in
-/// the shared arena: `[RELEASE_TAG, offsets]` (see [`shared`]).
+/// the shared arena: `[RELEASE_TAG, offsets]` (see [`arena_ref`]).
 pub const RELEASE_TAG: &str = "\0forkrpc-release";
 
 /// Whether an encoded octets payload's first string is `tag` (one of the
@@ -74,5 +74,5 @@ pub fn starts_with_tag(payload: &[u8], tag: &str) -> bool {
     payload.first() == Some(&(tag.len() as u8)) && payload[1..].starts_with(tag.as_bytes())
 }
 
+pub mod arena_ref;
 pub mod chunk;
-pub mod shared;

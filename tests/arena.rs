@@ -71,7 +71,7 @@ fn template() -> Template {
         .sync("s::forge", |a| {
             let off = a.num(0).unwrap() as u64;
             let body = Bytes::from(vec![0u8; 300 * 1024]);
-            let payload = forkrpc::wire::shared::encode(&[body], |_| Some(off))
+            let payload = forkrpc::wire::arena_ref::encode(&[body], |_| Some(off))
                 .unwrap()
                 .to_bytes();
             let mut frame = Vec::new();

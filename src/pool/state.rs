@@ -86,7 +86,7 @@ impl Job {
     }
 }
 
-/// What a caller hands to [`Shared::submit_job`].
+/// What a caller hands to [`PoolState::submit_job`].
 pub(crate) enum Incoming {
     Payload(Payload),
     /// Small octets (encoded size given) that may be staged.
@@ -151,7 +151,7 @@ pub(crate) struct State {
 
 impl State {
     /// Queues a job.
-    #[inline(always)] // see `Shared::submit_small`
+    #[inline(always)] // see `PoolState::submit_small`
     fn submit(&mut self, now: Duration, job: Job) -> JobId {
         self.odd += usize::from(job.is_odd());
         self.sched.submit(now, job)
@@ -210,7 +210,7 @@ impl State {
     }
 }
 
-pub(crate) struct Shared {
+pub(crate) struct PoolState {
     st: Mutex<State>,
     /// Wakes the manager thread (starts to do, timer changed).
     manager: Condvar,
@@ -255,13 +255,13 @@ struct Deferred {
     reports: Vec<Error>,
 }
 
-impl Shared {
+impl PoolState {
     pub(crate) fn new(
         template: &Template,
         handler: &str,
         mut opts: Options,
         popts: PoolOptions,
-    ) -> Result<Arc<Shared>> {
+    ) -> Result<Arc<PoolState>> {
         let kind = registry::handler(handler)?;
         let tracking = popts.retries > 0 || popts.timeout.is_some() || popts.max_rss.is_some();
         let chunks = !opts.asynchronous && !tracking && matches!(kind, registry::Handler::Sync(_));
@@ -277,7 +277,7 @@ impl Shared {
         let epoch = Instant::now();
         let sched = Scheduler::new(popts.cfg.clone(), Duration::ZERO);
         let on_destroy = opts.on_destroy.take();
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(PoolState {
             st: Mutex::new(State {
                 sched,
                 workers: HashMap::new(),
@@ -394,7 +394,7 @@ impl Shared {
 
     /// A small octets call. The common case, a call joining a waiting
     /// queue, is staged here with nothing else to do; anything else takes
-    /// [`Shared::submit_job`]. Kept apart so that its job is built where
+    /// [`PoolState::submit_job`]. Kept apart so that its job is built where
     /// it is stored: each move of a job just written stalls on store
     /// forwarding, and the general path moved it several times.
     fn submit_small(
@@ -586,7 +586,7 @@ impl Shared {
         }
     }
 
-    /// As [`Shared::resend`], for a job made anew (the items of a map's
+    /// As [`PoolState::resend`], for a job made anew (the items of a map's
     /// chunk that a dead worker never started).
     pub(crate) fn resend_new(self: &Arc<Self>, job: Job) {
         self.with(|st, d| {
