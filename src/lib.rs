@@ -29,7 +29,7 @@
 //! - `error`, `sys` (the few raw syscalls outside the backends), `idmap`,
 //!   `latch`, `prefetch`, `driver_thread` (is this a driver thread?).
 //! - [`wire`]: the byte layout (BER varints, octets, frames, chunk frames,
-//!   shared payloads) and `wire::sendq`, frames queued for a worker. No
+//!   arena references) and `wire::sendq`, frames queued for a worker. No
 //!   I/O. [`serial`]: serialisers (octets, JSON, rkyv, your own).
 //! - `arena`: the shared memory where big strings of calls to sync
 //!   workers cross without a copy; `journal`: a worker's crash journal.
@@ -80,7 +80,8 @@ mod typed;
 pub mod wire;
 
 pub use arena::{arena_stats, in_shared_arena, ArenaStats};
-pub use child::asynchronous::{Done, DEFAULT_CONCURRENCY, OUT_HIGH};
+pub use child::asynchronous::{DEFAULT_CONCURRENCY, OUT_HIGH};
+pub use child::done::Done;
 pub use child::registry::{
     AsyncHandler, InitFn, IntoReply, SyncHandler, WorkerArgs, BURN, ECHO, ECHO_JSON, ECHO_RKYV,
     SLEEP, SLEEP_BLOCKING,

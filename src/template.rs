@@ -1,7 +1,8 @@
 //! The public face of process creation: registering handlers, starting the
 //! template ([`init`]), deriving templates, and forking workers ([`Fork`]).
 
-use crate::child::asynchronous::{Done, DEFAULT_CONCURRENCY};
+use crate::child::asynchronous::DEFAULT_CONCURRENCY;
+use crate::child::done::Done;
 use crate::child::registry::{self, Handler, IntoReply, WorkerArgs};
 use crate::engine::{Engine, EngineKind};
 use crate::error::{Error, Result};

@@ -20,16 +20,16 @@
 //! parent shuts its side, the worker finishes every call it started,
 //! writes every reply, then exits.
 
+use super::done::Done;
 use super::runtime;
-use super::{capture_panics, take_panic_message, Out, OUT, PROTOCOL_EXIT_CODE};
-use crate::child::registry::{Handler, IntoReply};
+use super::{capture_panics, Out, OUT, PROTOCOL_EXIT_CODE};
+use crate::child::registry::Handler;
 use crate::sys::exit_now;
 use crate::wire::frame::{read_want, split_id_frame, EVENT_ID, ID_HEADER};
 use crate::wire::{Decoded, FATAL_TAG};
 use crate::{octets, Octets};
 use bytes::BytesMut;
 use std::cell::Cell;
-use std::marker::PhantomData;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -42,108 +42,6 @@ pub const DEFAULT_CONCURRENCY: usize = 1024;
 /// Output waiting for the parent beyond which no new call starts.
 pub const OUT_HIGH: usize = 1 << 20;
 const READ_CHUNK: usize = 64 * 1024;
-
-/// The reply callback of one async call (`$done` in Perl).
-///
-/// Call [`Done::reply`] once, now or later (from a task on the worker's
-/// runtime): the reply goes to the parent and the call counts as finished.
-/// It cannot leave the worker's thread (it is not `Send`). Dropping it
-/// without replying fails the call with
-/// [`Error::Handler`](crate::Error::Handler), or with
-/// [`Error::HandlerPanicked`](crate::Error::HandlerPanicked) when the drop
-/// comes from a panic. A handler that keeps it forever keeps the call, and
-/// so the worker, alive: [`Rpc::pending`](crate::Rpc::pending) in the
-/// parent shows such calls.
-pub struct Done {
-    id: u32,
-    _local: PhantomData<Rc<()>>,
-}
-
-impl Done {
-    pub(crate) fn new(id: u32) -> Done {
-        Done {
-            id,
-            _local: PhantomData,
-        }
-    }
-
-    /// Sends the reply (or, for an `Err`, fails the call with that message).
-    pub fn reply(self, reply: impl IntoReply) {
-        let id = self.id;
-        std::mem::forget(self);
-        complete(id, reply.into_reply().map_err(|m| ("error", m)));
-    }
-
-    /// Sends a frozen reply (typed handlers), or fails the call.
-    pub(crate) fn reply_raw(self, reply: Result<&[u8], String>) {
-        let id = self.id;
-        std::mem::forget(self);
-        OUT.with(|cell| {
-            let Ok(mut o) = cell.try_borrow_mut() else {
-                return;
-            };
-            let Some(o) = o.as_mut() else { return };
-            o.put_raw_reply(id, reply.map_err(|m| ("error", m)));
-            o.put_releases();
-            // Mirrored before the handler goes on: should it crash next,
-            // this reply still reaches the parent.
-            crate::journal::worker::sync_out(&o.buf);
-            if let Some(st) = o.wake.clone() {
-                st.call_done();
-            }
-        })
-    }
-
-    /// Fails the call with [`Error::Handler`](crate::Error::Handler).
-    pub fn fail(self, message: impl std::fmt::Display) {
-        self.reply(Err::<Octets, _>(message))
-    }
-
-    /// The request's id on the wire.
-    pub fn id(&self) -> u32 {
-        self.id
-    }
-}
-
-impl Drop for Done {
-    fn drop(&mut self) {
-        let err = if std::thread::panicking() {
-            ("panic", take_panic_message())
-        } else {
-            (
-                "dropped",
-                "the handler dropped its done callback without replying".to_owned(),
-            )
-        };
-        complete(self.id, Err(err));
-    }
-}
-
-impl std::fmt::Debug for Done {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Done({})", self.id)
-    }
-}
-
-/// Queues the reply (or error note) of call `id` and counts the call done.
-fn complete(id: u32, r: Result<Octets, (&str, String)>) {
-    OUT.with(|cell| {
-        // A drop during a panic inside `event` finds the buffer borrowed:
-        // the note is lost then, but nothing aborts.
-        let Ok(mut o) = cell.try_borrow_mut() else {
-            return;
-        };
-        let Some(o) = o.as_mut() else { return };
-        o.put_reply(id, r);
-        o.put_releases();
-        // Mirrored before the handler goes on: should it crash next, this
-        // reply still reaches the parent.
-        crate::journal::worker::sync_out(&o.buf);
-        if let Some(st) = o.wake.clone() {
-            st.call_done();
-        }
-    })
-}
 
 /// Shared by the reader, the writer and every [`Done`]: counts and wake-ups.
 pub(crate) struct State {
@@ -184,6 +82,15 @@ impl State {
     }
 }
 
+impl super::Wake for State {
+    fn output_queued(&self) {
+        State::output_queued(self)
+    }
+    fn call_done(&self) {
+        State::call_done(self)
+    }
+}
+
 /// Serves requests on `sock` until the parent shuts its side and every
 /// call is done; never returns.
 /// `uring` asks for tokio-uring (the fallback still applies).
@@ -205,7 +112,7 @@ pub(crate) fn serve(sock: OwnedFd, handler: Handler, limit: usize, uring: bool) 
             fd,
             buf: Vec::with_capacity(READ_CHUNK),
             immediate: false,
-            wake: Some(st.clone()),
+            wake: Some(st.clone() as Rc<dyn super::Wake>),
             part: None,
             part_results: 0,
         })

@@ -3,7 +3,8 @@
 //! (copy-on-write) and a re-executed template registers them again by
 //! running the same `main` up to `start()`.
 
-use crate::child::asynchronous::Done;
+use super::done::Done;
+pub use super::done::IntoReply;
 use crate::serial::Codec;
 use crate::wire::REPLY_OFFSET;
 use crate::Octets;
@@ -20,32 +21,6 @@ pub type SyncHandler = Arc<dyn Fn(Octets) -> Result<Octets, String> + Send + Syn
 /// An async handler: gets the call's [`Done`] and its arguments, and calls
 /// `done` (now or later, from the worker's runtime) with the reply.
 pub type AsyncHandler = Arc<dyn Fn(Done, Octets) + Send + Sync>;
-
-/// What a handler may return: the reply, or an error for this call.
-///
-/// ```
-/// use forkrpc::{octets, IntoReply};
-/// assert_eq!(octets!["x"].into_reply(), Ok(octets!["x"]));
-/// let failed: Result<forkrpc::Octets, std::io::Error> =
-///     Err(std::io::Error::other("disk full"));
-/// assert_eq!(failed.into_reply(), Err("disk full".to_owned()));
-/// ```
-pub trait IntoReply {
-    /// The reply, or the error message.
-    fn into_reply(self) -> Result<Octets, String>;
-}
-
-impl IntoReply for Octets {
-    fn into_reply(self) -> Result<Octets, String> {
-        Ok(self)
-    }
-}
-
-impl<E: std::fmt::Display> IntoReply for Result<Octets, E> {
-    fn into_reply(self) -> Result<Octets, String> {
-        self.map_err(|e| e.to_string())
-    }
-}
 
 /// An init function: runs once in a worker (or a derived template) before
 /// anything else, with the arguments and descriptors sent to it.

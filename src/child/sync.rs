@@ -4,7 +4,7 @@
 
 use super::{
     capture_panics, fatal, run_chunk, take_panic_message, unshare, unshare_raw, with_reply_buffer,
-    Out, OUT, PANIC_EXIT_CODE, PROTOCOL_EXIT_CODE,
+    Out, FLUSH_AT, OUT, PANIC_EXIT_CODE, PROTOCOL_EXIT_CODE,
 };
 use crate::child::registry::{Handler, RawHandler};
 use crate::octets;
@@ -17,8 +17,6 @@ use bytes::{Bytes, BytesMut};
 use std::ops::Range;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
-/// Output is written once this much is buffered, even mid-chunk.
-pub(crate) const FLUSH_AT: usize = 256 * 1024;
 const READ_CHUNK: usize = 64 * 1024;
 
 /// Serves requests on `sock` until the parent shuts its side; returns the
