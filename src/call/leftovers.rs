@@ -19,7 +19,7 @@
 //! and never for long: a bin that no caller collects within [`IDLE_FREE`]
 //! is freed by the driver after all.
 
-use crate::call::Payload;
+use crate::call::payload::Payload;
 use crate::error::Result;
 use crate::Octets;
 use bytes::Bytes;

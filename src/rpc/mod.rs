@@ -964,7 +964,7 @@ impl Protocol for Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::call::SMALL;
+    use crate::call::payload::SMALL;
     use crate::pool::chunked::Staging;
     use crate::pool::state::Args;
     use crate::wire::chunk;
