@@ -10,8 +10,9 @@
 //! [`Map::chunk_size`] overrides it.
 
 use super::chunked::{MapChunk, Results};
+use super::options::Admit;
 use super::state::{Args, Incoming, Job, PoolState, Sink};
-use super::{Admit, Pool};
+use super::Pool;
 use crate::error::{Error, Result};
 use crate::rpc::{ChunkWaiter, Payload, Waiter};
 use crate::wire::chunk;

@@ -9,7 +9,8 @@
 //! Forking a worker (a round trip to the template) happens on the manager
 //! thread without the lock.
 
-use super::{chunked, Admit, PoolOptions, PoolStats};
+use super::chunked;
+use super::options::{Admit, PoolOptions, PoolStats};
 use crate::child::registry;
 use crate::error::{Error, Result};
 use crate::latch::Latch;
