@@ -36,7 +36,7 @@
 
 use bytes::Bytes;
 use std::collections::BTreeMap;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::{Mutex, OnceLock};
 
 /// Byte strings at least this long are shared rather than sent. Echoes of
@@ -153,36 +153,11 @@ fn errno() -> std::io::Error {
 
 impl Arena {
     fn new(cap: usize) -> std::io::Result<Arena> {
-        // SAFETY: the name is a NUL-terminated literal; memfd_create (Linux
-        // 3.17) returns a new descriptor we own, or -1.
-        let raw = unsafe {
-            libc::memfd_create(
-                c"forkrpc-arena".as_ptr(),
-                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-            )
-        };
-        if raw < 0 {
-            return Err(errno());
-        }
-        // SAFETY: `raw` is a fresh descriptor nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        nix::unistd::ftruncate(&fd, cap as i64)?;
-        // SAFETY: maps `cap` bytes of our memfd, which is `cap` long and
-        // cannot shrink once sealed below; the mapping is never unmapped,
-        // so pointers into it stay valid for the life of the process.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                cap,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(errno());
-        }
+        let fd = crate::sys::memfd(c"forkrpc-arena", cap, true)?;
+        // The memfd is `cap` long and cannot shrink once sealed below; the
+        // mapping is never unmapped, so pointers into it stay valid for
+        // the life of the process.
+        let base: *mut libc::c_void = crate::sys::map_shared(&fd, cap)?.cast();
         // Workers forked straight from this process (no `init()`) must not
         // inherit a writable mapping.
         // SAFETY: advice on the mapping just made; changes no contents.

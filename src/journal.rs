@@ -27,7 +27,7 @@
 //! calls whose replies it did not get. Pages are allocated as they are
 //! touched.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Bytes of unsent output the journal can mirror (the sync worker flushes
@@ -87,23 +87,11 @@ unsafe impl Send for Journal {}
 // SAFETY: as above: `&Journal` only allows atomic header access and reads.
 unsafe impl Sync for Journal {}
 
-fn errno() -> std::io::Error {
-    std::io::Error::last_os_error()
-}
-
 impl Journal {
     /// Makes a journal for a new worker: the parent's mapping and the
     /// memfd to pass to the worker.
     pub(crate) fn create() -> std::io::Result<(Journal, OwnedFd)> {
-        // SAFETY: the name is a NUL-terminated literal; memfd_create (Linux
-        // 3.17) returns a new descriptor we own, or -1.
-        let raw = unsafe { libc::memfd_create(c"forkrpc-journal".as_ptr(), libc::MFD_CLOEXEC) };
-        if raw < 0 {
-            return Err(errno());
-        }
-        // SAFETY: `raw` is a fresh descriptor nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        nix::unistd::ftruncate(&fd, SIZE as i64)?;
+        let fd = crate::sys::memfd(c"forkrpc-journal", SIZE, false)?;
         let j = Journal::map(&fd)?;
         Ok((j, fd))
     }
@@ -111,23 +99,10 @@ impl Journal {
     /// Maps the journal `fd` read-write (the worker's side, or the
     /// parent's in `create`).
     pub(crate) fn map(fd: &OwnedFd) -> std::io::Result<Journal> {
-        // SAFETY: maps SIZE bytes of a memfd that is SIZE long (nobody
-        // shrinks it: only the parent and this one worker hold it); the
-        // mapping is unmapped in Drop, after its last use.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                SIZE,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(errno());
-        }
-        Ok(Journal { base: base.cast() })
+        // The memfd is SIZE long and nobody shrinks it (only the parent and
+        // this one worker hold it); the mapping is unmapped in Drop.
+        let base = crate::sys::map_shared(fd, SIZE)?;
+        Ok(Journal { base })
     }
 
     fn header(&self) -> &Header {

@@ -3,7 +3,7 @@
 
 use bytes::BytesMut;
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// Reads once into the spare capacity of `buf` (at least `min_spare` bytes
 /// of it, growing the buffer if needed) and extends `buf` by what was read.
@@ -123,4 +123,43 @@ fn close_each(from: u32, last: u32) {
         // SAFETY: closing a descriptor number; see `close_other_fds`.
         unsafe { libc::close(fd as i32) };
     }
+}
+
+/// A new memfd (Linux 3.17) named `name`, `len` bytes long (sparse: pages
+/// are allocated as they are touched), close-on-exec; `sealing` allows
+/// seals (`F_ADD_SEALS`).
+pub(crate) fn memfd(name: &std::ffi::CStr, len: usize, sealing: bool) -> io::Result<OwnedFd> {
+    let flags = libc::MFD_CLOEXEC | if sealing { libc::MFD_ALLOW_SEALING } else { 0 };
+    // SAFETY: `name` is NUL-terminated; memfd_create returns a new
+    // descriptor we own, or -1.
+    let raw = unsafe { libc::memfd_create(name.as_ptr(), flags) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    nix::unistd::ftruncate(&fd, len as i64)?;
+    Ok(fd)
+}
+
+/// Maps `len` bytes of `fd` shared and read-write. The caller owns the
+/// mapping: it must not shrink `fd` below `len` while the mapping is used,
+/// and unmaps it (or keeps it for the life of the process).
+pub(crate) fn map_shared(fd: &OwnedFd, len: usize) -> io::Result<*mut u8> {
+    // SAFETY: a fresh mapping at an address the kernel picks; it touches
+    // no memory of ours, and what it maps is the caller's business (above).
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(base.cast())
 }

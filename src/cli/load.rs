@@ -329,7 +329,13 @@ fn report(args: &LoadArgs, r: &PoolRun, raw: Option<(&Schedule, &Histogram<u64>)
     let late = latency(&r.lateness);
     let achieved = r.ok as f64 / r.elapsed.as_secs_f64().max(1e-9);
     let raw_l = raw.map(|(_, h)| latency(h));
+    // The pool's latency over the raw baseline's (None without one).
     let ratio = |v: f64, base: Option<f64>| base.filter(|b| *b > 0.0).map(|b| v / b);
+    let ratios = [
+        ratio(l.p50, raw_l.map(|x| x.p50)),
+        ratio(l.p99, raw_l.map(|x| x.p99)),
+        ratio(l.p999, raw_l.map(|x| x.p999)),
+    ];
     let handler = match args.handler {
         HandlerSpec::Echo => "echo".to_owned(),
         HandlerSpec::Burn(us) => format!("burn:{us}"),
@@ -337,8 +343,7 @@ fn report(args: &LoadArgs, r: &PoolRun, raw: Option<(&Schedule, &Histogram<u64>)
     };
     let backend = args.backend.name();
     if args.json {
-        let raw_json = raw.map(|(s, h)| {
-            let rl = latency(h);
+        let raw_json = raw.zip(raw_l).map(|((s, _), rl)| {
             serde_json::json!({
                 "sent": s.sent(),
                 "missed": s.missed(),
@@ -368,9 +373,9 @@ fn report(args: &LoadArgs, r: &PoolRun, raw: Option<(&Schedule, &Histogram<u64>)
             "send_late_p99_us": late.p99,
             "send_late_p999_us": late.p999,
             "raw": raw_json,
-            "p50_ratio": ratio(l.p50, raw_l.map(|x| x.p50)),
-            "p99_ratio": ratio(l.p99, raw_l.map(|x| x.p99)),
-            "p999_ratio": ratio(l.p999, raw_l.map(|x| x.p999)),
+            "p50_ratio": ratios[0],
+            "p99_ratio": ratios[1],
+            "p999_ratio": ratios[2],
             "duration_s": r.elapsed.as_secs_f64(),
             "max_outstanding": args.in_flight_cap(),
             "peak_rss_mib": peak_rss_mib(),
@@ -408,14 +413,10 @@ fn report(args: &LoadArgs, r: &PoolRun, raw: Option<(&Schedule, &Histogram<u64>)
         late.p50, late.p99, late.p999
     );
     if let Some(rl) = raw_l {
+        let [p50, p99, p999] = ratios.map(|r| r.map_or("-".to_owned(), |r| format!("{r:.2}")));
         println!(
-            "raw socketpair echo, same schedule (µs): p50 {:.1}  p99 {:.1}  p99.9 {:.1}; ratio p50 {:.2}  p99 {:.2}  p99.9 {:.2}",
-            rl.p50,
-            rl.p99,
-            rl.p999,
-            l.p50 / rl.p50.max(1e-9),
-            l.p99 / rl.p99.max(1e-9),
-            l.p999 / rl.p999.max(1e-9)
+            "raw socketpair echo, same schedule (µs): p50 {:.1}  p99 {:.1}  p99.9 {:.1}; ratio p50 {p50}  p99 {p99}  p99.9 {p999}",
+            rl.p50, rl.p99, rl.p999,
         );
     }
 }
