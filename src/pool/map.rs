@@ -1,6 +1,7 @@
 //! Bulk offload: run the handler over an iterator of argument lists with a
 //! bounded number of calls in flight, yielding results in order
-//! ([`Pool::map`]) or as they come ([`Pool::map_unordered`]).
+//! ([`Pool::map`](super::Pool::map)) or as they come
+//! ([`Pool::map_unordered`](super::Pool::map_unordered)).
 //!
 //! On sync workers the calls travel in chunks (see
 //! [`CHUNK_TAG`](crate::wire::CHUNK_TAG)): one frame carries many calls
@@ -9,116 +10,28 @@
 //! iterator's length hint over four times the pool's `max`, at most 1024;
 //! [`Map::chunk_size`] overrides it.
 
-use super::chunked::{MapChunk, Results};
+use super::job::{Incoming, Sink};
+use super::keep_open::KeepOpen;
+use super::map_chunk::{Arrivals, ChunkSink};
 use super::options::Admit;
-use super::state::{Args, Incoming, Job, PoolState, Sink};
-use super::Pool;
+use super::state::PoolState;
+use crate::call::{Payload, Waiter};
 use crate::error::{Error, Result};
-use crate::rpc::{ChunkWaiter, Payload, Waiter};
 use crate::wire::chunk;
 use crate::Octets;
-use bytes::Bytes;
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::{Arc, Condvar, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
 const MAX_CHUNK: usize = 1024;
 
-/// Results by item index, as they arrive, and who waits for them.
-type Inbox = (VecDeque<(usize, Result<Octets>)>, Option<Waker>);
-
-/// Results arriving from the driver thread, for the consumer.
-pub(crate) struct Arrivals {
-    inner: Mutex<Inbox>,
-    cond: Condvar,
-}
-
-impl Arrivals {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inbox> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn push(&self, items: impl Iterator<Item = (usize, Result<Octets>)>) {
-        let waker = {
-            let mut g = self.lock();
-            g.0.extend(items);
-            g.1.take()
-        };
-        self.cond.notify_one();
-        if let Some(w) = waker {
-            w.wake();
-        }
-    }
-}
-
-/// Where the results of one chunk go.
-pub(crate) struct ChunkSink {
-    base: usize,
-    n: usize,
-    out: Arc<Arrivals>,
-    /// The chunk's items (its request's blob) and the pool, to send again
-    /// the items a dead worker never started.
-    again: Option<(Bytes, Arc<PoolState>)>,
-}
-
-impl ChunkSink {
-    /// Waits for the chunk's results from worker `pid`.
-    pub(crate) fn waiter(self, pid: i32) -> Waiter {
-        Waiter::Chunk(self.chunk(pid))
-    }
-
-    /// As [`ChunkSink::waiter`], unwrapped.
-    pub(crate) fn chunk(self, pid: i32) -> Box<dyn ChunkWaiter> {
-        let results = Results::new(pid, self.n);
-        Box::new(MapChunk {
-            sink: self,
-            results,
-        })
-    }
-
-    /// Hands over the results of items `first..`, in order.
-    pub(crate) fn deliver(&self, first: usize, rs: Vec<Result<Octets>>) {
-        let base = self.base + first;
-        self.out
-            .push(rs.into_iter().enumerate().map(|(i, r)| (base + i, r)));
-    }
-
-    /// Sends items `first..` again as a chunk of their own, at the head of
-    /// the pool's queue: a dead worker never started them. Without the
-    /// items (or if they cannot be read back) they fail with `e`.
-    pub(crate) fn resend_from(self, first: usize, e: Error) {
-        if first >= self.n {
-            return;
-        }
-        let rest = self.again.as_ref().and_then(|(blob, shared)| {
-            let items = blob.slice(chunk::item_offset(blob, first).ok()?..);
-            let p = Payload::new(chunk::tagged(items.clone())).ok()?;
-            Some((items, shared.clone(), p))
-        });
-        match rest {
-            Some((items, shared, p)) => {
-                let sink = Sink::Chunk(ChunkSink {
-                    base: self.base + first,
-                    n: self.n - first,
-                    out: self.out,
-                    again: Some((items, shared.clone())),
-                });
-                shared.resend_new(Job::new(Args::Payload(p), sink));
-            }
-            None => {
-                let n = self.n - first;
-                self.deliver(first, (0..n).map(|_| Err(e.clone())).collect());
-            }
-        }
-    }
-}
-
-/// The results of [`Pool::map`] (in order, `Result<Octets>`) or
-/// [`Pool::map_unordered`] (as they come, `(index, Result<Octets>)`).
+/// The results of [`Pool::map`](super::Pool::map) (in order, `Result<Octets>`) or
+/// [`Pool::map_unordered`](super::Pool::map_unordered) (as they come, `(index, Result<Octets>)`).
 /// Iterate it (blocking) or use it as a `futures` `Stream`.
 pub struct Map<I> {
-    pool: Pool,
+    /// Keeps the pool open while the map runs.
+    pool: Arc<KeepOpen>,
     jobs: Option<I>,
     ordered: bool,
     next_index: usize,
@@ -134,7 +47,7 @@ pub struct Map<I> {
 }
 
 impl<I: Iterator<Item = Octets>> Map<I> {
-    pub(crate) fn new(pool: Pool, jobs: I, ordered: bool) -> Self {
+    pub(crate) fn new(pool: Arc<KeepOpen>, jobs: I, ordered: bool) -> Self {
         Map {
             pool,
             jobs: Some(jobs),
@@ -144,10 +57,7 @@ impl<I: Iterator<Item = Octets>> Map<I> {
             in_flight: 0,
             window: None,
             chunk: None,
-            arrivals: Arc::new(Arrivals {
-                inner: Mutex::new((VecDeque::new(), None)),
-                cond: Condvar::new(),
-            }),
+            arrivals: Arrivals::new(),
             local: VecDeque::new(),
             ring: VecDeque::new(),
         }
@@ -166,9 +76,9 @@ impl<I: Iterator<Item = Octets>> Map<I> {
     }
 
     fn settle_sizes(&mut self) -> (usize, usize) {
-        let cfg = self.pool.shared().popts.cfg.clone();
+        let cfg = self.pool.state().popts.cfg.clone();
         let chunk = *self.chunk.get_or_insert_with(|| {
-            if !self.pool.shared().chunks() {
+            if !self.pool.state().chunks() {
                 return 1;
             }
             let hint = self.jobs.as_ref().map_or(0, |j| j.size_hint().0);
@@ -196,7 +106,7 @@ impl<I: Iterator<Item = Octets>> Map<I> {
             let n = items.len();
             self.next_index += n;
             self.in_flight += n;
-            let shared = self.pool.shared().clone();
+            let pool: &Arc<PoolState> = self.pool.state();
             // Big strings go one call each, through the shared arena: a
             // chunk's one blob would copy them.
             let big = items
@@ -204,15 +114,15 @@ impl<I: Iterator<Item = Octets>> Map<I> {
                 .any(|o| o.iter().any(|b| b.len() >= crate::arena::SHARE_MIN));
             if n > 1 && !big {
                 let req = chunk::request(items.iter());
-                let sink = Sink::Chunk(ChunkSink {
+                let sink = Sink::Chunk(ChunkSink::new(
                     base,
                     n,
-                    out: self.arrivals.clone(),
-                    again: Some((req[1].clone(), shared.clone())),
-                });
+                    self.arrivals.clone(),
+                    Some((req[1].clone(), pool.clone())),
+                ));
                 match Payload::new(req) {
                     Ok(args) => {
-                        let _ = shared.submit_job(Incoming::Payload(args), sink, Admit::Force);
+                        let _ = pool.submit_job(Incoming::Payload(args), sink, Admit::Force);
                     }
                     Err(e) => {
                         if let Sink::Chunk(c) = sink {
@@ -226,7 +136,7 @@ impl<I: Iterator<Item = Octets>> Map<I> {
                     let w = Waiter::callback(move |r| {
                         out.push(std::iter::once((base + i, r)));
                     });
-                    let _ = shared.submit(args, w, Admit::Force);
+                    let _ = pool.submit(args, w, Admit::Force);
                 }
             }
         }

@@ -3,22 +3,36 @@
 //!
 //! `forkrpc-pool`'s [`Scheduler`](forkrpc_pool::Scheduler) decides (which
 //! worker gets which jobs, when to start and stop workers); this module
-//! acts on its decisions:
+//! acts on its decisions. Its files, bottom up (each imports only those
+//! above it in this list):
+//! - `options.rs`, `ncpu.rs`: the pool's options and statistics; CPUs;
+//! - `staging.rs`: small calls written as chunk items by their callers;
+//! - `chunk_results.rs`: a chunk's results counted and decoded;
+//! - `map_chunk.rs`: where a map's chunk delivers (a trait,
+//!   `RequeueChunk`, for sending its unstarted items again);
+//! - `job.rs`: a queued job: its arguments and where its outcome goes;
+//! - `chunk_batch.rs`: a batch of small calls to a sync worker sent as
+//!   one chunk frame (it calls the pool back through `BatchOwner`);
 //! - `state.rs`: the pool's state under one lock, the actions carried
 //!   out, and the manager thread that forks workers (never under the lock)
-//!   and fires timers;
+//!   and fires timers; it implements the two traits;
+//! - `keep_open.rs`: closes the pool when the last handle goes;
 //! - `map.rs`: bulk `map` with a bounded number of calls in flight, in
 //!   chunks on sync workers;
-//! - `chunked.rs`: chunk frames: a batch of small calls to a sync worker
-//!   sent as one frame, and chunk results handed out part by part.
+//! - `mod.rs`: the [`Pool`] handle.
 //!
 //! Callbacks run on the engine's driver thread; the pool's lock is never
 //! held while user code runs.
 
-pub(crate) mod chunked;
+mod chunk_batch;
+mod chunk_results;
+mod job;
+mod keep_open;
 mod map;
+mod map_chunk;
 mod ncpu;
 mod options;
+pub(crate) mod staging;
 pub(crate) mod state;
 
 pub use forkrpc_pool::PoolConfig;
@@ -33,6 +47,7 @@ use crate::rpc::{Closing, Options, Waiter};
 use crate::template::Template;
 use crate::Octets;
 use forkrpc_pool::JobId;
+use keep_open::KeepOpen;
 use state::PoolState;
 use std::future::Future;
 use std::pin::Pin;
@@ -60,16 +75,7 @@ use std::time::Duration;
 /// ```
 #[derive(Clone)]
 pub struct Pool {
-    handle: Arc<Handle>,
-}
-
-/// Closes the pool when the last `Pool` clone goes.
-struct Handle(Arc<PoolState>);
-
-impl Drop for Handle {
-    fn drop(&mut self) {
-        self.0.close(None);
-    }
+    handle: Arc<KeepOpen>,
 }
 
 impl Pool {
@@ -84,12 +90,14 @@ impl Pool {
         pool: PoolOptions,
     ) -> Result<Pool> {
         Ok(Pool {
-            handle: Arc::new(Handle(PoolState::new(template, handler, opts, pool)?)),
+            handle: Arc::new(KeepOpen::new(PoolState::new(
+                template, handler, opts, pool,
+            )?)),
         })
     }
 
     fn shared(&self) -> &Arc<PoolState> {
-        &self.handle.0
+        self.handle.state()
     }
 
     /// Calls the handler on some worker; the future resolves with its
@@ -162,7 +170,7 @@ impl Pool {
     where
         I: IntoIterator<Item = Octets>,
     {
-        Map::new(self.clone(), jobs.into_iter(), true)
+        Map::new(self.handle.clone(), jobs.into_iter(), true)
     }
 
     /// As [`Pool::map`], but yields `(index, result)` as results arrive.
@@ -170,7 +178,7 @@ impl Pool {
     where
         I: IntoIterator<Item = Octets>,
     {
-        Map::new(self.clone(), jobs.into_iter(), false)
+        Map::new(self.handle.clone(), jobs.into_iter(), false)
     }
 
     /// Queues a frozen payload (typed calls).

@@ -9,8 +9,12 @@
 //! Forking a worker (a round trip to the template) happens on the manager
 //! thread without the lock.
 
-use super::chunked;
+use super::chunk_batch::{self, BatchOwner, ChunkBatch, Ending};
+use super::chunk_results::Results;
+use super::job::{complete, fail_sink, Args, Incoming, Job, Sink};
+use super::map_chunk::{ChunkSink, RequeueChunk};
 use super::options::{Admit, PoolOptions, PoolStats};
+use super::staging::{self, StagedBytes, Staging};
 use crate::child::registry;
 use crate::error::{Error, Result};
 use crate::latch::Latch;
@@ -25,74 +29,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
-
-/// Where a job's outcome goes.
-pub(crate) enum Sink {
-    /// One call: its waiter.
-    One(Waiter),
-    /// A chunk of `n` calls of a `map`, starting at item `base`.
-    Chunk(super::map::ChunkSink),
-    /// The real sink waits in `State::tracked` (retries, timeouts, memory
-    /// ceiling): whoever resolves the job takes it from there. `raw`: that
-    /// sink takes replies undecoded (see [`Waiter::wants_raw`]).
-    Tracked { raw: bool },
-}
-
-impl Sink {
-    /// Whether the reply must reach this sink undecoded (a typed call).
-    fn wants_raw(&self) -> bool {
-        match self {
-            Sink::One(w) => w.wants_raw(),
-            Sink::Chunk(_) => false,
-            Sink::Tracked { raw } => *raw,
-        }
-    }
-}
-
-/// A job in the scheduler's queue.
-pub(crate) struct Job {
-    args: Args,
-    sink: Sink,
-}
-
-/// A queued job's arguments.
-pub(crate) enum Args {
-    /// As given.
-    Payload(Payload),
-    /// Written as a chunk item (BER length, then the octets encoding)
-    /// into [`State::staging`]: small octets calls that join a waiting
-    /// queue of a pool whose batches go as chunks. A batch's chunk is
-    /// then cut from there rather than built from each job, and the
-    /// caller frees its argument list on its own thread.
-    Staged(chunked::Staged),
-}
-
-impl Job {
-    pub(crate) fn new(args: Args, sink: Sink) -> Job {
-        Job { args, sink }
-    }
-
-    /// Not a staged call with a waiter of its own: a batch with such a job
-    /// cannot be sent as its staged bytes alone.
-    fn is_odd(&self) -> bool {
-        !matches!((&self.args, &self.sink), (Args::Staged(_), Sink::One(_)))
-    }
-
-    /// Its sink, letting its (sent) arguments go.
-    pub(crate) fn into_sink(self) -> Sink {
-        if let Args::Payload(p) = self.args {
-            p.spend();
-        }
-        self.sink
-    }
-}
-
-/// What a caller hands to [`PoolState::submit_job`].
-pub(crate) enum Incoming {
-    Payload(Payload),
-    /// Small octets (encoded size given) that may be staged.
-    Small(Octets, u32),
-}
 
 /// Per-call bookkeeping when retries, timeouts or a memory ceiling are on:
 /// the job's sink waits here (not in the reply callback) so that a timeout
@@ -124,7 +60,7 @@ struct Slot {
 }
 
 /// One batch in flight: counts its calls down.
-struct Batch {
+struct Countdown {
     left: AtomicUsize,
 }
 
@@ -140,7 +76,7 @@ pub(crate) struct State {
     space_wakers: Vec<Waker>,
     /// The staged jobs' arguments (see [`Args::Staged`]), in queue order:
     /// whatever takes jobs out of the queue takes their bytes from here.
-    staging: chunked::Staging,
+    staging: Staging,
     /// Queued jobs that are odd (see [`Job::is_odd`]): while there are
     /// none, a batch is known to be all staged without looking at it.
     odd: usize,
@@ -176,14 +112,14 @@ impl State {
     fn leaving<'a>(
         &mut self,
         jobs: impl DoubleEndedIterator<Item = &'a Job> + Clone,
-    ) -> (chunked::StagedBytes, bool) {
+    ) -> (StagedBytes, bool) {
         let k = match self.odd {
             0 => 0,
             _ => jobs.clone().filter(|j| j.is_odd()).count(),
         };
         self.odd -= k;
         let uniform = k == 0;
-        (self.staging.take(jobs.map(|j| &j.args)), uniform)
+        (self.staging.take(jobs.map(|j| j.args.staged())), uniform)
     }
 
     /// Takes job `id` out of the queue if it is still there.
@@ -223,7 +159,7 @@ pub(crate) struct PoolState {
     pub(crate) popts: PoolOptions,
     /// Per-call bookkeeping needed (retries, timeout, memory ceiling).
     tracking: bool,
-    /// Calls may travel in chunk frames (see `chunked.rs`): sync workers
+    /// Calls may travel in chunk frames (see `chunk_batch.rs`): sync workers
     /// with an octets handler, and no per-call bookkeeping (a chunk is
     /// one call to the engine: it has one timeout, one retry).
     chunks: bool,
@@ -240,7 +176,7 @@ struct Outgoing {
     worker: WorkerId,
     jobs: Jobs<Job>,
     /// The staged jobs' bytes, in order.
-    staged: chunked::StagedBytes,
+    staged: StagedBytes,
     /// No job is odd: all staged, each with its own waiter.
     uniform: bool,
 }
@@ -288,7 +224,7 @@ impl PoolState {
                 tracked: HashMap::new(),
                 deadlines: BinaryHeap::new(),
                 space_wakers: Vec::new(),
-                staging: chunked::Staging::default(),
+                staging: Staging::default(),
                 odd: 0,
                 killed: std::collections::VecDeque::new(),
                 manager_exit: false,
@@ -549,26 +485,6 @@ impl PoolState {
         Ok(r)
     }
 
-    /// Puts jobs that a dead worker never started back at the head of the
-    /// queue, in order: they did not run, so sending them again runs them
-    /// once. Once the close deadline has passed they fail instead.
-    pub(crate) fn resend(self: &Arc<Self>, jobs: Vec<(JobId, Job)>) {
-        if jobs.is_empty() {
-            return;
-        }
-        self.with(|st, d| {
-            if st.sched.is_aborted() {
-                for (_, job) in jobs {
-                    d.done
-                        .push((job.into_sink(), Err(shutdown_queued()).into(), 0));
-                }
-                return;
-            }
-            let now = self.now();
-            st.requeue(now, jobs);
-        });
-    }
-
     /// Delivers call `id`'s outcome to `sink`, or sends the call (its
     /// arguments `again`) once more if its worker never started it.
     fn deliver_or_resend(
@@ -585,20 +501,6 @@ impl PoolState {
             }
             _ => complete(sink, r, pid),
         }
-    }
-
-    /// As [`PoolState::resend`], for a job made anew (the items of a map's
-    /// chunk that a dead worker never started).
-    pub(crate) fn resend_new(self: &Arc<Self>, job: Job) {
-        self.with(|st, d| {
-            if st.sched.is_aborted() {
-                d.done
-                    .push((job.into_sink(), Err(shutdown_queued()).into(), 0));
-                return;
-            }
-            let now = self.now();
-            st.submit_front(now, job);
-        });
     }
 
     /// Sync workers: they answer in order.
@@ -783,18 +685,18 @@ impl PoolState {
             // Uniform: the chunk is the staged bytes as they stand, and
             // the jobs are not read until their results arrive.
             let args = if uniform {
-                chunked::staged_request(&staged)
+                chunk_batch::staged_request(&staged)
             } else {
-                chunked::request(jobs.iter().map(|(_, j)| &j.args), &staged)
+                chunk_batch::request(jobs.iter().map(|(_, j)| &j.args), &staged)
             };
             if let Some(args) = args {
                 let n = jobs.len();
                 let request = args.clone();
-                let done = Waiter::Chunk(Box::new(chunked::Batch {
+                let done = Waiter::Chunk(Box::new(ChunkBatch {
                     request,
                     jobs: jobs.into_iter(),
-                    results: chunked::Results::new(pid, n),
-                    shared: self.clone(),
+                    results: Results::new(pid, n),
+                    pool: self.clone(),
                     worker: w,
                 }));
                 rpc.submit_batch(vec![Call { args, done }]);
@@ -806,7 +708,7 @@ impl PoolState {
         for (id, job) in jobs {
             let args = match job.args {
                 Args::Payload(p) => p,
-                Args::Staged(k) => match chunked::unstage(&staged.item(k)) {
+                Args::Staged(k) => match staging::unstage(&staged.item(k)) {
                     Ok(p) => p,
                     Err(e) => {
                         complete(job.sink, Err(e), pid);
@@ -822,7 +724,7 @@ impl PoolState {
         }
         let in_order = self.sync_workers();
         let batch = (self.tracking || !in_order).then(|| {
-            Arc::new(Batch {
+            Arc::new(Countdown {
                 left: AtomicUsize::new(n),
             })
         });
@@ -858,9 +760,9 @@ impl PoolState {
                 None => {
                     let last = i + 1 == n;
                     match sink {
-                        Sink::Chunk(c) if last => Waiter::Chunk(Box::new(chunked::Ending {
+                        Sink::Chunk(c) if last => Waiter::Chunk(Box::new(Ending {
                             inner: c.chunk(pid),
-                            shared: sh,
+                            pool: sh,
                             worker: w,
                             pid,
                         })),
@@ -884,35 +786,6 @@ impl PoolState {
         rpc.submit_batch(calls);
     }
 
-    /// A batch sent to worker `w` is done once `last` has delivered its
-    /// last results. The scheduler learns it first, so that a caller woken
-    /// by `last` finds the worker's load lowered already; what that frees
-    /// (the next sends, `on_destroy`) happens after `last`.
-    pub(crate) fn batch_done(self: &Arc<Self>, w: WorkerId, pid: i32, last: impl FnOnce()) {
-        let over = self
-            .popts
-            .max_rss
-            .is_some_and(|limit| rss_bytes(pid).is_some_and(|rss| rss > limit));
-        let mut d = Deferred::default();
-        {
-            let mut st = self.lock();
-            let now = self.now();
-            st.sched.batch_done(now, w);
-            if over {
-                st.sched.retire(now, w);
-            }
-            self.execute(&mut st, &mut d);
-        }
-        // The next batch leaves before this one's results are handed out:
-        // the worker need not wait for that (on the driver thread, it is
-        // written once this reply's handling returns).
-        for s in std::mem::take(&mut d.sends) {
-            self.send(s);
-        }
-        last();
-        self.finish(d);
-    }
-
     /// A reply on the tracked path: resolve, resend or drop (timed out).
     fn tracked_reply(
         self: &Arc<Self>,
@@ -920,7 +793,7 @@ impl PoolState {
         pid: i32,
         id: JobId,
         r: Outcome,
-        batch: &Batch,
+        batch: &Countdown,
     ) {
         let last = batch.left.fetch_sub(1, Ordering::AcqRel) == 1;
         let over = last
@@ -1182,27 +1055,79 @@ impl PoolState {
     }
 }
 
+impl BatchOwner for PoolState {
+    /// A batch sent to worker `w` is done once `last` has delivered its
+    /// last results. The scheduler learns it first, so that a caller woken
+    /// by `last` finds the worker's load lowered already; what that frees
+    /// (the next sends, `on_destroy`) happens after `last`.
+    fn batch_done(self: &Arc<Self>, w: WorkerId, pid: i32, last: impl FnOnce()) {
+        let over = self
+            .popts
+            .max_rss
+            .is_some_and(|limit| rss_bytes(pid).is_some_and(|rss| rss > limit));
+        let mut d = Deferred::default();
+        {
+            let mut st = self.lock();
+            let now = self.now();
+            st.sched.batch_done(now, w);
+            if over {
+                st.sched.retire(now, w);
+            }
+            self.execute(&mut st, &mut d);
+        }
+        // The next batch leaves before this one's results are handed out:
+        // the worker need not wait for that (on the driver thread, it is
+        // written once this reply's handling returns).
+        for s in std::mem::take(&mut d.sends) {
+            self.send(s);
+        }
+        last();
+        self.finish(d);
+    }
+
+    /// Puts jobs that a dead worker never started back at the head of the
+    /// queue, in order: they did not run, so sending them again runs them
+    /// once. Once the close deadline has passed they fail instead.
+    fn resend(self: &Arc<Self>, jobs: Vec<(JobId, Job)>) {
+        if jobs.is_empty() {
+            return;
+        }
+        self.with(|st, d| {
+            if st.sched.is_aborted() {
+                for (_, job) in jobs {
+                    d.done
+                        .push((job.into_sink(), Err(shutdown_queued()).into(), 0));
+                }
+                return;
+            }
+            let now = self.now();
+            st.requeue(now, jobs);
+        });
+    }
+}
+
+/// As `resend`, for a chunk made anew: the items of a map's chunk that a
+/// dead worker never started.
+impl RequeueChunk for PoolState {
+    fn requeue_chunk(self: Arc<Self>, args: Payload, sink: ChunkSink) {
+        let job = Job::new(Args::Payload(args), Sink::Chunk(sink));
+        self.with(|st, d| {
+            if st.sched.is_aborted() {
+                d.done
+                    .push((job.into_sink(), Err(shutdown_queued()).into(), 0));
+                return;
+            }
+            let now = self.now();
+            st.submit_front(now, job);
+        });
+    }
+}
+
 /// Why a call still queued fails when the close deadline has passed.
 fn shutdown_queued() -> Error {
     Error::Shutdown {
         detail: "it was still queued when the close deadline passed".into(),
     }
-}
-
-/// Delivers a job's outcome.
-pub(crate) fn complete(sink: Sink, r: impl Into<Outcome>, pid: i32) {
-    match sink {
-        Sink::One(w) => w.complete_outcome(r.into()),
-        Sink::Chunk(c) => c.waiter(pid).complete_outcome(r.into()),
-        // Resolved through `State::tracked`, never directly.
-        Sink::Tracked { .. } => {
-            debug_assert!(false, "a tracked job completed without its entry")
-        }
-    }
-}
-
-fn fail_sink(sink: Sink, e: Error, pid: i32) {
-    complete(sink, Err(e), pid)
 }
 
 /// Resident memory of `pid` in bytes, from /proc/PID/statm.
