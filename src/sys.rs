@@ -163,3 +163,10 @@ pub(crate) fn map_shared(fd: &OwnedFd, len: usize) -> io::Result<*mut u8> {
     }
     Ok(base.cast())
 }
+
+/// The page size in bytes.
+pub(crate) fn page_size() -> usize {
+    // SAFETY: sysconf takes an integer and has no other preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(page).unwrap_or(4096).max(4096)
+}

@@ -13,9 +13,15 @@
 //! - `job.rs`: a queued job: its arguments and where its outcome goes;
 //! - `chunk_batch.rs`: a batch of small calls to a sync worker sent as
 //!   one chunk frame (it calls the pool back through `BatchOwner`);
-//! - `state.rs`: the pool's state under one lock, the actions carried
-//!   out, and the manager thread that forks workers (never under the lock)
-//!   and fires timers; it implements the two traits;
+//! - `state.rs`: the pool's state under one lock (`PoolState`), how work
+//!   runs under it and what is deferred until it is released; its methods
+//!   are split by job over the next four files, which import it:
+//!   - `submit.rs`: callers queue calls (and stage small ones);
+//!   - `dispatch.rs`: the scheduler's actions carried out, batches handed
+//!     to connections; it implements the two traits above;
+//!   - `tracking.rs`: per-call retries, timeouts and the memory ceiling;
+//!   - `manager.rs`: the manager thread that forks workers (never under the
+//!     lock) and fires timers, and the hooks of each worker's connection;
 //! - `keep_open.rs`: closes the pool when the last handle goes;
 //! - `map.rs`: bulk `map` with a bounded number of calls in flight, in
 //!   chunks on sync workers;
@@ -26,14 +32,18 @@
 
 mod chunk_batch;
 mod chunk_results;
+mod dispatch;
 mod job;
 mod keep_open;
+mod manager;
 mod map;
 mod map_chunk;
 mod ncpu;
 mod options;
 pub(crate) mod staging;
 pub(crate) mod state;
+mod submit;
+mod tracking;
 
 pub use forkrpc_pool::PoolConfig;
 pub use map::Map;

@@ -187,3 +187,10 @@ pub(crate) fn kill(pid: i32) {
         nix::sys::signal::Signal::SIGKILL,
     );
 }
+
+/// Resident memory of process `pid` in bytes, from /proc/PID/statm.
+pub(crate) fn rss_bytes(pid: i32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = s.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * crate::sys::page_size() as u64)
+}
