@@ -95,7 +95,7 @@ pub(crate) struct Payload {
     /// Made on a driver thread (a call from a callback): freed there too.
     pub(super) on_driver: bool,
     /// Some strings lie in the shared arena (see [`Payload::share`]).
-    shared: bool,
+    in_arena: bool,
 }
 
 impl Payload {
@@ -121,7 +121,7 @@ impl Payload {
             body,
             len,
             on_driver: crate::driver_thread::on_driver_thread(),
-            shared: false,
+            in_arena: false,
         })
     }
 
@@ -138,7 +138,7 @@ impl Payload {
                 if b.len() >= SHARE_MIN && arena.offset_of(b).is_none() {
                     if let Some(copy) = arena.share_at(b, header) {
                         *b = copy;
-                        self.shared = true;
+                        self.in_arena = true;
                     }
                 }
                 return;
@@ -151,7 +151,7 @@ impl Payload {
                     None => continue,
                 }
             }
-            self.shared = true;
+            self.in_arena = true;
         }
     }
 
@@ -164,7 +164,7 @@ impl Payload {
     /// strings lie in `arena`, pushing to `regions` the regions it names
     /// (each a hold for the worker to be given).
     pub(crate) fn shared_form(&self, arena: &Arena, regions: &mut Vec<usize>) -> Option<Octets> {
-        if !self.shared {
+        if !self.in_arena {
             return None;
         }
         let o = match &self.body {

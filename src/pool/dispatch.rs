@@ -249,14 +249,14 @@ impl PoolState {
         });
         let mut calls = Vec::with_capacity(n);
         for (i, (id, args, sink)) in each.into_iter().enumerate() {
-            let sh = self.clone();
+            let pool = self.clone();
             // Wrappers pass the reply on in the form the call's own waiter
             // takes it: a typed call's payload is no list of strings.
             let raw = sink.wants_raw();
             let done = match &batch {
                 Some(batch) if self.tracking => {
                     let batch = batch.clone();
-                    Waiter::relay(raw, move |r| sh.tracked_reply(w, pid, id, r, &batch))
+                    Waiter::relay(raw, move |r| pool.tracked_reply(w, pid, id, r, &batch))
                 }
                 // Async workers answer in any order: the batch is done
                 // when its last answer comes. A call it never started is
@@ -264,9 +264,9 @@ impl PoolState {
                 Some(batch) => {
                     let (batch, again) = (batch.clone(), args.clone());
                     Waiter::relay(raw, move |r| {
-                        let deliver = || sh.deliver_or_resend(id, again, sink, r, pid);
+                        let deliver = || pool.deliver_or_resend(id, again, sink, r, pid);
                         if batch.left.fetch_sub(1, Ordering::AcqRel) == 1 {
-                            sh.batch_done(w, pid, deliver);
+                            pool.batch_done(w, pid, deliver);
                         } else {
                             deliver();
                         }
@@ -281,7 +281,7 @@ impl PoolState {
                     match sink {
                         Sink::Chunk(c) if last => Waiter::Chunk(Box::new(Ending {
                             inner: c.chunk(pid),
-                            pool: sh,
+                            pool,
                             worker: w,
                             pid,
                         })),
@@ -289,9 +289,9 @@ impl PoolState {
                         sink => {
                             let again = args.clone();
                             Waiter::relay(raw, move |r| {
-                                let deliver = || sh.deliver_or_resend(id, again, sink, r, pid);
+                                let deliver = || pool.deliver_or_resend(id, again, sink, r, pid);
                                 if last {
-                                    sh.batch_done(w, pid, deliver)
+                                    pool.batch_done(w, pid, deliver)
                                 } else {
                                     deliver()
                                 }

@@ -83,7 +83,7 @@ impl Job {
 pub(crate) enum Incoming {
     Payload(Payload),
     /// Small octets (encoded size given) that may be staged.
-    Small(Octets, u32),
+    Stageable(Octets, u32),
 }
 
 /// Delivers a job's outcome.

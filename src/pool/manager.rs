@@ -19,9 +19,9 @@ impl PoolState {
         let weak = Arc::downgrade(self);
         o.on_event = Some(Arc::new(move |ev: Octets| {
             if ev.len() == 1 && ev[0][..] == *RETIRE_TAG.as_bytes() {
-                if let Some(sh) = weak.upgrade() {
-                    sh.with(|st, _| {
-                        let now = sh.now();
+                if let Some(pool) = weak.upgrade() {
+                    pool.with(|st, _| {
+                        let now = pool.now();
                         st.sched.retire(now, w)
                     });
                 }
@@ -32,17 +32,17 @@ impl PoolState {
         let weak = Arc::downgrade(self);
         o.on_fatal = Some(Arc::new(move || {
             // It is about to exit: no new jobs for it.
-            if let Some(sh) = weak.upgrade() {
-                sh.with(|st, _| {
-                    let now = sh.now();
+            if let Some(pool) = weak.upgrade() {
+                pool.with(|st, _| {
+                    let now = pool.now();
                     st.sched.retire(now, w)
                 });
             }
         }));
         let weak = Arc::downgrade(self);
         o.on_end = Some(Arc::new(move |_| {
-            if let Some(sh) = weak.upgrade() {
-                sh.worker_ended(w);
+            if let Some(pool) = weak.upgrade() {
+                pool.worker_ended(w);
             }
         }));
         o

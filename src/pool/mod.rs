@@ -106,7 +106,7 @@ impl Pool {
         })
     }
 
-    fn shared(&self) -> &Arc<PoolState> {
+    fn state(&self) -> &Arc<PoolState> {
         self.handle.state()
     }
 
@@ -116,12 +116,12 @@ impl Pool {
     /// Dropping the future before its call was sent takes the call out of
     /// the queue.
     pub fn call(&self, args: Octets) -> PoolCall {
-        let shared = self.shared().clone();
-        if !shared.queue_full() {
+        let pool = self.state().clone();
+        if !pool.queue_full() {
             let latch = Latch::new();
-            return match shared.submit(args, Waiter::Latch(latch.clone()), Admit::Force) {
+            return match pool.submit(args, Waiter::Latch(latch.clone()), Admit::Force) {
                 Ok(job) => PoolCall {
-                    state: CallState::Sent { shared, latch, job },
+                    state: CallState::Sent { pool, latch, job },
                 },
                 Err(e) => PoolCall {
                     state: CallState::Failed(Some(e)),
@@ -130,7 +130,7 @@ impl Pool {
         }
         PoolCall {
             state: CallState::Waiting {
-                shared,
+                pool,
                 args: Some(args),
             },
         }
@@ -141,11 +141,11 @@ impl Pool {
     pub fn try_call(&self, args: Octets) -> Result<PoolCall> {
         let latch = Latch::new();
         let id = self
-            .shared()
+            .state()
             .submit(args, Waiter::Latch(latch.clone()), Admit::Fail)?;
         Ok(PoolCall {
             state: CallState::Sent {
-                shared: self.shared().clone(),
+                pool: self.state().clone(),
                 latch,
                 job: id,
             },
@@ -157,7 +157,7 @@ impl Pool {
     /// driver thread).
     pub fn call_with(&self, args: Octets, f: impl FnOnce(Result<Octets>) + Send + 'static) {
         let _ = self
-            .shared()
+            .state()
             .submit(args, Waiter::callback(f), Admit::Block);
     }
 
@@ -167,7 +167,7 @@ impl Pool {
             return Err(Error::WouldDeadlock);
         }
         let latch = Latch::new();
-        self.shared()
+        self.state()
             .submit(args, Waiter::Latch(latch.clone()), Admit::Block)?;
         latch.wait()
     }
@@ -198,18 +198,18 @@ impl Pool {
         w: Waiter,
         admit: Admit,
     ) -> Result<JobId> {
-        self.shared().submit(args, w, admit)
+        self.state().submit(args, w, admit)
     }
 
     /// The header size in front of a request payload on this pool's
     /// workers (4 sync, 8 async).
     pub(crate) fn request_offset(&self) -> usize {
-        crate::wire::frame::request_header(!self.shared().sync_workers())
+        crate::wire::frame::request_header(!self.state().sync_workers())
     }
 
     /// Counts and pids of the workers and the queue.
     pub fn stats(&self) -> PoolStats {
-        self.shared().stats()
+        self.state().stats()
     }
 
     /// Closes the pool and waits until it is done: every queued call
@@ -218,8 +218,8 @@ impl Pool {
     /// running [`Map`] holds one) fail with [`Error::Closed`], so no clone
     /// keeps the pool, or this wait, open.
     pub fn close(self) -> Closing {
-        let end = self.shared().end.clone();
-        self.shared().close(None);
+        let end = self.state().end.clone();
+        self.state().close(None);
         drop(self);
         Closing(end)
     }
@@ -234,8 +234,8 @@ impl Pool {
     /// `deadline` to finish: then queued calls fail and the remaining
     /// workers are killed, their calls failing with [`Error::Shutdown`].
     pub fn close_within(self, deadline: Duration) -> Closing {
-        let end = self.shared().end.clone();
-        self.shared().close(Some(deadline));
+        let end = self.state().end.clone();
+        self.state().close(Some(deadline));
         drop(self);
         Closing(end)
     }
@@ -248,11 +248,11 @@ pub struct PoolCall {
 
 enum CallState {
     Waiting {
-        shared: Arc<PoolState>,
+        pool: Arc<PoolState>,
         args: Option<Octets>,
     },
     Sent {
-        shared: Arc<PoolState>,
+        pool: Arc<PoolState>,
         latch: Arc<Latch<Result<Octets>>>,
         job: JobId,
     },
@@ -265,16 +265,16 @@ impl Future for PoolCall {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
             match &mut self.state {
-                CallState::Waiting { shared, args } => {
-                    let shared = shared.clone();
-                    if !shared.has_room(cx) {
+                CallState::Waiting { pool, args } => {
+                    let pool = pool.clone();
+                    if !pool.has_room(cx) {
                         return Poll::Pending;
                     }
                     let latch = Latch::new();
                     let args = args.take().expect("polled after completion");
-                    match shared.submit(args, Waiter::Latch(latch.clone()), Admit::Force) {
+                    match pool.submit(args, Waiter::Latch(latch.clone()), Admit::Force) {
                         Ok(job) => {
-                            self.state = CallState::Sent { shared, latch, job };
+                            self.state = CallState::Sent { pool, latch, job };
                         }
                         Err(e) => {
                             self.state = CallState::Done;
@@ -300,8 +300,8 @@ impl Future for PoolCall {
 
 impl Drop for PoolCall {
     fn drop(&mut self) {
-        if let CallState::Sent { shared, job, .. } = &self.state {
-            shared.cancel(*job);
+        if let CallState::Sent { pool, job, .. } = &self.state {
+            pool.cancel(*job);
         }
     }
 }

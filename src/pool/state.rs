@@ -152,7 +152,7 @@ pub(crate) struct PoolState {
     /// with an octets handler, and no per-call bookkeeping (a chunk is
     /// one call to the engine: it has one timeout, one retry).
     pub(super) chunks: bool,
-    /// Workers read big strings of calls in the shared arena.
+    /// Workers read big strings of calls in the state arena.
     pub(super) arena: Option<&'static crate::arena::Arena>,
     pub(super) epoch: Instant,
     pub(super) on_destroy: Option<Arc<dyn Fn() + Send + Sync>>,
@@ -203,7 +203,7 @@ impl PoolState {
         let epoch = Instant::now();
         let sched = Scheduler::new(popts.cfg.clone(), Duration::ZERO);
         let on_destroy = opts.on_destroy.take();
-        let shared = Arc::new(PoolState {
+        let state = Arc::new(PoolState {
             st: Mutex::new(State {
                 sched,
                 workers: HashMap::new(),
@@ -231,13 +231,13 @@ impl PoolState {
             on_destroy,
             end: Latch::new(),
         });
-        let sh = shared.clone();
+        let for_manager = state.clone();
         std::thread::Builder::new()
             .name("forkrpc-pool".into())
-            .spawn(move || sh.manage())
+            .spawn(move || for_manager.manage())
             .map_err(|e| Error::io("starting the pool's manager thread", e))?;
-        shared.with(|_, _| {}); // carry out the scheduler's first actions
-        Ok(shared)
+        state.with(|_, _| {}); // carry out the scheduler's first actions
+        Ok(state)
     }
 
     pub(super) fn now(&self) -> Duration {

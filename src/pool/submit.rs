@@ -61,14 +61,14 @@ impl PoolState {
         admit: Admit,
     ) -> Result<JobId> {
         if self.popts.queue_limit.is_some() {
-            return self.submit_job(Incoming::Small(o, n), Sink::One(waiter), admit);
+            return self.submit_job(Incoming::Stageable(o, n), Sink::One(waiter), admit);
         }
         crate::engine::collect_leftovers();
         let (id, next_slot, d) = {
             let mut st = self.lock();
             if st.sched.queued() == 0 || st.sched.is_closing() {
                 drop(st);
-                return self.submit_job(Incoming::Small(o, n), Sink::One(waiter), admit);
+                return self.submit_job(Incoming::Stageable(o, n), Sink::One(waiter), admit);
             }
             let args = Args::Staged(st.staging.stage(&o, n));
             // It only waits: the scheduler's last time is good enough.
@@ -146,13 +146,13 @@ impl PoolState {
                 // It will wait (see `Scheduler::submit`): stage it. (Only
                 // pools with a queue limit get here so; the others stage
                 // in `submit_small`.)
-                Incoming::Small(o, n) if st.sched.queued() > 0 => {
+                Incoming::Stageable(o, n) if st.sched.queued() > 0 => {
                     let staged = st.staging.stage(&o, n);
                     spent = Some(o);
                     Args::Staged(staged)
                 }
                 // It may leave at once, alone: a plain call.
-                Incoming::Small(o, _) => match Payload::new(o) {
+                Incoming::Stageable(o, _) => match Payload::new(o) {
                     Ok(p) => Args::Payload(p),
                     Err(e) => {
                         drop(st);
