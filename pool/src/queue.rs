@@ -114,15 +114,9 @@ impl<J> Queue<J> {
         self.blocks.iter_mut().flatten()
     }
 
-    /// Where the next job pushed will most likely be stored (never
-    /// dereferenced; see `Scheduler::queue_tail_hint`).
-    pub(crate) fn tail_hint(&self) -> usize {
-        let Some(b) = self.blocks.back() else {
-            return 0;
-        };
-        let (front, back) = b.as_slices();
-        let tail = if back.is_empty() { front } else { back };
-        tail.as_ptr_range().end as usize
+    /// The newest job.
+    pub(crate) fn back(&self) -> Option<&(JobId, J)> {
+        self.blocks.back()?.back()
     }
 }
 

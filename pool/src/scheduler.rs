@@ -347,11 +347,10 @@ impl<J> Scheduler<J> {
         self.queue.len()
     }
 
-    /// The address where the next job submitted will most likely be
-    /// stored: a hint for a caller that wants to prefetch it (wrong when
-    /// the queue wraps around or grows; never dereferenced).
-    pub fn queue_tail_hint(&self) -> usize {
-        self.queue.tail_hint()
+    /// The newest job in the queue (the last submitted that is still
+    /// waiting), if any.
+    pub fn last_queued(&self) -> Option<&(JobId, J)> {
+        self.queue.back()
     }
 
     /// Workers starting or ready (those that count against `max`).

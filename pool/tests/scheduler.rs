@@ -189,18 +189,21 @@ fn perl(max: usize, idle: usize, load: usize) -> PoolConfig {
     }
 }
 
-/// The prefetch hint names where the next job will be stored: one job's
-/// size further after each job (while the queue neither wraps nor grows).
+/// The newest waiting job, whatever block it sits in; none once the
+/// queue is empty.
 #[test]
-fn queue_tail_hint_follows_the_queue_tail() {
+fn last_queued_is_the_newest_waiting_job() {
     let mut s = Scheduler::<u64>::new(PoolConfig::default(), Duration::ZERO);
+    assert!(s.last_queued().is_none());
     // No worker has started yet: jobs wait in the queue.
-    s.submit(ms(0), 7);
-    let h1 = s.queue_tail_hint();
-    s.submit(ms(0), 8);
-    let h2 = s.queue_tail_hint();
-    assert_eq!(s.queued(), 2);
-    assert_eq!(h2 - h1, std::mem::size_of::<(JobId, u64)>());
+    let a = s.submit(ms(0), 7);
+    assert_eq!(s.last_queued(), Some(&(a, 7)));
+    let ids: Vec<JobId> = (0..1000).map(|i| s.submit(ms(0), 100 + i)).collect();
+    assert_eq!(s.last_queued(), Some(&(ids[999], 1099)));
+    assert!(s.cancel(ms(0), ids[999]).is_some());
+    assert_eq!(s.last_queued(), Some(&(ids[998], 1098)));
+    s.take_queue(ms(0));
+    assert!(s.last_queued().is_none());
 }
 
 #[test]

@@ -156,9 +156,7 @@ impl Pool {
     /// With a queue limit, blocks while the queue is full (except on the
     /// driver thread).
     pub fn call_with(&self, args: Octets, f: impl FnOnce(Result<Octets>) + Send + 'static) {
-        let _ = self
-            .state()
-            .submit(args, Waiter::callback(f), Admit::Block);
+        let _ = self.state().submit(args, Waiter::callback(f), Admit::Block);
     }
 
     /// Calls the handler and blocks until the reply arrives.

@@ -7,7 +7,7 @@ use super::state::{Deferred, PoolState, Tracked};
 use crate::error::{Error, Result};
 use crate::rpc::{Body, Payload, Waiter};
 use crate::Octets;
-use forkrpc_pool::JobId;
+use forkrpc_pool::{JobId, Scheduler};
 use std::cmp::Reverse;
 use std::sync::Arc;
 use std::time::Instant;
@@ -86,7 +86,7 @@ impl PoolState {
                 self.execute(&mut st, &mut deferred);
                 d = Some(deferred);
             }
-            (id, st.sched.queue_tail_hint(), d)
+            (id, next_slot_of(&st.sched), d)
         };
         crate::prefetch::two_lines(next_slot);
         drop(o);
@@ -193,7 +193,7 @@ impl PoolState {
                 st.submit(now, Job { args, sink })
             };
             self.execute(&mut st, &mut d);
-            next_slot = st.sched.queue_tail_hint();
+            next_slot = next_slot_of(&st.sched);
             r
         };
         // As for the engine's queue (see `prefetch`): the driver took the
@@ -203,4 +203,15 @@ impl PoolState {
         self.finish(d);
         Ok(r)
     }
+}
+
+/// Where the next job queued will most likely be stored: just past the
+/// newest one (wrong when the queue starts a block; 0 when it is empty).
+/// The caller prefetches it (see `prefetch`): the driver took the last
+/// jobs from those lines, on its own core.
+#[inline]
+fn next_slot_of(sched: &Scheduler<Job>) -> usize {
+    sched
+        .last_queued()
+        .map_or(0, |p| (p as *const (JobId, Job)).wrapping_add(1) as usize)
 }
