@@ -147,34 +147,22 @@ fn static_arena() -> Option<&'static Arena> {
 
 static ARENA: OnceLock<Option<Arena>> = OnceLock::new();
 
-fn errno() -> std::io::Error {
-    std::io::Error::last_os_error()
-}
-
 impl Arena {
     fn new(cap: usize) -> std::io::Result<Arena> {
         let fd = crate::sys::memfd(c"forkrpc-arena", cap, true)?;
         // The memfd is `cap` long and cannot shrink once sealed below; the
         // mapping is never unmapped, so pointers into it stay valid for
         // the life of the process.
-        let base: *mut libc::c_void = crate::sys::map_shared(&fd, cap)?.cast();
+        let base = crate::sys::map_shared(&fd, cap)?;
         // Workers forked straight from this process (no `init()`) must not
-        // inherit a writable mapping.
-        // SAFETY: advice on the mapping just made; changes no contents.
-        if unsafe { libc::madvise(base, cap, libc::MADV_DONTFORK) } < 0 {
-            // Without it a forked worker would share our writable view: no
-            // arena then (strings go through the socket).
-            let e = errno();
-            // SAFETY: the mapping made above, not yet shared with anyone.
-            unsafe { libc::munmap(base, cap) };
-            return Err(e);
-        }
-        let seals = libc::F_SEAL_FUTURE_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
-        // SAFETY: fcntl on our descriptor with an integer argument.
-        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
-            let e = errno();
-            // SAFETY: the mapping made above, not yet shared with anyone.
-            unsafe { libc::munmap(base, cap) };
+        // inherit a writable mapping; without the advice, or the seals, a
+        // worker could share our writable view: no arena then (strings go
+        // through the socket).
+        let ready =
+            crate::sys::dont_fork(base, cap).and_then(|()| crate::sys::seal_size_and_writes(&fd));
+        if let Err(e) = ready {
+            // SAFETY: the mapping made above, not yet handed to anyone.
+            unsafe { crate::sys::unmap(base, cap) };
             return Err(e);
         }
         Ok(Arena {
@@ -276,19 +264,10 @@ impl Arena {
         // the range is on the free list, a caller may start writing it.
         let (from, to) = (region.max(RETAIN), region + size);
         if to > from && st.punch_holes {
-            // SAFETY: fallocate on our memfd over a range inside it that
-            // nobody holds.
-            let r = unsafe {
-                libc::fallocate(
-                    self.fd.as_raw_fd(),
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    from as i64,
-                    (to - from) as i64,
-                )
-            };
-            // Refused (a filesystem without hole punching): the pages stay
-            // allocated and are reused; stop asking.
-            st.punch_holes = r == 0;
+            // Nobody holds the range. Refused (a filesystem without hole
+            // punching): the pages stay allocated and are reused; stop
+            // asking.
+            st.punch_holes = crate::sys::punch_hole(&self.fd, from, to).is_ok();
         }
         let (mut start, mut len) = (region, size);
         if let Some((&s, &l)) = st.free.range(..start).next_back() {
@@ -374,21 +353,9 @@ pub(crate) mod worker {
     /// Maps the arena `fd` read-only (once, as a worker starts).
     pub(crate) fn map(fd: OwnedFd) -> std::io::Result<()> {
         let len = nix::sys::stat::fstat(fd.as_raw_fd())?.st_size as usize;
-        // SAFETY: maps the memfd read-only and shared; it is sealed against
-        // shrinking, so every page stays backed; never unmapped.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(errno());
-        }
+        // The memfd is sealed against shrinking, so every page stays
+        // backed; the mapping is never unmapped.
+        let base = crate::sys::map_shared_read(&fd, len)?;
         let _ = MAPPED.set(Mapped {
             base: base as usize,
             len,

@@ -177,7 +177,7 @@ impl Drop for Journal {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly the mapping made in `map`; nothing
         // borrows it past the Journal (reads copy out).
-        unsafe { libc::munmap(self.base.cast(), SIZE) };
+        unsafe { crate::sys::unmap(self.base.cast(), SIZE) };
     }
 }
 

@@ -182,3 +182,80 @@ pub(crate) fn eventfd() -> io::Result<OwnedFd> {
     // SAFETY: `raw` is a fresh descriptor owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
+
+/// Maps all `len` bytes of `fd` shared and read-only (a worker's view of
+/// the parent's arena). The caller must not let `fd` shrink below `len`
+/// while the mapping is used.
+pub(crate) fn map_shared_read(fd: &OwnedFd, len: usize) -> io::Result<*const u8> {
+    // SAFETY: as in `map_shared`: a fresh mapping at an address the kernel
+    // picks, touching no memory of ours.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(base.cast_const().cast())
+}
+
+/// Unmaps `len` bytes at `base`.
+///
+/// # Safety
+/// `base..base + len` is a mapping this process made (`map_shared`,
+/// `map_shared_read`) and nothing refers into it any more.
+pub(crate) unsafe fn unmap(base: *mut u8, len: usize) {
+    // SAFETY: the caller's promise above.
+    unsafe { libc::munmap(base.cast(), len) };
+}
+
+/// Keeps `base..base + len` out of children forked from here (Linux
+/// 2.6.16, `MADV_DONTFORK`): they get no view of it at all.
+pub(crate) fn dont_fork(base: *mut u8, len: usize) -> io::Result<()> {
+    // SAFETY: advice about a range; it changes no contents of this process
+    // (a range that is not a mapping of ours is refused with ENOMEM).
+    if unsafe { libc::madvise(base.cast(), len, libc::MADV_DONTFORK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Seals the memfd `fd` against growing, shrinking and new writable
+/// mappings (`F_SEAL_FUTURE_WRITE`: Linux 5.1), so that readers can trust
+/// it stays as it is mapped.
+pub(crate) fn seal_size_and_writes(fd: &OwnedFd) -> io::Result<()> {
+    let seals = libc::F_SEAL_FUTURE_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+    // SAFETY: fcntl on a descriptor we own, with an integer argument.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Gives the pages of `from..to` of file `fd` back to the system, keeping
+/// its size (`FALLOC_FL_PUNCH_HOLE`; shmem since Linux 3.5): the range
+/// reads as zeros until written again.
+pub(crate) fn punch_hole(fd: &OwnedFd, from: usize, to: usize) -> io::Result<()> {
+    use nix::fcntl::{fallocate, FallocateFlags};
+    let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+    fallocate(fd.as_raw_fd(), flags, from as i64, (to - from) as i64)?;
+    Ok(())
+}
+
+/// A pidfd for our child `pid` (Linux 5.3), close-on-exec.
+pub(crate) fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes two integers; on success it returns a new
+    // descriptor that nothing else owns.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: see above; `fd` is ours alone.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}

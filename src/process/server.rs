@@ -275,7 +275,7 @@ impl Server {
         // threads the program started before `init()` (documented).
         match unsafe { fork() } {
             Ok(ForkResult::Parent { child }) => {
-                match pidfd_open(child) {
+                match crate::sys::pidfd_open(child.as_raw()) {
                     Ok(fd) => self.children.push((child, fd)),
                     Err(e) => eprintln!(
                         "forkrpc template: pidfd_open({child}): {e}; its exit will not be reported"
@@ -295,18 +295,6 @@ impl Server {
             Err(e) => Err(octets!["other", format!("fork failed: {e}")]),
         }
     }
-}
-
-/// A pidfd for our child `pid` (Linux 5.3), close-on-exec.
-fn pidfd_open(pid: Pid) -> std::io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes two integers; on success it returns a new
-    // descriptor that nothing else owns.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: see above; `fd` is ours alone.
-    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as RawFd) })
 }
 
 fn unknown(e: crate::Error) -> Octets {
