@@ -427,4 +427,95 @@ mod tests {
         let req = request(next.iter(), &staged).unwrap();
         assert_eq!(wire(&req), chunk::request(calls[3..].iter()).to_bytes());
     }
+
+    use proptest::prelude::*;
+
+    fn call() -> impl Strategy<Value = Octets> {
+        let string = prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..8),
+            proptest::collection::vec(any::<u8>(), 8..200),
+        ];
+        proptest::collection::vec(string, 0..4)
+            .prop_map(|v| Octets(v.into_iter().map(Bytes::from).collect()))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// Staged small calls (the fast path: their chunk items written by
+        /// callers, a batch's chunk cut from the staging buffer) and their
+        /// general twin (the chunk built from each call's payload) put the
+        /// same chunk on the wire, the one `chunk::request` makes, whatever
+        /// the mix of staged and plain jobs and whichever staged job was
+        /// cancelled from the middle of the queue; and a staged job read
+        /// back alone is its call's own payload.
+        #[test]
+        fn staged_chunks_match_chunks_built_from_payloads(
+            calls in proptest::collection::vec(call(), 1..12),
+            staged_mask in proptest::collection::vec(any::<bool>(), 12),
+            cancel in any::<proptest::sample::Index>(),
+            split in any::<proptest::sample::Index>(),
+        ) {
+            let mut staging = Staging::default();
+            let mut calls = calls;
+            let mut args: Vec<Args> = calls
+                .iter()
+                .zip(&staged_mask)
+                .map(|(c, &st)| {
+                    if st {
+                        stage(c, &mut staging)
+                    } else {
+                        Args::Payload(Payload::new(c.clone()).unwrap())
+                    }
+                })
+                .collect();
+            // A job leaves from the middle of the queue (cancelled).
+            if calls.len() > 1 {
+                let k = cancel.index(calls.len());
+                calls.remove(k);
+                if let Args::Staged(gone) = args.remove(k) {
+                    let later = args.iter_mut().filter_map(|a| match a {
+                        Args::Staged(s) => Some(s),
+                        Args::Payload(_) => None,
+                    });
+                    staging.cut(gone, later);
+                }
+            }
+            // Two batches leave the front of the queue in turn.
+            let cut = split.index(calls.len() + 1);
+            for (batch, batch_calls) in [(&args[..cut], &calls[..cut]), (&args[cut..], &calls[cut..])] {
+                let staged = staging.take(batch.iter().map(Args::staged));
+                let general: Vec<Args> = batch_calls
+                    .iter()
+                    .map(|c| Args::Payload(Payload::new(c.clone()).unwrap()))
+                    .collect();
+                let fast = request(batch.iter(), &staged).map(|p| wire(&p));
+                let twin = request(general.iter(), &StagedBytes::default()).map(|p| wire(&p));
+                let all_staged = batch.iter().all(|a| a.staged().is_some());
+                let expect = chunk::request(batch_calls.iter()).to_bytes().to_vec();
+                match (fast, twin) {
+                    (Some(f), Some(t)) => {
+                        prop_assert_eq!(&f, &t);
+                        prop_assert_eq!(&f, &expect);
+                    }
+                    // A lone plain call, or no call, travels as itself.
+                    (None, None) => prop_assert!(batch.len() <= 1),
+                    // A lone staged call is a chunk already.
+                    (Some(f), None) => {
+                        prop_assert!(batch.len() == 1 && all_staged);
+                        prop_assert_eq!(f, expect);
+                    }
+                    (None, Some(_)) => prop_assert!(false, "only the general path made a chunk"),
+                }
+                if all_staged && !batch.is_empty() {
+                    prop_assert_eq!(wire(&staged_request(&staged).unwrap()), chunk::request(batch_calls.iter()).to_bytes().to_vec());
+                }
+                for (a, c) in batch.iter().zip(batch_calls) {
+                    if a.staged().is_some() {
+                        prop_assert_eq!(unstaged(&staged, a), c.to_bytes().to_vec());
+                    }
+                }
+            }
+        }
+    }
 }

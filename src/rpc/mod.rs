@@ -56,6 +56,37 @@ struct Inner {
     timeout: Option<std::time::Duration>,
 }
 
+/// Frames a call to a sync worker into its outbox, on the caller's thread
+/// (see `outbox`): the one function for both ways. Plain arguments (no
+/// string to share or send in place) are encoded straight from `args` and
+/// dropped here: no payload built and moved on the way (each move of a
+/// value just written stalls on store forwarding). Others become a payload
+/// first, their big strings copied into `arena`. Either gives the bytes
+/// the driver's own framing (`Session::encode`) would: see the test
+/// `caller_framing_matches_the_driver_framing`. `Err`: the arguments cannot
+/// be sent (too big for a frame), with the waiter to fail.
+#[inline]
+fn frame_sync(
+    ob: &Outbox,
+    args: Body,
+    done: Waiter,
+    arena: Option<&'static Arena>,
+    count: &std::sync::atomic::AtomicU64,
+) -> std::result::Result<std::result::Result<bool, Waiter>, (Error, Waiter)> {
+    if let Some(len) = args.plain_len() {
+        return Ok(ob.put_with(len, |out| args.write(out), done, count));
+    }
+    let mut args = match Payload::new(args) {
+        Ok(p) => p,
+        Err(e) => return Err((e, done)),
+    };
+    if let Some(a) = arena {
+        args.share(a, crate::wire::frame::request_header(false));
+    }
+    // Framed here; the arguments are freed here too.
+    Ok(ob.put(&args, done, arena, count))
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         self.engine.push(Command::Close { id: self.id });
@@ -115,13 +146,10 @@ impl Rpc {
         }
         let args = args.into();
         if let Some(ob) = &self.inner.outbox {
-            if let Some(len) = args.plain_len() {
-                // Encoded straight into the outbox and dropped here: no
-                // payload built and moved on the way (each move of a value
-                // just written stalls on store forwarding).
-                let put = ob.put_with(len, |out| args.write(out), done, &self.inner.stats.framed);
-                return self.framed(put);
-            }
+            return match frame_sync(ob, args, done, self.inner.arena, &self.inner.stats.framed) {
+                Ok(put) => self.framed(put),
+                Err((e, done)) => done.complete(Err(e)),
+            };
         }
         let mut args = match Payload::new(args) {
             Ok(p) => p,
@@ -136,11 +164,6 @@ impl Rpc {
             }
             _ => done,
         };
-        if let Some(ob) = &self.inner.outbox {
-            // Framed here; the arguments are freed here too.
-            let put = ob.put(&args, done, self.inner.arena, &self.inner.stats.framed);
-            return self.framed(put);
-        }
         self.inner.engine.push_counted(
             Command::Call {
                 id: self.inner.id,
@@ -289,5 +312,89 @@ impl Future for Closing {
     type Output = Result<()>;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         self.0.poll_clone(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{Protocol, SendQueue};
+    use crate::wire::SEND_IN_PLACE;
+    use bytes::Bytes;
+    use proptest::prelude::*;
+    use std::sync::atomic::AtomicU64;
+
+    /// Every byte queued, in order, as the engine would send it.
+    fn drain(out: &mut SendQueue) -> Vec<u8> {
+        let mut all = Vec::new();
+        while let Some(b) = out.next() {
+            all.extend_from_slice(&b);
+        }
+        all
+    }
+
+    /// A string of one of the sizes the paths treat apart: inline-small,
+    /// copied, and around the send-in-place threshold.
+    fn string() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..32),
+            proptest::collection::vec(any::<u8>(), 32..400),
+            (SEND_IN_PLACE - 2..SEND_IN_PLACE + 3).prop_map(|n| vec![0xa5; n]),
+        ]
+    }
+
+    /// A call's arguments: an octets list, or a codec's frozen payload.
+    fn body() -> impl Strategy<Value = (bool, Vec<Vec<u8>>)> {
+        prop_oneof![
+            proptest::collection::vec(string(), 0..5).prop_map(|v| (true, v)),
+            string().prop_map(|s| (false, vec![s])),
+        ]
+    }
+
+    fn make(octets: bool, strings: &[Vec<u8>]) -> Body {
+        if octets {
+            Body::Octets(Octets(strings.iter().cloned().map(Bytes::from).collect()))
+        } else {
+            Body::Frozen(Bytes::from(strings[0].clone()))
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(96))]
+
+        /// The fast path (a sync call framed by its caller, plain arguments
+        /// encoded with no payload built) and its general twin (a payload
+        /// framed by the driver's protocol) put the same bytes on the wire,
+        /// which are the Perl module's: a length header and the arguments.
+        #[test]
+        fn caller_framing_matches_the_driver_framing(calls in proptest::collection::vec(body(), 1..6)) {
+            let (ob, count) = (Outbox::default(), AtomicU64::new(0));
+            let mut expected = Vec::new();
+            for (octets, strings) in &calls {
+                let reference = match make(*octets, strings) {
+                    Body::Octets(o) => o.to_bytes().to_vec(),
+                    Body::Frozen(b) => b.to_vec(),
+                    Body::Small(_) => unreachable!(),
+                };
+                expected.extend_from_slice(&(reference.len() as u32).to_be_bytes());
+                expected.extend_from_slice(&reference);
+                let r = frame_sync(&ob, make(*octets, strings), Waiter::callback(|_| {}), None, &count);
+                prop_assert!(matches!(r, Ok(Ok(_))));
+            }
+            let (mut by_callers, mut waiters) = (SendQueue::default(), std::collections::VecDeque::new());
+            ob.take(&mut by_callers, &mut waiters, &mut vec![], true, &count);
+            prop_assert_eq!(waiters.len(), calls.len());
+
+            let stats = Arc::new(ConnStats::default());
+            let mut session = Session::new(1, Options::default(), None, Latch::new(), stats, None, None);
+            let mut by_driver = SendQueue::default();
+            for (octets, strings) in &calls {
+                let args = Payload::new(make(*octets, strings)).unwrap();
+                session.encode(Call { args, done: Waiter::callback(|_| {}) }, &mut by_driver);
+            }
+            let (a, b) = (drain(&mut by_callers), drain(&mut by_driver));
+            prop_assert_eq!(&a, &b);
+            prop_assert_eq!(a, expected);
+        }
     }
 }

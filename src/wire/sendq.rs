@@ -100,3 +100,61 @@ impl SendQueue {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Send-in-place (the fast path: a big string queued as it lies, a
+        /// piece of its own) and its general twin (every byte copied into
+        /// the frame buffer) send the same bytes in the same order, between
+        /// and across segments; and a big string is sent from its own
+        /// buffer, not a copy.
+        #[test]
+        fn in_place_sends_the_bytes_a_copy_would(
+            pieces in proptest::collection::vec(
+                prop_oneof![
+                    (0usize..100).prop_map(|n| (n, false)),
+                    (SEND_IN_PLACE - 1..SEND_IN_PLACE + 2).prop_map(|n| (n, true)),
+                    (0usize..100).prop_map(|n| (n, true)),
+                ],
+                1..10,
+            )
+        ) {
+            let (mut fast, mut copied, mut expect) = (SendQueue::default(), SendQueue::default(), Vec::new());
+            let mut big = Vec::new();
+            for (i, &(n, shared)) in pieces.iter().enumerate() {
+                let b = Bytes::from(vec![i as u8; n]);
+                expect.extend_from_slice(&b);
+                if shared {
+                    fast.put_shared(&b);
+                    if n >= SEND_IN_PLACE {
+                        big.push(b.as_ptr());
+                    }
+                } else {
+                    fast.reserve(n);
+                    fast.buf.extend_from_slice(&b);
+                }
+                copied.reserve(n);
+                copied.buf.extend_from_slice(&b);
+            }
+            let (mut a, mut b, mut sent_from) = (Vec::new(), Vec::new(), Vec::new());
+            while let Some(p) = fast.next() {
+                sent_from.push(p.as_ptr());
+                a.extend_from_slice(&p);
+            }
+            while let Some(p) = copied.next() {
+                b.extend_from_slice(&p);
+            }
+            prop_assert_eq!(&a, &b);
+            prop_assert_eq!(&a, &expect);
+            for p in big {
+                prop_assert!(sent_from.contains(&p), "a big string was copied");
+            }
+        }
+    }
+}
