@@ -39,6 +39,18 @@ fn template() -> Result<Template, Error> {
             octets!["1", pid()]
         })
         .sync("t::pid", |_| octets![pid()])
+        // A transformation that shows any argument lost, swapped, cut or
+        // misread: the count, then each string reversed with its length.
+        .sync("t::fold", |args| {
+            let mut out = vec![args.len().to_string().into_bytes()];
+            for a in args.iter() {
+                let mut r = a.to_vec();
+                r.reverse();
+                r.extend_from_slice(format!("/{}", a.len()).as_bytes());
+                out.push(r);
+            }
+            Octets(out.into_iter().map(bytes::Bytes::from).collect())
+        })
         // Asks to be replaced after every call: a worker's pid shows which
         // calls it ran before the pool saw that.
         .sync("t::retire_pid", |_| {
@@ -115,7 +127,7 @@ type PoolTest = fn(&Template) -> Result<(), Failed>;
 fn main() {
     let t = template().expect("template starts");
     let args = Arguments::from_args();
-    let tests: [(&str, PoolTest); 28] = [
+    let tests: [(&str, PoolTest); 29] = [
         ("perl_pool_test", perl_pool_test),
         ("example_pool_synopsis", example_pool),
         ("call_forms_and_stats", call_forms),
@@ -150,6 +162,7 @@ fn main() {
         ("async_pool", async_pool),
         ("bad_handlers_fail_at_new", bad_handlers),
         ("ncpu_counts", ncpu),
+        ("every_path_gives_the_same_results", same_results_every_path),
     ];
     let trials = tests
         .into_iter()
@@ -953,5 +966,75 @@ fn map_max_batch(t: &Template) -> Result<(), Failed> {
         .collect::<Result<_, _>>()?;
     eq(pids.len(), 40)?;
     pool.close_blocking()?;
+    Ok(())
+}
+
+/// What `t::fold` returns for `args`, computed here.
+fn fold_locally(args: &Octets) -> Octets {
+    let mut out = vec![args.len().to_string().into_bytes()];
+    for a in args.iter() {
+        let mut r = a.to_vec();
+        r.reverse();
+        r.extend_from_slice(format!("/{}", a.len()).as_bytes());
+        out.push(r);
+    }
+    Octets(out.into_iter().map(bytes::Bytes::from).collect())
+}
+
+/// The pool's fast paths and their general twins give the same results
+/// for the same calls: small calls staged by their callers (`submit_small`)
+/// and sent as chunk frames; the general submit (a queue limit set), which
+/// stages too; one call each, as plain frames (retries on: per-call
+/// bookkeeping, no chunks, no staging); `map` in chunks and one item per
+/// call. The calls mix empty, small, medium and big (sent in place or
+/// through the arena) strings, so that each path meets each size.
+fn same_results_every_path(t: &Template) -> Result<(), Failed> {
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let calls: Vec<Octets> = (0..1500)
+        .map(|i| {
+            let n = (next() % 4) as usize;
+            let strings = (0..n).map(|j| {
+                let len = match next() % 50 {
+                    0 if i % 300 == 7 => 70_000, // big: in place or the arena
+                    0..=29 => (next() % 12) as usize,
+                    30..=45 => (next() % 300) as usize,
+                    _ => 1000 + (next() % 3000) as usize,
+                };
+                let fill = (i * 7 + j) as u8;
+                bytes::Bytes::from((0..len).map(|k| fill ^ (k as u8)).collect::<Vec<u8>>())
+            });
+            Octets(strings.collect())
+        })
+        .collect();
+    let expect: Vec<Octets> = calls.iter().map(fold_locally).collect();
+    check(
+        calls.iter().any(|c| c.iter().any(|s| s.len() >= 65536)),
+        "the inputs hold a big string",
+    )?;
+    let pool = |p: PoolOptions| Pool::new(t, "t::fold", Options::default(), p.max(2).load(4));
+    let by_calls = |p: &Pool| -> Result<Vec<Octets>, Failed> {
+        let futs: Vec<_> = calls.iter().map(|c| p.call(c.clone())).collect();
+        await_in_order(futs)
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Failed::from(e.to_string()))
+    };
+    let lean = pool(PoolOptions::default())?;
+    eq(by_calls(&lean)?, expect.clone())?;
+    let general = pool(PoolOptions::default().queue_limit(1 << 20))?;
+    eq(by_calls(&general)?, expect.clone())?;
+    let one_each = pool(PoolOptions::default().retries(1))?;
+    eq(by_calls(&one_each)?, expect.clone())?;
+    let mapped: Result<Vec<Octets>, Error> = lean.map(calls.clone()).results().collect();
+    eq(mapped?, expect.clone())?;
+    let mapped: Result<Vec<Octets>, Error> =
+        lean.map(calls.clone()).chunk_size(1).results().collect();
+    eq(mapped?, expect)?;
     Ok(())
 }
