@@ -42,15 +42,21 @@
 //! - `call`: a call as the layers hand it down: its payload, its waiter,
 //!   and `call::leftovers`, spent arguments and callbacks freed on a
 //!   caller's thread, not the driver's.
-//! - `engine`: the parent's driver thread and its backends (io_uring,
-//!   epoll) behind one contract; it calls up through `Protocol`.
-//! - `rpc`: the RPC handle ([`Rpc`]) and the protocol of a connection,
-//!   with its parts: `rpc::window`, async calls in flight by id;
+//! - `engine`: the parent's driver thread (`engine::driver`) and its
+//!   backends (io_uring, epoll) behind one contract (`engine::backend`);
+//!   it calls up through `Protocol` (`engine::protocol`), a trait it
+//!   defines and `rpc` implements.
+//! - `rpc`: the RPC handle ([`Rpc`]) and its [`Options`]; `rpc::session`,
+//!   the protocol of a connection, with its parts: `rpc::window`, async
+//!   calls in flight by id;
 //!   `rpc::outbox`, sync calls framed on the caller's thread;
 //!   `rpc::deadline`, a single handle's call timeouts.
 //! - `template`: [`Template`], [`Builder`], [`Fork`], [`init`].
 //! - `pool`: [`Pool`], acting on the decisions of `forkrpc-pool`'s
-//!   scheduler; bulk [`Pool::map`]. `typed`: typed handles ([`Typed`],
+//!   scheduler; bulk [`Pool::map`]. Its state (`pool::state`) has its
+//!   methods by job in `submit`, `dispatch`, `tracking` and `manager`;
+//!   the files below it (jobs, staging, chunk batches, a map's chunks)
+//!   call it back through traits they define. `typed`: typed handles ([`Typed`],
 //!   [`TypedPool`]) over a codec.
 
 #![warn(missing_docs)]
