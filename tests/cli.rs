@@ -379,11 +379,12 @@ fn the_library_does_not_pull_the_cli_dependencies() {
 }
 
 /// The crate's top-level modules import one way: `scripts/module-graph`
-/// finds no circle among them (see lib.rs's Layout).
+/// finds no circle among them, nor between the files of a folder (see
+/// lib.rs's Layout), here and in the `forkrpc-pool` crate.
 #[test]
 fn module_graph_has_no_circle() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/module-graph");
-    let Ok(out) = Command::new("python3").arg(script).output() else {
+    let Ok(out) = Command::new("python3").arg(script).arg("--files").output() else {
         eprintln!("note: python3 is not installed; the module graph is not checked");
         return;
     };
@@ -404,6 +405,19 @@ fn module_graph_has_no_circle() {
     for above in ["rpc", "pool", "template", "typed"] {
         assert!(!engine.contains(&above.to_owned()), "{text}");
     }
+    // A name re-exported at the crate root counts where it comes from:
+    // `crate::Octets` in the pool is an edge to `wire`.
+    assert!(targets("pool").contains(&"wire".to_owned()), "{text}");
+
+    let pool_src = concat!(env!("CARGO_MANIFEST_DIR"), "/pool/src");
+    let out = Command::new("python3")
+        .args([script, "--root", pool_src, "--files"])
+        .output()
+        .expect("python3 ran once already");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.ends_with("no circles\n"), "{text}");
+    assert!(text.contains("scheduler -> config, ids, queue\n"), "{text}");
 }
 
 /// After `--grace`, `load` ends: calls still running count as unanswered

@@ -8,7 +8,7 @@
 //! - [`Scheduler`]: told what happened ("job submitted", "batch done",
 //!   "worker started / exited / retiring", "time is now T"), it answers
 //!   with [`Action`]s ("start a worker", "send these jobs to worker W",
-//!   "stop W", "arm a timer for T"). Time is a [`Duration`] since any
+//!   "stop W", "arm a timer for T"). Time is a [`Duration`](std::time::Duration) since any
 //!   epoch the driver likes, so tests run on simulated time.
 //! - [`Jobs`]: the jobs of one batch. The queue keeps jobs in blocks, so a
 //!   batch leaves it as whole blocks rather than copied out job by job.
@@ -35,12 +35,14 @@
 //! ```
 
 mod config;
+mod ids;
 mod queue;
 mod scheduler;
 
 pub use config::PoolConfig;
+pub use ids::{JobId, WorkerId};
 pub use queue::{IntoIter, Jobs};
-pub use scheduler::{Action, JobId, Scheduler, WorkerId, WorkerState};
+pub use scheduler::{Action, Scheduler, WorkerState};
 
 #[cfg(test)]
 mod tests {

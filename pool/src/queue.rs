@@ -4,7 +4,7 @@
 //! out. The driver does that under the pool's lock, with callers waiting
 //! on it to queue more.
 
-use crate::JobId;
+use crate::ids::JobId;
 use std::collections::VecDeque;
 
 /// Jobs per block: big enough that a batch is mostly whole blocks, small

@@ -29,15 +29,11 @@
 //! jobs are answered, `exited` for each worker that ends (stopped, killed,
 //! crashed), and `tick` when the timer of [`Action::Timer`] fires.
 
-use crate::PoolConfig;
+use crate::config::PoolConfig;
+use crate::ids::{JobId, WorkerId};
 use crate::queue::{Jobs, Queue};
 use std::collections::BTreeMap;
 use std::time::Duration;
-
-/// A worker's number, given by the scheduler in [`Action::Start`].
-pub type WorkerId = u64;
-/// A job's number, given by [`Scheduler::submit`].
-pub type JobId = u64;
 
 /// What the driver must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
