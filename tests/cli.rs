@@ -443,3 +443,40 @@ fn load_ends_after_grace_without_draining() {
     assert_eq!(r["calls"].as_u64(), Some(3), "{r}");
     assert_eq!(r["unanswered"].as_u64(), Some(3), "{r}");
 }
+
+/// A reader that goes away early (`forkrpc bench | head -1`) is no error:
+/// the rest of the report is dropped, the run ends as usual, nothing
+/// panics.
+#[test]
+fn a_closed_stdout_ends_the_report_quietly() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    for sub in [
+        &[
+            "bench", "--only", "W2,W2f", "--pings", "2000", "--runs", "2",
+        ][..],
+        &["load", "--rate", "200", "--duration", "0.2"][..],
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_forkrpc"))
+            .args(sub)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("forkrpc starts");
+        let mut first = String::new();
+        if sub[0] == "bench" {
+            // The header comes before any workload runs: read it, then go.
+            BufReader::new(child.stdout.take().unwrap())
+                .read_line(&mut first)
+                .unwrap();
+            assert!(first.starts_with("forkrpc bench"), "{first}");
+        } else {
+            // `load` prints only at the end: it finds the pipe closed.
+            drop(child.stdout.take());
+        }
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{sub:?}: {stderr}");
+        assert_eq!(out.status.code(), Some(0), "{sub:?}: {stderr}");
+    }
+}

@@ -175,14 +175,19 @@ pub fn run(args: BenchArgs) -> BenchResult<()> {
     let wanted =
         |id: &str| args.only.is_empty() || args.only.iter().any(|o| o.eq_ignore_ascii_case(id));
     if !args.json {
-        println!(
+        outln!(
             "forkrpc bench — engine {}, {backend_name} backend, {} serialiser (W1, W4), {runs} runs each (median [min..max]); ratio = value / raw baseline of the same run",
             engine.name(),
             format!("{:?}", args.serialiser).to_lowercase()
         );
-        println!(
+        outln!(
             "{:<5} {:<18} {:>14} {:>14} {:>9}  {:<10} details",
-            "id", "name", "value", "raw", "ratio", "unit"
+            "id",
+            "name",
+            "value",
+            "raw",
+            "ratio",
+            "unit"
         );
     }
     type Step<'a> = Box<dyn FnOnce() -> BenchResult<Row> + 'a>;
@@ -266,10 +271,10 @@ fn print_row(r: &Row, json: bool, backend: &str, ser: &str) {
             s.push_str(&format!(",\"{k}\":{v:.3}"));
         }
         s.push('}');
-        println!("{s}");
+        outln!("{s}");
     } else {
         let details: Vec<String> = r.extra.iter().map(|(k, v)| format!("{k}={v:.1}")).collect();
-        println!(
+        outln!(
             "{:<5} {:<18} {:>14.1} {:>14} {:>9}  {:<10} [{:.1}..{:.1}] {}",
             r.id,
             r.name,

@@ -385,10 +385,10 @@ fn report(args: &LoadArgs, r: &PoolRun, raw: Option<(&Schedule, &Histogram<u64>)
             "backend": backend,
             "handler": handler,
         });
-        println!("{line}");
+        outln!("{line}");
         return;
     }
-    println!(
+    outln!(
         "offered {:.0} calls/s for {:.2} s: {} calls, {} sent, {} missed, achieved {:.0} calls/s, {} errors{}",
         args.rate,
         args.duration.as_secs_f64(),
@@ -404,17 +404,23 @@ fn report(args: &LoadArgs, r: &PoolRun, raw: Option<(&Schedule, &Histogram<u64>)
             format!(" ({})", kinds.join(", "))
         }
     );
-    println!(
+    outln!(
         "latency from intended send (µs): p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}",
-        l.p50, l.p90, l.p99, l.p999, l.max
+        l.p50,
+        l.p90,
+        l.p99,
+        l.p999,
+        l.max
     );
-    println!(
+    outln!(
         "generator's own lateness (µs):   p50 {:.1}  p99 {:.1}  p99.9 {:.1}",
-        late.p50, late.p99, late.p999
+        late.p50,
+        late.p99,
+        late.p999
     );
     if let Some(rl) = raw_l {
         let [p50, p99, p999] = ratios.map(|r| r.map_or("-".to_owned(), |r| format!("{r:.2}")));
-        println!(
+        outln!(
             "raw socketpair echo, same schedule (µs): p50 {:.1}  p99 {:.1}  p99.9 {:.1}; ratio p50 {p50}  p99 {p99}  p99.9 {p999}",
             rl.p50, rl.p99, rl.p999,
         );
