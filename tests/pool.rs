@@ -41,16 +41,7 @@ fn template() -> Result<Template, Error> {
         .sync("t::pid", |_| octets![pid()])
         // A transformation that shows any argument lost, swapped, cut or
         // misread: the count, then each string reversed with its length.
-        .sync("t::fold", |args| {
-            let mut out = vec![args.len().to_string().into_bytes()];
-            for a in args.iter() {
-                let mut r = a.to_vec();
-                r.reverse();
-                r.extend_from_slice(format!("/{}", a.len()).as_bytes());
-                out.push(r);
-            }
-            Octets(out.into_iter().map(bytes::Bytes::from).collect())
-        })
+        .sync("t::fold", |args| fold_locally(&args))
         // Asks to be replaced after every call: a worker's pid shows which
         // calls it ran before the pool saw that.
         .sync("t::retire_pid", |_| {
@@ -969,7 +960,8 @@ fn map_max_batch(t: &Template) -> Result<(), Failed> {
     Ok(())
 }
 
-/// What `t::fold` returns for `args`, computed here.
+/// `t::fold`: what the worker returns, and the expected results computed
+/// here.
 fn fold_locally(args: &Octets) -> Octets {
     let mut out = vec![args.len().to_string().into_bytes()];
     for a in args.iter() {
