@@ -36,17 +36,9 @@ impl Results {
     pub(crate) fn each(
         &mut self,
         blob: &Bytes,
-        mut f: impl FnMut(Result<Octets>),
+        f: impl FnMut(Result<Octets>),
     ) -> std::result::Result<(), String> {
-        for x in chunk::each_result(blob) {
-            let x = x.map_err(|e| format!("malformed chunk results: {e}"))?;
-            if self.left() == 0 {
-                return Err(format!("more results than the chunk's {} calls", self.n));
-            }
-            self.seen += 1;
-            f(self.convert(x));
-        }
-        Ok(())
+        self.each_from(self.seen, blob, f)
     }
 
     /// As [`Results::each`], for results from item `first` on (a dead
