@@ -119,9 +119,11 @@ pub fn items(req: &Octets) -> Result<Vec<Octets>, WireError> {
 /// assert_eq!(chunk::check(&req), Ok(2));
 /// let cut = forkrpc::Octets::from(vec![req[0].clone(), req[1].slice(..4)]);
 /// assert!(chunk::check(&cut).is_err());
+/// // Not a chunk at all: an error too, not a panic.
+/// assert_eq!(chunk::check(&octets!["a"]), Err(forkrpc::wire::WireError::NotChunk));
 /// ```
 pub fn check(req: &Octets) -> Result<usize, WireError> {
-    let blob = &req[1];
+    let blob = blob(req)?;
     let (mut pos, mut n) = (0, 0);
     while pos < blob.len() {
         let r = next_field(blob, &mut pos)?;
@@ -134,9 +136,16 @@ pub fn check(req: &Octets) -> Result<usize, WireError> {
 /// The argument lists of a chunk request one at a time, as [`items`]
 /// reads them (without collecting them first); it ends after an error.
 pub fn each_item(req: &Octets) -> impl Iterator<Item = Result<Octets, WireError>> + '_ {
-    let blob = &req[1];
+    static NONE: Bytes = Bytes::new();
+    let (blob, mut err) = match blob(req) {
+        Ok(b) => (b, None),
+        Err(e) => (&NONE, Some(e)),
+    };
     let mut pos = 0;
     std::iter::from_fn(move || {
+        if let Some(e) = err.take() {
+            return Some(Err(e));
+        }
         if pos >= blob.len() {
             return None;
         }
@@ -146,6 +155,14 @@ pub fn each_item(req: &Octets) -> impl Iterator<Item = Result<Octets, WireError>
         }
         Some(item)
     })
+}
+
+/// The items of a chunk: its second string, once its tag is checked.
+fn blob(req: &Octets) -> Result<&Bytes, WireError> {
+    if !is_chunk(req) {
+        return Err(WireError::NotChunk);
+    }
+    Ok(&req[1])
 }
 
 /// Writes a chunk reply, one call's outcome at a time.

@@ -9,6 +9,10 @@ pub enum WireError {
     /// A BER length longer than 64 bits.
     #[error("BER length prefix longer than 64 bits")]
     VarintOverflow,
+    /// Not a chunk request or reply: its tag and one blob (see
+    /// [`CHUNK_TAG`](super::CHUNK_TAG)).
+    #[error("not a chunk: a chunk is its tag and one string of items")]
+    NotChunk,
     /// A chunk reply item with an unknown status byte.
     #[error("chunk reply item with an unknown status")]
     BadChunkItem,
