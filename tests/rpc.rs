@@ -113,6 +113,32 @@ fn template() -> Result<Template, Error> {
                 .count();
             octets![n.to_string()]
         })
+        // Writes a malformed reply frame onto its own connection (its only
+        // socket), as a broken or hostile worker would, then waits.
+        .sync("t::garbage", |args| {
+            let fd = std::fs::read_dir("/proc/self/fd")
+                .unwrap()
+                .filter_map(|e| {
+                    let e = e.ok()?;
+                    let link = std::fs::read_link(e.path()).ok()?;
+                    link.to_string_lossy()
+                        .starts_with("socket:")
+                        .then(|| e.file_name().to_string_lossy().parse::<i32>().ok())?
+                })
+                .next()
+                .expect("the connection");
+            let frame: &[u8] = match args.str(0) {
+                // A reply (id 1, 3 bytes) whose octets claim 5 bytes and
+                // hold 2.
+                Some("truncated") => b"\0\0\0\x01\0\0\0\x03\x05ab",
+                // A reply with an id no sync call has.
+                _ => b"\0\0\0\x07\0\0\0\x02\x01a",
+            };
+            // SAFETY: writes from a live slice to a descriptor this worker holds.
+            unsafe { libc::write(fd, frame.as_ptr().cast(), frame.len()) };
+            std::thread::sleep(std::time::Duration::from_secs(60));
+            octets!["late"]
+        })
         .sync("t::ids", |_| {
             octets![
                 std::process::id().to_string(),
@@ -265,6 +291,10 @@ fn main() {
             calls_behind_a_slow_one,
         ),
         ("spent_arguments_are_released_when_idle", spent_arguments),
+        (
+            "malformed_reply_fails_every_call_and_ends_the_worker",
+            malformed_reply,
+        ),
         (
             "arguments_of_calls_from_callbacks_are_freed_at_once",
             driver_made_arguments,
@@ -1308,4 +1338,58 @@ fn no_file_leaks(t: &Template, kind: EngineKind) -> Result<(), Failed> {
     eq(rpc.call_blocking(octets![])?, octets!["closed"])?;
     rpc.close_blocking()?;
     Ok(())
+}
+
+/// A worker that writes a malformed reply: the call it answered fails as a
+/// protocol error naming what was wrong, the calls queued behind it fail
+/// too (none hangs), the worker is killed and reaped, and `on_error` hears
+/// of it once.
+fn malformed_reply(t: &Template, kind: EngineKind) -> Result<(), Failed> {
+    malformed_reply_of(t, kind, "truncated", "truncated")?;
+    malformed_reply_of(t, kind, "wrong id", "id 7")
+}
+
+fn malformed_reply_of(
+    t: &Template,
+    kind: EngineKind,
+    what: &str,
+    named: &str,
+) -> Result<(), Failed> {
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    let rpc = t.fork().run(
+        "t::garbage",
+        opts(kind).on_error(move |e| tx.lock().unwrap().send(e.to_string()).unwrap()),
+    )?;
+    let pid = rpc.pid();
+    let futs = vec![
+        rpc.call(octets![what.to_owned()]),
+        rpc.call(octets!["behind"]),
+        rpc.call(octets!["and behind"]),
+    ];
+    let rs = await_in_order(futs);
+    match &rs[0] {
+        Err(Error::Protocol { detail, .. }) => check(
+            detail.contains(named),
+            format!("the detail names the fault: {detail}"),
+        )?,
+        other => return Err(format!("expected a protocol error, got {other:?}").into()),
+    }
+    for r in &rs[1..] {
+        check(r.is_err(), format!("a call behind it: {r:?}"))?;
+    }
+    let reported = recv(&rx)?;
+    check(
+        reported.contains("protocol"),
+        format!("on_error: {reported}"),
+    )?;
+    check(
+        wait_gone(pid, Duration::from_secs(10)),
+        format!("worker {pid} still runs"),
+    )?;
+    // Calls after it name the end, at once.
+    check(
+        rpc.call_blocking(octets!["after"]).is_err(),
+        "a call after the end",
+    )
 }
