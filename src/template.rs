@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::process::{self, Backend, TemplateClient, WorkerSpec};
 use crate::rpc::{Options, Rpc};
 use crate::serial::Codec;
-use crate::Octets;
+use crate::wire::Octets;
 use bytes::Bytes;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, OnceLock};

@@ -21,7 +21,7 @@
 
 use crate::call::payload::Payload;
 use crate::error::Result;
-use crate::Octets;
+use crate::wire::Octets;
 use bytes::Bytes;
 use smallbox::{space::S2, SmallBox};
 use std::cell::RefCell;

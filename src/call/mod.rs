@@ -12,7 +12,7 @@ pub(crate) use payload::{plain_octets_len, write_octets, Body, Payload};
 
 use crate::error::{Error, Result};
 use crate::latch::Latch;
-use crate::Octets;
+use crate::wire::Octets;
 use bytes::Bytes;
 use leftovers::{Callback, RawCallback, Spent};
 use std::sync::Arc;

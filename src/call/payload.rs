@@ -6,7 +6,7 @@ use crate::arena::{Arena, SHARE_MIN};
 use crate::error::{Error, Result};
 use crate::wire::arena_ref;
 use crate::wire::sendq::SendQueue;
-use crate::Octets;
+use crate::wire::Octets;
 use bytes::{BufMut, Bytes};
 
 /// A call's arguments: octets, encoded by the engine, or a payload a

@@ -3,7 +3,7 @@
 
 use super::out::OUT;
 use super::panics::take_panic_message;
-use crate::Octets;
+use crate::wire::Octets;
 use std::marker::PhantomData;
 use std::rc::Rc;
 

@@ -9,12 +9,13 @@ pub(crate) mod registry;
 pub(crate) mod runtime;
 pub(crate) mod sync;
 
+use crate::octets;
 use crate::serial::Codec;
 use crate::sys::{self, exit_now};
 use crate::wire::chunk;
 use crate::wire::frame::EVENT_ID;
+use crate::wire::Octets;
 use crate::wire::{arena_ref, WireError, FATAL_TAG, RETIRE_TAG};
-use crate::{octets, Octets};
 use bytes::Bytes;
 pub(crate) use out::{Out, Wake, FLUSH_AT, OUT};
 pub(crate) use panics::{capture_panics, take_panic_message};

@@ -2,11 +2,12 @@
 //! written by the sync backend itself or by the async backend's writer
 //! (which [`Wake`] stands for, so this file knows no backend).
 
+use crate::octets;
 use crate::sys::{self, exit_now};
 use crate::wire::chunk;
 use crate::wire::frame::{put_id_header, EVENT_ID, MAX_PAYLOAD};
+use crate::wire::Octets;
 use crate::wire::{arena_ref, ERROR_TAG};
-use crate::{octets, Octets};
 use bytes::Bytes;
 use std::cell::RefCell;
 use std::os::fd::RawFd;

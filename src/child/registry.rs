@@ -6,8 +6,8 @@
 use super::done::Done;
 pub use super::done::IntoReply;
 use crate::serial::Codec;
+use crate::wire::Octets;
 use crate::wire::REPLY_OFFSET;
-use crate::Octets;
 use bytes::{Bytes, BytesMut};
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -142,11 +142,11 @@ pub(crate) fn add_init(name: String, f: InitFn) {
     with(|r| r.inits.insert(name, f));
 }
 
-pub(crate) fn handler(name: &str) -> Result<Handler, crate::Error> {
+pub(crate) fn handler(name: &str) -> Result<Handler, crate::error::Error> {
     with(|r| lookup(&r.handlers, "handler", name))
 }
 
-pub(crate) fn init(name: &str) -> Result<InitFn, crate::Error> {
+pub(crate) fn init(name: &str) -> Result<InitFn, crate::error::Error> {
     with(|r| lookup(&r.inits, "init function", name))
 }
 
@@ -154,10 +154,10 @@ fn lookup<T: Clone>(
     map: &BTreeMap<String, T>,
     kind: &'static str,
     name: &str,
-) -> Result<T, crate::Error> {
+) -> Result<T, crate::error::Error> {
     map.get(name)
         .cloned()
-        .ok_or_else(|| crate::Error::UnknownHandler {
+        .ok_or_else(|| crate::error::Error::UnknownHandler {
             kind,
             name: name.into(),
             known: map.keys().cloned().collect::<Vec<_>>().join(", "),

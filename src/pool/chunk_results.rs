@@ -2,7 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::wire::chunk::{self, ItemResult};
-use crate::Octets;
+use crate::wire::Octets;
 use bytes::Bytes;
 
 /// Counts a chunk's results and turns them into call results.

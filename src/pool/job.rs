@@ -5,7 +5,7 @@ use super::map_chunk::ChunkSink;
 use super::staging::Staged;
 use crate::call::{Outcome, Payload, Waiter};
 use crate::error::Error;
-use crate::Octets;
+use crate::wire::Octets;
 
 /// Where a job's outcome goes.
 pub(crate) enum Sink {

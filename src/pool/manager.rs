@@ -5,8 +5,8 @@
 use super::state::{PoolState, Slot};
 use crate::error::Result;
 use crate::rpc::{Options, Rpc};
+use crate::wire::Octets;
 use crate::wire::RETIRE_TAG;
-use crate::Octets;
 use forkrpc_pool::WorkerId;
 use std::sync::Arc;
 use std::time::Instant;

@@ -18,7 +18,7 @@ use super::state::PoolState;
 use crate::call::{Payload, Waiter};
 use crate::error::{Error, Result};
 use crate::wire::chunk;
-use crate::Octets;
+use crate::wire::Octets;
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;

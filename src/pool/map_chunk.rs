@@ -5,7 +5,7 @@ use super::chunk_results::Results;
 use crate::call::{ChunkWaiter, Payload, Waiter};
 use crate::error::{Error, Result};
 use crate::wire::chunk;
-use crate::Octets;
+use crate::wire::Octets;
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};

@@ -55,7 +55,7 @@ use crate::error::{Error, Result};
 use crate::latch::Latch;
 use crate::rpc::{Closing, Options, Waiter};
 use crate::template::Template;
-use crate::Octets;
+use crate::wire::Octets;
 use forkrpc_pool::JobId;
 use keep_open::KeepOpen;
 use state::PoolState;

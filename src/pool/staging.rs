@@ -6,7 +6,7 @@
 use crate::call::Payload;
 use crate::error::{Error, Result};
 use crate::wire::chunk;
-use crate::Octets;
+use crate::wire::Octets;
 use bytes::{Bytes, BytesMut};
 
 /// Where a staged job's chunk item lies: bytes `end - len .. end` of

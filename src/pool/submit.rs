@@ -6,7 +6,7 @@ use super::options::Admit;
 use super::state::{Deferred, PoolState, Tracked};
 use crate::error::{Error, Result};
 use crate::rpc::{Body, Payload, Waiter};
-use crate::Octets;
+use crate::wire::Octets;
 use forkrpc_pool::{JobId, Scheduler};
 use std::cmp::Reverse;
 use std::sync::Arc;

@@ -6,8 +6,9 @@ use super::backend::Backend;
 use super::fdpass::{recv_msg, send_msg};
 use crate::child::registry::{self, Handler, WorkerArgs};
 use crate::error::ExitStatus;
+use crate::octets;
 use crate::sys::exit_now;
-use crate::{octets, Octets};
+use crate::wire::Octets;
 use bytes::Bytes;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::Signal;
@@ -164,7 +165,7 @@ impl Server {
                         sock.as_raw_fd(),
                         "start",
                         format!("cannot map the shared arena: {e} (FORKRPC_ARENA=0 turns it off, =<bytes> sizes it)"),
-                        crate::PANIC_EXIT_CODE,
+                        crate::child::PANIC_EXIT_CODE,
                     );
                 }
             }
@@ -174,7 +175,7 @@ impl Server {
                         sock.as_raw_fd(),
                         "start",
                         format!("cannot map the crash journal: {e}"),
-                        crate::PANIC_EXIT_CODE,
+                        crate::child::PANIC_EXIT_CODE,
                     );
                 }
             }
@@ -297,9 +298,9 @@ impl Server {
     }
 }
 
-fn unknown(e: crate::Error) -> Octets {
+fn unknown(e: crate::error::Error) -> Octets {
     match e {
-        crate::Error::UnknownHandler { kind, name, known } => {
+        crate::error::Error::UnknownHandler { kind, name, known } => {
             octets!["unknown", kind, name, known]
         }
         other => octets!["other", other.to_string()],

@@ -21,7 +21,7 @@ pub(crate) use crate::call::{plain_octets_len, Body, Call, Outcome, Payload, Wai
 use crate::engine::{Command, ConnStats, Engine, EngineKind};
 use crate::error::{Error, Result};
 use crate::latch::{Latch, Take};
-use crate::Octets;
+use crate::wire::Octets;
 use outbox::Outbox;
 use std::future::Future;
 use std::pin::Pin;

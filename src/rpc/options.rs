@@ -3,7 +3,7 @@
 
 use crate::engine::EngineKind;
 use crate::error::{Error, Result};
-use crate::Octets;
+use crate::wire::Octets;
 use bytes::Bytes;
 use std::sync::Arc;
 

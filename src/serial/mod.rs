@@ -40,7 +40,7 @@
 
 mod codec;
 use crate::error::Result;
-use crate::Octets;
+use crate::wire::Octets;
 use bytes::{BufMut, Bytes, BytesMut};
 use codec::codec_error;
 pub use codec::Codec;

@@ -331,7 +331,7 @@ mod tests {
         }
         let r: Result<Archived<Req>> = Rkyv::checked().thaw(Bytes::from(bad), 8);
         assert!(
-            matches!(r, Err(crate::Error::Codec { .. })),
+            matches!(r, Err(crate::error::Error::Codec { .. })),
             "{:?}",
             r.err()
         );
