@@ -131,28 +131,35 @@ fn close_each(from: u32, last: u32) {
 pub(crate) fn memfd(name: &std::ffi::CStr, len: usize, sealing: bool) -> io::Result<OwnedFd> {
     let flags = libc::MFD_CLOEXEC | if sealing { libc::MFD_ALLOW_SEALING } else { 0 };
     // SAFETY: `name` is NUL-terminated; memfd_create returns a new
-    // descriptor we own, or -1.
-    let raw = unsafe { libc::memfd_create(name.as_ptr(), flags) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a fresh descriptor nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // descriptor nothing else owns, or -1.
+    let fd = unsafe { fresh_fd(libc::memfd_create(name.as_ptr(), flags).into()) }?;
     nix::unistd::ftruncate(&fd, len as i64)?;
     Ok(fd)
 }
 
-/// Maps `len` bytes of `fd` shared and read-write. The caller owns the
-/// mapping: it must not shrink `fd` below `len` while the mapping is used,
-/// and unmaps it (or keeps it for the life of the process).
-pub(crate) fn map_shared(fd: &OwnedFd, len: usize) -> io::Result<*mut u8> {
+/// The descriptor a call that makes one returned (`raw`), owned; -1 is
+/// the call's error (read from `errno`).
+///
+/// # Safety
+/// `raw` is what a call that returns a new descriptor or -1 just returned:
+/// a descriptor that nothing else owns.
+unsafe fn fresh_fd(raw: libc::c_long) -> io::Result<OwnedFd> {
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the caller's promise above.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw as RawFd) })
+}
+
+/// Maps `len` bytes of `fd` shared, with protection `prot`.
+fn map(fd: &OwnedFd, len: usize, prot: libc::c_int) -> io::Result<*mut u8> {
     // SAFETY: a fresh mapping at an address the kernel picks; it touches
-    // no memory of ours, and what it maps is the caller's business (above).
+    // no memory of ours, and what it maps is the callers' business (below).
     let base = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
             len,
-            libc::PROT_READ | libc::PROT_WRITE,
+            prot,
             libc::MAP_SHARED,
             fd.as_raw_fd(),
             0,
@@ -164,6 +171,13 @@ pub(crate) fn map_shared(fd: &OwnedFd, len: usize) -> io::Result<*mut u8> {
     Ok(base.cast())
 }
 
+/// Maps `len` bytes of `fd` shared and read-write. The caller owns the
+/// mapping: it must not shrink `fd` below `len` while the mapping is used,
+/// and unmaps it (or keeps it for the life of the process).
+pub(crate) fn map_shared(fd: &OwnedFd, len: usize) -> io::Result<*mut u8> {
+    map(fd, len, libc::PROT_READ | libc::PROT_WRITE)
+}
+
 /// The page size in bytes.
 pub(crate) fn page_size() -> usize {
     // SAFETY: sysconf takes an integer and has no other preconditions.
@@ -173,36 +187,15 @@ pub(crate) fn page_size() -> usize {
 
 /// A new non-blocking, close-on-exec eventfd (counter 0).
 pub(crate) fn eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: eventfd takes no pointers; a valid result is a new
-    // descriptor that nothing else owns.
-    let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a fresh descriptor owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+    // SAFETY: eventfd takes no pointers; it returns a new descriptor or -1.
+    unsafe { fresh_fd(libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK).into()) }
 }
 
 /// Maps all `len` bytes of `fd` shared and read-only (a worker's view of
 /// the parent's arena). The caller must not let `fd` shrink below `len`
 /// while the mapping is used.
 pub(crate) fn map_shared_read(fd: &OwnedFd, len: usize) -> io::Result<*const u8> {
-    // SAFETY: as in `map_shared`: a fresh mapping at an address the kernel
-    // picks, touching no memory of ours.
-    let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            fd.as_raw_fd(),
-            0,
-        )
-    };
-    if base == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(base.cast_const().cast())
+    Ok(map(fd, len, libc::PROT_READ)?.cast_const())
 }
 
 /// Unmaps `len` bytes at `base`.
@@ -250,12 +243,7 @@ pub(crate) fn punch_hole(fd: &OwnedFd, from: usize, to: usize) -> io::Result<()>
 
 /// A pidfd for our child `pid` (Linux 5.3), close-on-exec.
 pub(crate) fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes two integers; on success it returns a new
-    // descriptor that nothing else owns.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: see above; `fd` is ours alone.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    // SAFETY: pidfd_open takes two integers; it returns a new descriptor
+    // or -1.
+    unsafe { fresh_fd(libc::syscall(libc::SYS_pidfd_open, pid, 0)) }
 }

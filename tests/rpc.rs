@@ -32,6 +32,20 @@ fn open_fds() -> BTreeSet<i32> {
         .collect()
 }
 
+/// Every descriptor this process holds that is a socket.
+fn socket_fds() -> Vec<i32> {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let link = std::fs::read_link(e.path()).ok()?;
+            link.to_string_lossy()
+                .starts_with("socket:")
+                .then(|| e.file_name().to_str()?.parse().ok())?
+        })
+        .collect()
+}
+
 fn template() -> Result<Template, Error> {
     Template::builder()
         // The Perl module's t/02_sync.t worker: event "ok N", reply "ok N+1".
@@ -104,29 +118,11 @@ fn template() -> Result<Template, Error> {
             std::thread::sleep(Duration::from_millis(args.num(0).unwrap() as u64));
             octets!["slept"]
         })
-        .sync("t::sockets", |_| {
-            // Every descriptor this worker holds that is a socket.
-            let n = std::fs::read_dir("/proc/self/fd")
-                .unwrap()
-                .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-                .filter(|p| p.to_string_lossy().starts_with("socket:"))
-                .count();
-            octets![n.to_string()]
-        })
+        .sync("t::sockets", |_| octets![socket_fds().len().to_string()])
         // Writes a malformed reply frame onto its own connection (its only
         // socket), as a broken or hostile worker would, then waits.
         .sync("t::garbage", |args| {
-            let fd = std::fs::read_dir("/proc/self/fd")
-                .unwrap()
-                .filter_map(|e| {
-                    let e = e.ok()?;
-                    let link = std::fs::read_link(e.path()).ok()?;
-                    link.to_string_lossy()
-                        .starts_with("socket:")
-                        .then(|| e.file_name().to_string_lossy().parse::<i32>().ok())?
-                })
-                .next()
-                .expect("the connection");
+            let fd = socket_fds()[0];
             let frame: &[u8] = match args.str(0) {
                 // A reply (id 1, 3 bytes) whose octets claim 5 bytes and
                 // hold 2.

@@ -241,8 +241,6 @@ async fn write_loop(mut wr: OwnedWriteHalf, st: Rc<State>) {
         // Cleared before looking: output queued from now on wakes us again.
         st.writer_woken.set(false);
         OUT.with_borrow_mut(|o| std::mem::swap(&mut o.as_mut().unwrap().buf, &mut chunk));
-        // The journal's mirror follows: what is being sent comes first.
-        crate::journal::worker::out_swapped(&chunk);
         if chunk.is_empty() {
             if st.finishing.get() {
                 break;
@@ -250,6 +248,9 @@ async fn write_loop(mut wr: OwnedWriteHalf, st: Rc<State>) {
             st.wake_writer.notified().await;
             continue;
         }
+        // The journal's mirror follows: what is being sent comes first.
+        // (An empty swap changes nothing it holds.)
+        crate::journal::worker::out_swapped(&chunk);
         st.writing.set(chunk.len());
         // The journal follows the write: should the worker die in the
         // middle, the parent knows where the stream stops.

@@ -63,8 +63,8 @@ struct Inner {
 /// value just written stalls on store forwarding). Others become a payload
 /// first, their big strings copied into `arena`. Either gives the bytes
 /// the driver's own framing (`Session::encode`) would: see the test
-/// `caller_framing_matches_the_driver_framing`. `Err`: the arguments cannot
-/// be sent (too big for a frame), with the waiter to fail.
+/// `caller_framing_matches_the_driver_framing`. `None`: the arguments
+/// cannot be sent (too big for a frame) and the call has failed.
 #[inline]
 fn frame_sync(
     ob: &Outbox,
@@ -72,19 +72,22 @@ fn frame_sync(
     done: Waiter,
     arena: Option<&'static Arena>,
     count: &std::sync::atomic::AtomicU64,
-) -> std::result::Result<std::result::Result<bool, Waiter>, (Error, Waiter)> {
+) -> Option<std::result::Result<bool, Waiter>> {
     if let Some(len) = args.plain_len() {
-        return Ok(ob.put_with(len, |out| args.write(out), done, count));
+        return Some(ob.put_with(len, |out| args.write(out), done, count));
     }
     let mut args = match Payload::new(args) {
         Ok(p) => p,
-        Err(e) => return Err((e, done)),
+        Err(e) => {
+            done.complete(Err(e));
+            return None;
+        }
     };
     if let Some(a) = arena {
         args.share(a, crate::wire::frame::request_header(false));
     }
     // Framed here; the arguments are freed here too.
-    Ok(ob.put(&args, done, arena, count))
+    Some(ob.put(&args, done, arena, count))
 }
 
 impl Drop for Inner {
@@ -146,10 +149,12 @@ impl Rpc {
         }
         let args = args.into();
         if let Some(ob) = &self.inner.outbox {
-            return match frame_sync(ob, args, done, self.inner.arena, &self.inner.stats.framed) {
-                Ok(put) => self.framed(put),
-                Err((e, done)) => done.complete(Err(e)),
-            };
+            if let Some(put) =
+                frame_sync(ob, args, done, self.inner.arena, &self.inner.stats.framed)
+            {
+                self.framed(put);
+            }
+            return;
         }
         let mut args = match Payload::new(args) {
             Ok(p) => p,
@@ -379,7 +384,7 @@ mod tests {
                 expected.extend_from_slice(&(reference.len() as u32).to_be_bytes());
                 expected.extend_from_slice(&reference);
                 let r = frame_sync(&ob, make(*octets, strings), Waiter::callback(|_| {}), None, &count);
-                prop_assert!(matches!(r, Ok(Ok(_))));
+                prop_assert!(matches!(r, Some(Ok(_))));
             }
             let (mut by_callers, mut waiters) = (SendQueue::default(), std::collections::VecDeque::new());
             ob.take(&mut by_callers, &mut waiters, &mut vec![], true, &count);
